@@ -1,0 +1,37 @@
+# Every target does its own set-up from a bare clone: `make demo`, `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test test-slow bench install install-dev clean
+
+$(VENV)/.runtime: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.runtime
+install-dev: $(VENV)/.dev
+
+demo: $(VENV)/.runtime
+	$(PY) scripts/demo.py
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.dev
+	$(PY) -m pytest -q -m slow
+
+bench: $(VENV)/.dev
+	$(PY) scripts/bench.py --case all
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,128 @@
+"""Key-by-key mapping between PyTorch state dicts and Flax parameter trees.
+
+A model file describes its checkpoint as a list of `ParamSpec`s (one per PyTorch tensor); the two
+functions here move tensors through that list in either direction. Every transform is a transpose
+and/or reshape, so a round trip is bit-exact in any dtype. Stacked (scanned) layers are one Flax
+array whose axis 0 is the layer index; each PyTorch tensor of layer i fills slice i.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from openvla_jax.convert.io import StateDictError, check_state_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One PyTorch tensor and where it lives in the Flax tree.
+
+    kind "linear": torch `[out, in]` weight <-> Flax kernel `[in..., out...]` (transpose + reshape);
+    kind "copy": same values, possibly reshaped (biases, norms, embeddings, conv kernels use "conv").
+    kind "conv": torch `[out, in, kh, kw]` <-> Flax `[kh, kw, in, out]`.
+    """
+
+    hf_key: str
+    path: tuple[str, ...]
+    hf_shape: tuple[int, ...]
+    flax_shape: tuple[int, ...]
+    kind: str = "copy"
+    layer: Optional[int] = None  # index along axis 0 of a stacked Flax array
+    num_layers: Optional[int] = None  # size of that axis
+
+    @property
+    def stacked_shape(self) -> tuple[int, ...]:
+        return self.flax_shape if self.layer is None else (self.num_layers, *self.flax_shape)
+
+
+def to_flax(w: np.ndarray, spec: ParamSpec) -> np.ndarray:
+    w = np.asarray(w)
+    if spec.kind == "linear":
+        return np.ascontiguousarray(w.T).reshape(spec.flax_shape)
+    if spec.kind == "conv":
+        return np.ascontiguousarray(w.transpose(2, 3, 1, 0)).reshape(spec.flax_shape)
+    if spec.kind == "copy":
+        return w.reshape(spec.flax_shape)
+    raise ValueError(f"unknown ParamSpec kind {spec.kind!r}")
+
+
+def to_hf(x: np.ndarray, spec: ParamSpec) -> np.ndarray:
+    x = np.asarray(x)
+    if spec.kind == "linear":
+        out, inp = spec.hf_shape
+        return np.ascontiguousarray(x.reshape(inp, out).T)
+    if spec.kind == "conv":
+        out, inp, kh, kw = spec.hf_shape
+        return np.ascontiguousarray(x.reshape(kh, kw, inp, out).transpose(3, 2, 0, 1))
+    if spec.kind == "copy":
+        return np.ascontiguousarray(x.reshape(spec.hf_shape))
+    raise ValueError(f"unknown ParamSpec kind {spec.kind!r}")
+
+
+def _shape_of(v: Any) -> tuple[int, ...]:
+    return tuple(v.shape)
+
+
+def hf_to_flax(
+    specs: Sequence[ParamSpec],
+    state: Mapping[str, Any],
+    source: str = "checkpoint",
+    shapes: Optional[Mapping[str, Sequence[int]]] = None,
+    dtype: Optional[np.dtype] = None,
+) -> dict:
+    """Build the nested Flax params dict from a (lazy) state dict, reading one tensor at a time.
+
+    `shapes` lets a lazy reader announce shapes without reading data (defaults to `state[k].shape`).
+    Keys of `state` that no spec names are an error, as are missing and misshapen ones.
+    """
+    got = dict(shapes) if shapes is not None else {k: _shape_of(v) for k, v in state.items()}
+    check_state_dict({s.hf_key: s.hf_shape for s in specs}, got, source)
+    params: dict = {}
+    for spec in specs:
+        w = state[spec.hf_key]
+        if dtype is not None:
+            w = np.asarray(w).astype(dtype)
+        value = to_flax(w, spec)
+        node = params
+        for name in spec.path[:-1]:
+            node = node.setdefault(name, {})
+        if spec.layer is None:
+            node[spec.path[-1]] = value
+        else:
+            if spec.path[-1] not in node:
+                node[spec.path[-1]] = np.empty(spec.stacked_shape, value.dtype)
+            node[spec.path[-1]][spec.layer] = value
+    return params
+
+
+def flatten_params(params: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    flat = {}
+    for k, v in params.items():
+        if isinstance(v, Mapping):
+            flat.update(flatten_params(v, prefix + (k,)))
+        else:
+            flat[prefix + (k,)] = v
+    return flat
+
+
+def check_flax_params(specs: Sequence[ParamSpec], params: Mapping, source: str = "Flax params"):
+    """Raise StateDictError unless `params` holds exactly the arrays the specs describe."""
+    expected = {"/".join(s.path): s.stacked_shape for s in specs}
+    got = {"/".join(p): _shape_of(v) for p, v in flatten_params(params).items()}
+    check_state_dict(expected, got, source)
+
+
+def flax_to_hf(specs: Sequence[ParamSpec], params: Mapping, source: str = "Flax params") -> Iterator[tuple[str, np.ndarray]]:
+    """Yield `(hf_key, array)` in spec order, one at a time (device arrays are fetched lazily)."""
+    check_flax_params(specs, params, source)
+    flat = flatten_params(params)
+    for spec in specs:
+        value = flat[spec.path]
+        value = value[spec.layer] if spec.layer is not None else value
+        yield spec.hf_key, to_hf(np.asarray(value), spec)
+
+

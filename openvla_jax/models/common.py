@@ -1,0 +1,76 @@
+"""Small pieces shared by every model file: dtypes, named remat policies, attention."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Remat policies by name, as MaxText names them in config. "none" means no rematerialisation.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything": jax.checkpoint_policies.everything_saveable,
+}
+
+ATTENTION_IMPLS = ("xla", "dpa", "cudnn")
+
+
+def as_dtype(name_or_dtype) -> jnp.dtype:
+    """'bfloat16' | jnp.bfloat16 -> jnp dtype, with an error that lists the choices."""
+    if isinstance(name_or_dtype, str):
+        if name_or_dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {name_or_dtype!r}; expected one of {sorted(DTYPES)}")
+        return DTYPES[name_or_dtype]
+    return jnp.dtype(name_or_dtype)
+
+
+def remat_policy(name: str):
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; expected one of {sorted(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: Optional[jax.Array],
+    *,
+    impl: str = "xla",
+) -> jax.Array:
+    """Scaled dot-product attention with grouped KV heads.
+
+    q: [B, T, H, Dh]; k, v: [B, S, K, Dh] with H a multiple of K; mask: bool [B, 1, T, S] (True =
+    attend) or None. Returns [B, T, H, Dh] in q's dtype. The "xla" path computes logits and softmax
+    in fp32 (as HF's eager attention does); "dpa"/"cudnn" go through jax.nn.dot_product_attention.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    if h % kv_heads:
+        raise ValueError(f"{h} query heads is not a multiple of {kv_heads} key/value heads")
+    if impl != "xla":
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, implementation=None if impl == "dpa" else "cudnn"
+        )
+    groups = h // kv_heads
+    qg = q.reshape(b, t, kv_heads, groups, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * np.float32(1.0 / np.sqrt(d))
+    if mask is not None:
+        # mask [B, 1|H, T, S] -> [B, 1|K, 1|G, T, S]
+        m = mask.reshape(mask.shape[0], -1, 1, t, mask.shape[-1]) if mask.shape[1] == 1 else (
+            mask.reshape(mask.shape[0], kv_heads, groups, t, mask.shape[-1])
+        )
+        logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
