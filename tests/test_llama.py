@@ -105,13 +105,15 @@ def test_parity_grouped_kv_heads(tmp_path):
 
 
 def test_bf16_compute_within_tolerance(tiny_ref):
-    """bf16 activations with fp32 params: logits within 2% of the logit range of the fp32 reference."""
+    """bf16 activations with fp32 params: logits within 1% of the reference's logit range.
+
+    Measured on this config: max abs error 0.0065 on a logit range of 1.52 (0.43%)."""
     _, path, tokens, mask, lengths, ref = tiny_ref
     params = load_hf_llama(path, TINY)
     out = flax_logits(TINY, params, tokens, mask, dtype=jnp.bfloat16)
     err = max_abs(valid(out, lengths), valid(ref, lengths))
     scale = float(np.ptp(valid(ref, lengths)))
-    assert err < 0.02 * scale, (err, scale)
+    assert err < 0.01 * scale, (err, scale)
     # and the greedy next tokens agree almost everywhere
     agree = np.mean(valid(out, lengths).argmax(-1) == valid(ref, lengths).argmax(-1))
     assert agree > 0.9

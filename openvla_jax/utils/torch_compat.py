@@ -1,0 +1,24 @@
+"""Importing the PyTorch references (tests and benchmarks only; the library never needs torch).
+
+The registry's torchvision wheel is a CUDA build whose C++ ops fail to load against the CPU torch
+wheel, and transformers/timm import torchvision. Defining the two op schemas torchvision registers
+at import (`torchvision::nms`, `torchvision::qnms`) first lets the import succeed.
+"""
+
+import functools
+
+
+@functools.lru_cache(maxsize=None)
+def import_torch(num_threads: int | None = None):
+    import torch
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        lib = torch.library.Library("torchvision", "DEF")
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        import_torch.library = lib  # the registration lives as long as this object
+    except RuntimeError:  # already defined: the real torchvision ops loaded
+        pass
+    return torch

@@ -1,0 +1,105 @@
+"""Benchmark suite: JAX against the PyTorch reference, same config, same machine, one run.
+
+  python scripts/bench.py --case llama --config tiny,small --out results.json
+
+Each case warms up, reports the median over repeats and the JAX/PyTorch speed ratio. Results are
+printed as one line per measurement and optionally written as JSON.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+flags.DEFINE_string("case", "llama", "comma-separated cases, or 'all'")
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", "tiny,small", "comma-separated model variants from configs/model.py")
+flags.DEFINE_integer("batch", 8, "batch size for model cases")
+flags.DEFINE_integer("seq_len", 128, "sequence length for the Llama forward case")
+flags.DEFINE_integer("repeats", 5, "timed repeats (median reported)")
+flags.DEFINE_string("out", None, "write results as JSON here")
+
+
+def _torch():
+    from openvla_jax.utils.torch_compat import import_torch
+
+    return import_torch(os.cpu_count() or 1)
+
+
+def case_llama(variant: str) -> list[dict]:
+    """Forward tokens/s of the Llama decoder: jitted Flax vs transformers LlamaForCausalLM (sdpa)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import transformers
+
+    from configs import model as model_configs
+    from openvla_jax.convert.llama import llama_specs
+    from openvla_jax.convert.mapping import hf_to_flax
+    from openvla_jax.models import llama
+    from openvla_jax.utils.timing import median_seconds
+
+    torch = _torch()
+    config = llama.LlamaConfig.from_dict(model_configs.get_config(variant).llm)
+    b, t = FLAGS.batch, FLAGS.seq_len
+    hf = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+            rms_norm_eps=config.rms_norm_eps, attn_implementation="sdpa",
+        )
+    ).eval()
+    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    params = jax.device_put(hf_to_flax(llama_specs(config, scanned=False), sd))
+    tokens = np.random.default_rng(0).integers(1, config.vocab_size, (b, t)).astype(np.int32)
+    module = llama.Llama(config)
+    fwd = jax.jit(lambda p, x: module.apply({"params": p}, x)[0])
+    jax_s = median_seconds(lambda: fwd(params, tokens), repeats=FLAGS.repeats, block=jax.block_until_ready)
+    tt = torch.tensor(tokens, dtype=torch.long)
+    with torch.inference_mode():
+        torch_s = median_seconds(lambda: hf(input_ids=tt).logits, repeats=FLAGS.repeats)
+    n = b * t
+    return [
+        dict(case="llama_forward", config=variant, impl="jax", batch=b, seq_len=t, seconds=jax_s, tokens_per_s=n / jax_s),
+        dict(case="llama_forward", config=variant, impl="torch", batch=b, seq_len=t, seconds=torch_s, tokens_per_s=n / torch_s),
+        dict(case="llama_forward", config=variant, impl="ratio", jax_over_torch_speed=torch_s / jax_s),
+    ]
+
+
+CASES = {"llama": case_llama}
+
+
+def main(argv):
+    del argv
+    names = list(CASES) if FLAGS.case == "all" else FLAGS.case.split(",")
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise app.UsageError(f"unknown case(s) {unknown}; expected some of {sorted(CASES)} or 'all'")
+    import jax
+
+    meta = dict(
+        date=datetime.date.today().isoformat(), machine=f"{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores", jax_device=str(jax.devices()[0].device_kind),
+    )
+    print(json.dumps(meta))
+    results = []
+    for name in names:
+        for variant in FLAGS.config.split(","):
+            for row in CASES[name](variant):
+                print(json.dumps(row))
+                results.append(row)
+    if FLAGS.out:
+        Path(FLAGS.out).write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)
