@@ -29,6 +29,7 @@ inferred from the first episode (``infer_features``) unless given explicitly. Us
 from __future__ import annotations
 
 import itertools
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -165,6 +166,16 @@ def _keyed(split: str, episodes: Iterable[Episode]) -> Iterator[tuple[str, dict]
     yield f"{split}_{i:07d}", _prepare_episode(ep, f"split {split!r} episode {i}")
 
 
+class _Builder(tfds.dataset_builders.AdhocBuilder, skip_registration=True):
+  """AdhocBuilder without a source-code path.
+
+  tfds 4.9.10 resolves ``code_path`` (to look for a checksums file) through the optional
+  ``importlib_resources`` package, which is not installed here; an ad-hoc builder has no
+  checksums, so there is nothing to find.
+  """
+  code_path = None
+
+
 def write_rlds(
     data_dir: str,
     name: str,
@@ -227,7 +238,7 @@ def write_rlds(
   else:
     feats = _as_features(features)
 
-  builder = tfds.dataset_builders.AdhocBuilder(
+  builder = _Builder(
       name=name, version=version, features=feats,
       split_datasets={s: _keyed(s, it) for s, it in splits.items()},
       data_dir=data_dir, description=description or f"RLDS dataset {name} written by openvla_jax.",
@@ -236,6 +247,8 @@ def write_rlds(
   if builder.is_prepared():
     raise FileExistsError(f"dataset {name}:{version} already exists in {builder.data_dir}")
   # tfds writes into an incomplete_* temp dir and renames, so a crash leaves nothing half-written.
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(verify_ssl=False, try_download_gcs=False))
+  # Nothing is downloaded; a throwaway download_dir keeps tfds from leaving `downloads/` behind.
+  with tempfile.TemporaryDirectory() as tmp:
+    builder.download_and_prepare(
+        download_dir=tmp, download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return str(builder.data_dir)
