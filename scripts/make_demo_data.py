@@ -1,0 +1,125 @@
+"""Build the bundled demo: an RLDS dataset of expert episodes and a small sentencepiece tokenizer.
+
+    python scripts/make_demo_data.py --out_dir data/demo --episodes 300
+
+Writes, atomically (a temp dir renamed into place; a finished build holds ``demo_manifest.json``):
+  {out_dir}/demo_tabletop/1.0.0/   RLDS tfds dataset, splits train and val
+  {out_dir}/tokenizer.model        sentencepiece BPE, Llama ids (unk 0, bos 1, eos 2), "▁" a piece
+  {out_dir}/demo_manifest.json     what was built, with which flags
+
+Skips the build when a complete one exists (``--force`` rebuilds).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import sys
+import time
+
+from absl import app, flags, logging
+import sentencepiece as spm
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from openvla_jax.data import demo  # noqa: E402
+from openvla_jax.data.rlds_writer import write_rlds  # noqa: E402
+
+DATASET_NAME = "demo_tabletop"
+MANIFEST = "demo_manifest.json"
+PROMPT = "In: What action should the robot take to {}?\nOut:"
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out_dir", "data/demo", "Output directory.")
+flags.DEFINE_integer("episodes", 300, "Total number of expert episodes (train + val).")
+flags.DEFINE_float("val_fraction", 0.1, "Fraction of episodes in the val split.")
+flags.DEFINE_integer("seed", 0, "Episode i of the dataset uses env seed (seed, 0, i).")
+flags.DEFINE_integer("vocab_size", 400, "Upper bound on the sentencepiece vocabulary size.")
+flags.DEFINE_bool("force", False, "Rebuild even if a complete build exists.")
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> bytes:
+  """Train a Llama-like sentencepiece BPE model on instructions and prompts; returns its bytes."""
+  sentences = [PROMPT.format(t) for t in texts] + texts + [PROMPT.format("")]
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(sentences * 4), model_writer=buf, vocab_size=vocab_size,
+      model_type="bpe", byte_fallback=True, split_digits=True, hard_vocab_limit=False,
+      normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+      character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+      minloglevel=2)
+  proto = buf.getvalue()
+  sp = spm.SentencePieceProcessor(model_proto=proto)
+  if sp.piece_to_id("▁") == sp.unk_id():
+    raise RuntimeError("tokenizer lacks the piece '▁' that the prompt builder appends")
+  return proto
+
+
+def build(out_dir: str, episodes: int, val_fraction: float, seed: int, vocab_size: int) -> dict:
+  """Build into ``{out_dir}.tmp-{pid}``; returns the manifest. The caller renames it into place."""
+  if episodes < 2:
+    raise ValueError(f"--episodes must be >= 2 (one train, one val), got {episodes}")
+  n_val = min(max(1, round(episodes * val_fraction)), episodes - 1) if val_fraction > 0 else 0
+  n_train = episodes - n_val
+  bar = tqdm(total=episodes, desc="demo episodes", unit="ep")
+
+  def gen(lo: int, hi: int):
+    for i in range(lo, hi):
+      yield demo.expert_episode((seed, 0, i))
+      bar.update(1)
+
+  splits = {"train": gen(0, n_train)}
+  if n_val:
+    splits["val"] = gen(n_train, episodes)
+  path = write_rlds(out_dir, DATASET_NAME, splits, image_format="png",
+                    description="Procedurally rendered tabletop demo task (openvla_jax.data.demo).")
+  bar.close()
+  texts = [demo.instruction_for(t, c) for t in demo.TASKS for c in demo.COLORS]
+  with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
+    f.write(train_tokenizer(texts, vocab_size))
+  return {"dataset": DATASET_NAME, "version": "1.0.0", "path": os.path.relpath(path, out_dir),
+          "episodes": episodes, "train_episodes": n_train, "val_episodes": n_val, "seed": seed,
+          "vocab_size": vocab_size, "image_size": demo.IMAGE_SIZE}
+
+
+def is_complete(out_dir: str) -> bool:
+  return os.path.isfile(os.path.join(out_dir, MANIFEST))
+
+
+def main(argv=()) -> str:
+  """Build (or skip) the demo data with the current FLAGS; returns the output directory."""
+  del argv
+  out_dir = os.path.abspath(FLAGS.out_dir)
+  if is_complete(out_dir) and not FLAGS.force:
+    with open(os.path.join(out_dir, MANIFEST)) as f:
+      logging.info("demo data already built in %s (%s); --force rebuilds", out_dir, f.read())
+    print(f"demo data already built in {out_dir}; pass --force to rebuild")
+    return out_dir
+  t0 = time.time()
+  tmp = f"{out_dir}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    manifest = build(tmp, FLAGS.episodes, FLAGS.val_fraction, FLAGS.seed, FLAGS.vocab_size)
+    manifest["build_seconds"] = round(time.time() - t0, 2)
+    with open(os.path.join(tmp, MANIFEST), "w") as f:  # written last: marks the build complete
+      json.dump(manifest, f, indent=2)
+    if os.path.exists(out_dir):  # an old or broken build: move aside, then swap in the new one
+      old = f"{out_dir}.old-{os.getpid()}"
+      os.rename(out_dir, old)
+      os.rename(tmp, out_dir)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+      os.rename(tmp, out_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  print(f"wrote {manifest['train_episodes']} train + {manifest['val_episodes']} val episodes and "
+        f"tokenizer.model to {out_dir} in {time.time() - t0:.1f}s")
+  return out_dir
+
+
+if __name__ == "__main__":
+  app.run(main)
