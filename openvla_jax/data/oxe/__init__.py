@@ -1,0 +1,12 @@
+"""Open X-Embodiment dataset registry: configs, standardize functions, named mixtures."""
+
+from openvla_jax.data.oxe import transforms  # noqa: F401
+from openvla_jax.data.oxe.configs import (  # noqa: F401
+    REGISTRY,
+    ActionEncoding,
+    DatasetConfig,
+    StateEncoding,
+    get_dataset_config,
+    register_dataset,
+)
+from openvla_jax.data.oxe.mixtures import MIXTURES, get_mixture  # noqa: F401
