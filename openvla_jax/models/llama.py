@@ -222,10 +222,14 @@ class Llama(nn.Module):
         positions: Optional[Array] = None,
         cache: Optional[KVCache] = None,
         cache_index: Any = 0,
+        logits_index: Optional[Array] = None,
         return_hidden: bool = False,
     ):
         """Returns `(logits [B, T, V] fp32, new_cache or None)`; with `return_hidden`, also the final
-        normed hidden states [B, T, D]: `(logits, new_cache, hidden)`."""
+        normed hidden states [B, T, D]: `(logits, new_cache, hidden)`.
+
+        `logits_index` [B] int: compute logits only at that position of each row -> [B, 1, V]
+        (a prefill needs just the last prompt position; skips most of the lm_head work)."""
         if (tokens is None) == (embeddings is None):
             raise ValueError("pass exactly one of `tokens` [B, T] or `embeddings` [B, T, D]")
         x = self.embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
@@ -258,7 +262,8 @@ class Llama(nn.Module):
             if cache is not None:
                 new_cache = {"k": jnp.stack(ks), "v": jnp.stack(vs)}
         hidden = self.norm(x)
-        logits = self.lm_head(hidden).astype(jnp.float32)
+        picked = hidden if logits_index is None else jnp.take_along_axis(hidden, logits_index[:, None, None], axis=1)
+        logits = self.lm_head(picked).astype(jnp.float32)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         if return_hidden:
             return logits, new_cache, hidden
