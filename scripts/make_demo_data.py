@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 import sentencepiece as spm
 from tqdm import tqdm
 
@@ -32,12 +32,16 @@ MANIFEST = "demo_manifest.json"
 PROMPT = "In: What action should the robot take to {}?\nOut:"
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out_dir", "data/demo", "Output directory.")
-flags.DEFINE_integer("episodes", 300, "Total number of expert episodes (train + val).")
-flags.DEFINE_float("val_fraction", 0.1, "Fraction of episodes in the val split.")
-flags.DEFINE_integer("seed", 0, "Episode i of the dataset uses env seed (seed, 0, i).")
-flags.DEFINE_integer("vocab_size", 400, "Upper bound on the sentencepiece vocabulary size.")
-flags.DEFINE_bool("force", False, "Rebuild even if a complete build exists.")
+
+
+def define_flags() -> None:
+  """CLI flags; defined only when run as a script so importing this module (tests) adds none."""
+  flags.DEFINE_string("out_dir", "data/demo", "Output directory.")
+  flags.DEFINE_integer("episodes", 300, "Total number of expert episodes (train + val).")
+  flags.DEFINE_float("val_fraction", 0.1, "Fraction of episodes in the val split.")
+  flags.DEFINE_integer("seed", 0, "Episode i of the dataset uses env seed (seed, 0, i).")
+  flags.DEFINE_integer("vocab_size", 400, "Upper bound on the sentencepiece vocabulary size.")
+  flags.DEFINE_bool("force", False, "Rebuild even if a complete build exists.")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> bytes:
@@ -88,13 +92,11 @@ def is_complete(out_dir: str) -> bool:
   return os.path.isfile(os.path.join(out_dir, MANIFEST))
 
 
-def main(argv=()) -> str:
-  """Build (or skip) the demo data with the current FLAGS; returns the output directory."""
-  del argv
-  out_dir = os.path.abspath(FLAGS.out_dir)
-  if is_complete(out_dir) and not FLAGS.force:
-    with open(os.path.join(out_dir, MANIFEST)) as f:
-      logging.info("demo data already built in %s (%s); --force rebuilds", out_dir, f.read())
+def make_demo_data(out_dir: str = "data/demo", episodes: int = 300, val_fraction: float = 0.1,
+                   seed: int = 0, vocab_size: int = 400, force: bool = False) -> str:
+  """Build (or skip, when complete and not ``force``) the demo data; returns the output dir."""
+  out_dir = os.path.abspath(out_dir)
+  if is_complete(out_dir) and not force:
     print(f"demo data already built in {out_dir}; pass --force to rebuild")
     return out_dir
   t0 = time.time()
@@ -102,7 +104,7 @@ def main(argv=()) -> str:
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   try:
-    manifest = build(tmp, FLAGS.episodes, FLAGS.val_fraction, FLAGS.seed, FLAGS.vocab_size)
+    manifest = build(tmp, episodes, val_fraction, seed, vocab_size)
     manifest["build_seconds"] = round(time.time() - t0, 2)
     with open(os.path.join(tmp, MANIFEST), "w") as f:  # written last: marks the build complete
       json.dump(manifest, f, indent=2)
@@ -121,5 +123,12 @@ def main(argv=()) -> str:
   return out_dir
 
 
+def main(argv) -> None:
+  del argv
+  make_demo_data(FLAGS.out_dir, FLAGS.episodes, FLAGS.val_fraction, FLAGS.seed,
+                 FLAGS.vocab_size, FLAGS.force)
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
