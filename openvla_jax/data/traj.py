@@ -118,7 +118,7 @@ class TrajDataset:
             shuffle_seed=seed if shuffle else None, skip_prefetch=True,
             num_parallel_calls_for_interleave_files=num_parallel_reads,
             interleave_cycle_length=num_parallel_reads, try_autocache=False,
-            options=_options(deterministic))
+            options=_options(deterministic), enable_ordering_guard=False)
         ds = builder.as_dataset(split=split, shuffle_files=shuffle, read_config=read_config,
                                 decoders=_image_decoders(builder.info.features))
 

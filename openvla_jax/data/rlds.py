@@ -1,0 +1,429 @@
+"""The RLDS -> model-batch pipeline (spec section 8), on our tf.data layer (`traj.py`).
+
+Per dataset:  read this host's episodes -> standardize (dataset config) -> validate -> normalize
+actions -> [filter unlabeled] -> chunk / subsample -> tokenize (once per trajectory) -> flatten.
+Mixture:      weighted interleave (weight x transitions when balanced) -> shuffle ->
+              decode + resize (+ augment when training) -> batch -> trim to a bucketed length.
+
+Batches (this host's slice of the global batch, `B = batch_size // process_count`):
+    pixel_values   float32 [B, S, S, 6]   DINOv2-normalised RGB, then SigLIP-normalised RGB
+    input_ids      int32   [B, L]         right-padded with the pad id, L a multiple of seq_bucket
+    attention_mask bool    [B, L]
+    labels         int32   [B, L]         -100 except the action tokens and the EOS
+    action         float32 [B, K, A]      normalised actions of the chunk (K = window + future)
+    dataset_name   str     [B]
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from typing import Iterator, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from openvla_jax.data import normalize as N
+from openvla_jax.data import statistics as S
+from openvla_jax.data import transforms as X
+from openvla_jax.data.oxe import get_dataset_config, get_mixture
+from openvla_jax.data.traj import AUTOTUNE, TrajDataset, default_split, open_builder
+from openvla_jax.models.preprocess import FUSED_MEAN, FUSED_STD
+from openvla_jax.tokenizer.actions import ActionTokenizer
+from openvla_jax.tokenizer.prompt import IGNORE_INDEX, prompt_prefix_ids
+from openvla_jax.tokenizer.text import TextTokenizer
+
+_MARK = "openvla_jax.data:"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the dataset, the episode and the field."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    data_dir: str
+    mixture: str | Sequence = "bridge"      # named mixture, a dataset name, or [(name, weight)]
+    train: bool = True
+    batch_size: int = 8                     # global batch; each host yields batch_size // process_count
+    image_size: int = 224
+    image_view: str = "primary"
+    window_size: int = 1
+    future_action_window_size: int = 0
+    subsample_length: int | None = None
+    normalization: str = N.BOUNDS_Q99
+    balance_weights: bool = True
+    skip_unlabeled: bool = True             # drop (and count) episodes without any instruction
+    on_bad_data: str = "raise"              # "raise" or "skip" (skipped episodes are counted)
+    augment: bool = False                   # applied only when train=True
+    shuffle_buffer: int = 256_000
+    seed: int = 7
+    deterministic: bool = False
+    ram_budget_gb: float = 0.0
+    max_prompt_len: int = 96                # prompt tokens (BOS .. "▁") before the actions
+    seq_bucket: int = 16                    # batches are padded to a multiple of this
+    num_parallel_calls: int = AUTOTUNE
+    num_parallel_reads: int = AUTOTUNE
+    process_index: int | None = None        # None: jax.process_index()
+    process_count: int | None = None
+    statistics_dir: str | None = None       # None: the dataset dir, else ~/.cache/openvla_jax
+    dataset_statistics: dict | None = None  # given (e.g. a checkpoint's): skip computing
+    prefetch: int = 2
+    progress: bool = True
+
+
+class BadDataLog:
+    """Thread-safe count of skipped episodes by (dataset, field), with a few examples."""
+
+    def __init__(self):
+        self.counts: collections.Counter = collections.Counter()
+        self.examples: list[tuple[str, str, str]] = []
+        self._lock = threading.Lock()
+
+    def record(self, dataset, episode, field) -> np.bool_:
+        d, e, f = (x.decode() if isinstance(x, bytes) else str(x) for x in (dataset, episode, field))
+        with self._lock:
+            self.counts[(d, f)] += 1
+            if len(self.examples) < 100:
+                self.examples.append((d, e, f))
+        return np.bool_(False)
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def _process_info(cfg: DataConfig) -> tuple[int, int]:
+    if cfg.process_index is not None and cfg.process_count is not None:
+        return cfg.process_index, cfg.process_count
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+# --- per-trajectory steps ------------------------------------------------------------------------
+
+def _episode_ids(traj: dict) -> tf.Tensor:
+    meta = traj.get("traj_metadata", {})
+    if "file_path" in meta:
+        return tf.strings.as_string(meta["file_path"]) if meta["file_path"].dtype != tf.string \
+            else meta["file_path"]
+    if "episode_id" in meta:
+        return tf.strings.as_string(meta["episode_id"])
+    return tf.strings.join(["#", tf.strings.as_string(traj["_traj_index"])])
+
+
+def make_standardize(name: str, ds_cfg, view: str, step_fields: Sequence[str]):
+    """Raw RLDS trajectory -> {observation: {image, proprio}, task, action, dataset_name, episode}."""
+
+    def fn(traj):
+        episode = _episode_ids(traj)
+        try:
+            out = ds_cfg.standardize(dict(traj, observation=dict(traj["observation"])))
+            obs = out["observation"]
+            t_len = tf.shape(out["action"])[0]
+            key = ds_cfg.image_keys.get(view)
+            image = obs[key] if key else tf.fill([t_len], "")
+            proprio = [tf.zeros([t_len, 1]) if k is None else
+                       tf.reshape(tf.cast(obs[k], tf.float32), [t_len, -1]) for k in ds_cfg.state_keys]
+            lang = out[ds_cfg.language_key] if ds_cfg.language_key in out else out["language_instruction"]
+        except KeyError as e:
+            raise DataError(f"{_MARK} dataset {name!r}: field {e.args[0]!r} is missing (every episode); "
+                            f"step fields are {sorted(step_fields)}") from None
+        if image.dtype not in (tf.string, tf.uint8):
+            raise DataError(f"{_MARK} dataset {name!r}: image field {key!r} has dtype {image.dtype.name} "
+                            "(every episode); expected encoded bytes or uint8 [H, W, 3]")
+        action = out["action"]
+        if not action.dtype.is_floating and not action.dtype.is_integer:
+            raise DataError(f"{_MARK} dataset {name!r}: field 'action' has dtype {action.dtype.name}")
+        # Standardize may drop steps (bridge drops the first and last): cut the episode ids to match.
+        return {"observation": {"image": image,
+                                "proprio": tf.concat(proprio, -1) if proprio else tf.zeros([t_len, 0])},
+                "task": {"language_instruction": tf.reshape(lang, [t_len])},
+                "action": tf.cast(action, tf.float32),
+                "dataset_name": tf.fill([t_len], name),
+                "episode": tf.repeat(episode[:1], t_len)}
+
+    return fn
+
+
+def make_validator(name: str, cfg: DataConfig, log: BadDataLog | None):
+    """Filter predicate: problems found in a trajectory raise (naming dataset, episode, field) or are
+    skipped and counted, per `cfg.on_bad_data`; unlabeled episodes are skipped when skip_unlabeled."""
+
+    def problem(traj):
+        finite = tf.reduce_all(tf.math.is_finite(traj["action"]))
+        labeled = X.is_labeled(traj)
+        nonempty = tf.shape(traj["action"])[0] > 0
+        return tf.where(~nonempty, "steps (no steps left after standardize)",
+                        tf.where(~finite, "action (NaN or inf)",
+                                 tf.where(~labeled, "language_instruction (empty in every step)", "")))
+
+    def keep(traj):
+        p = problem(traj)
+        ep = tf.cond(tf.size(traj["episode"]) > 0, lambda: traj["episode"][0], lambda: tf.constant("?"))
+        ok = tf.equal(p, "")
+        skip_it = tf.logical_or(
+            tf.constant(cfg.on_bad_data == "skip"),
+            tf.logical_or(tf.strings.regex_full_match(p, "steps.*"),
+                          tf.logical_and(tf.constant(cfg.skip_unlabeled),
+                                         tf.strings.regex_full_match(p, "language_instruction.*"))))
+        if log is None:
+            record = lambda: tf.constant(False)  # noqa: E731
+        else:
+            record = lambda: tf.numpy_function(log.record, [name, ep, p], tf.bool, stateful=True)  # noqa: E731
+        assert_ok = tf.debugging.Assert(tf.logical_or(ok, skip_it), [
+            f"{_MARK} dataset {name!r}, episode", ep, "bad field:", p])
+        with tf.control_dependencies([assert_ok]):
+            return tf.cond(ok, lambda: tf.constant(True), lambda: tf.reshape(record(), []))
+
+    if cfg.on_bad_data not in ("raise", "skip"):
+        raise ValueError(f"on_bad_data must be 'raise' or 'skip', got {cfg.on_bad_data!r}")
+    return keep
+
+
+def make_tokenize(name: str, cfg: DataConfig, tok: TextTokenizer, act_tok: ActionTokenizer,
+                  action_dim: int = 7):
+    """Trajectory -> adds input_ids / labels / attention_mask `[T, L]`, L = max_prompt_len + K*A + 1.
+
+    The instruction is tokenized in one Python call per trajectory (cached by string); action ids
+    and the sequence layout are vectorised TF ops.
+    """
+    cache: dict[bytes, list[int]] = {}
+    P = cfg.max_prompt_len
+
+    def encode(instructions, episode):
+        out = np.full((len(instructions), P), tok.pad_id, np.int32)
+        lens = np.zeros(len(instructions), np.int32)
+        for i, s in enumerate(instructions):
+            ids = cache.get(s)
+            if ids is None:
+                ids = cache[s] = prompt_prefix_ids(tok, s.decode("utf-8"))
+            if len(ids) > P:
+                raise DataError(f"{_MARK} dataset {name!r}, episode {episode.decode()}: "
+                                f"language_instruction is {len(ids)} prompt tokens, over max_prompt_len={P}")
+            out[i, :len(ids)] = ids
+            lens[i] = len(ids)
+        return out, lens
+
+    def fn(traj):
+        ep = traj["episode"][0]
+        prefix, n = tf.numpy_function(encode, [traj["task"]["language_instruction"], ep],
+                                      [tf.int32, tf.int32], stateful=False)
+        t_len = tf.shape(traj["action"])[0]
+        prefix = tf.reshape(prefix, [t_len, P])
+        n = tf.reshape(n, [t_len, 1])
+        act = traj["action"][:, cfg.window_size - 1:]            # the supervised chunk [T, 1+F, A]
+        k = (1 + cfg.future_action_window_size) * action_dim
+        act_ids = tf.reshape(act_tok.encode_tf(act), [t_len, k])  # [T, K]
+        L = P + k + 1
+        j = tf.range(L)[None]
+        prefix = tf.pad(prefix, [[0, 0], [0, L - P]], constant_values=tok.pad_id)
+        act_at = tf.gather(act_ids, tf.clip_by_value(j - n, 0, k - 1), batch_dims=1)
+        ids = tf.where(j < n, prefix, tf.where(j < n + k, act_at,
+                                               tf.where(j == n + k, tok.eos_id, tok.pad_id)))
+        supervised = (j >= n) & (j <= n + k)
+        traj = dict(traj)
+        traj["input_ids"] = ids
+        traj["labels"] = tf.where(supervised, ids, IGNORE_INDEX)
+        traj["attention_mask"] = j <= n + k
+        traj["seq_len"] = tf.reshape(n + k + 1, [t_len])
+        return traj
+
+    return fn
+
+
+def _frame_keys(traj):
+    return {"image": traj["observation"]["image"], "input_ids": traj["input_ids"],
+            "labels": traj["labels"], "attention_mask": traj["attention_mask"],
+            "seq_len": traj["seq_len"], "action": traj["action"], "dataset_name": traj["dataset_name"]}
+
+
+# --- the pipeline --------------------------------------------------------------------------------
+
+class RLDSPipeline:
+    """Builds the tf.data pipeline for `cfg`; iterate it for numpy batches (this host's slice)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: TextTokenizer,
+                 action_tokenizer: ActionTokenizer | None = None):
+        self.cfg, self.tok = cfg, tokenizer
+        self.act_tok = action_tokenizer or ActionTokenizer(vocab_size=tokenizer.sp_vocab_size)
+        self.process_index, self.process_count = _process_info(cfg)
+        if cfg.batch_size % self.process_count:
+            raise ValueError(f"batch_size {cfg.batch_size} not divisible by {self.process_count} hosts")
+        self.host_batch_size = cfg.batch_size // self.process_count
+        self.mixture = get_mixture(cfg.mixture)
+        self.skipped = BadDataLog()
+        self.statistics: dict[str, dict] = {}
+        self.statistics_cache_hit: dict[str, bool] = {}
+        per_dataset, weights = [], []
+        for name, weight in self.mixture:
+            frames, n_transitions = self._dataset(name)
+            per_dataset.append(frames)
+            weights.append(weight * (n_transitions if cfg.balance_weights else 1.0))
+        self.sample_weights = {n: w / sum(weights) for (n, _), w in zip(self.mixture, weights)}
+        self.dataset = self._assemble(per_dataset, weights)
+
+    # One dataset: builder, statistics, trajectories -> frames.
+    def _dataset(self, name: str):
+        cfg = self.cfg
+        ds_cfg = get_dataset_config(name)
+        builder = open_builder(name, cfg.data_dir)
+        step_fields = _field_names(builder.info.features["steps"])
+        standardize = make_standardize(name, ds_cfg, cfg.image_view, step_fields)
+        stats = self._statistics(name, builder, ds_cfg, standardize)
+        self.statistics[name] = stats
+
+        split = default_split(builder, cfg.train)
+        ds = TrajDataset.from_rlds(
+            builder, split, shuffle=cfg.train, seed=cfg.seed, process_index=self.process_index,
+            process_count=self.process_count, deterministic=cfg.deterministic,
+            num_parallel_reads=cfg.num_parallel_reads, num_parallel_calls=cfg.num_parallel_calls,
+            name=name)
+        if cfg.train:
+            ds = ds.repeat()
+        ds = ds.traj_map(standardize).filter(make_validator(name, cfg, self.skipped))
+        a_stats, p_stats = stats["action"], stats.get("proprio") or None
+        mask = ds_cfg.action_mask
+
+        def normalize(traj):
+            traj = dict(traj, observation=dict(traj["observation"]))
+            traj["action"] = N.normalize_tf(traj["action"], a_stats, cfg.normalization, mask=mask)
+            if p_stats:
+                traj["observation"]["proprio"] = N.normalize_tf(traj["observation"]["proprio"], p_stats,
+                                                                cfg.normalization)
+            return traj
+
+        ds = ds.traj_map(normalize)
+        if cfg.train and cfg.subsample_length:
+            def sub(traj):
+                seed = tf.stack([tf.cast(cfg.seed, tf.int64), traj["_traj_index"][0]]) \
+                    if "_traj_index" in traj else tf.constant([cfg.seed, 0], tf.int64)
+                return X.subsample(traj, cfg.subsample_length, seed)
+            ds = ds.traj_map(sub)
+        ds = ds.traj_map(lambda t: X.chunk_act_obs(t, cfg.window_size, cfg.future_action_window_size))
+        ds = ds.traj_map(make_tokenize(name, cfg, self.tok, self.act_tok, len(mask))).traj_map(_frame_keys)
+        return ds.flatten(), stats["num_transitions"]
+
+    def _statistics(self, name, builder, ds_cfg, standardize) -> dict:
+        cfg = self.cfg
+        if cfg.dataset_statistics is not None:
+            if name not in cfg.dataset_statistics:
+                raise KeyError(f"dataset_statistics given but has no entry for {name!r}; "
+                               f"has {sorted(cfg.dataset_statistics)}")
+            return cfg.dataset_statistics[name]
+        key = S.statistics_hash(S.builder_fingerprint(builder), ds_cfg.describe(),
+                                f"skip_unlabeled={cfg.skip_unlabeled}|on_bad_data={cfg.on_bad_data}")
+        splits = "+".join(sorted(builder.info.splits.keys()))
+
+        def compute():
+            ds = TrajDataset.from_rlds(builder, splits, shuffle=False, deterministic=True,
+                                       num_parallel_reads=cfg.num_parallel_reads, name=name)
+            ds = ds.traj_map(standardize).filter(make_validator(name, cfg, None))
+            ds = ds.traj_map(lambda t: {"action": t["action"], "proprio": t["observation"]["proprio"]})
+            total = sum(s.num_examples for s in builder.info.splits.values())
+            return S.compute_statistics(_numpy(ds.ds), total=total, desc=f"statistics {name}",
+                                        progress=cfg.progress)
+
+        dirs = [cfg.statistics_dir] if cfg.statistics_dir else [builder.data_dir, S.DEFAULT_CACHE]
+        stats, _, hit = S.cached_statistics(key, compute, dirs)
+        self.statistics_cache_hit[name] = hit
+        stats["action"]["mask"] = list(ds_cfg.action_mask)
+        return stats
+
+    def _assemble(self, per_dataset: list[TrajDataset], weights: list[float]) -> tf.data.Dataset:
+        cfg = self.cfg
+        frames = TrajDataset.interleave(per_dataset, weights, seed=cfg.seed,
+                                        deterministic=cfg.deterministic)
+        if cfg.train:
+            frames = frames.shuffle(cfg.shuffle_buffer, seed=cfg.seed)
+        size = (cfg.image_size, cfg.image_size)
+        augment = cfg.train and cfg.augment
+        mean, std = tf.constant(FUSED_MEAN), tf.constant(FUSED_STD)
+
+        def to_model(frame, seed):
+            image = tf.map_fn(lambda im: X.decode_image(im, size), frame["image"],
+                              fn_output_signature=tf.TensorSpec([*size, 3], tf.uint8))
+            if augment:  # one seed per frame, split per window image
+                seeds = tf.random.experimental.stateless_split(seed, tf.shape(image)[0])
+                image = tf.map_fn(lambda a: X.augment_image(a[0], a[1]), (image, seeds),
+                                  fn_output_signature=tf.TensorSpec([*size, 3], tf.uint8))
+            x = tf.cast(image, tf.float32) / 255.0
+            x = (tf.concat([x, x], -1) - mean) / std
+            if cfg.window_size == 1:
+                x = x[0]
+            out = {k: v for k, v in frame.items() if k != "image"}
+            out["pixel_values"] = x
+            return out
+
+        seeds = tf.data.Dataset.random(seed=cfg.seed).batch(2)
+        ds = tf.data.Dataset.zip((frames.ds, seeds)).map(
+            to_model, num_parallel_calls=cfg.num_parallel_calls, deterministic=cfg.deterministic or None)
+        ds = ds.batch(self.host_batch_size, drop_remainder=cfg.train,
+                      num_parallel_calls=cfg.num_parallel_calls, deterministic=cfg.deterministic or None)
+        ds = ds.map(self._trim)
+        opts = tf.data.Options()
+        opts.deterministic = bool(cfg.deterministic)
+        if cfg.ram_budget_gb:
+            opts.autotune.ram_budget = int(cfg.ram_budget_gb * 1024 ** 3)
+        return ds.with_options(opts).prefetch(cfg.prefetch)
+
+    def _trim(self, batch):
+        """Cut the right padding to the batch's longest sequence, rounded up to seq_bucket."""
+        full = tf.shape(batch["input_ids"])[1]
+        b = self.cfg.seq_bucket
+        need = tf.reduce_max(batch["seq_len"])
+        length = tf.minimum(full, (need + b - 1) // b * b)
+        out = {k: v for k, v in batch.items() if k != "seq_len"}
+        for k in ("input_ids", "labels", "attention_mask"):
+            out[k] = batch[k][:, :length]
+        return out
+
+    def __iter__(self) -> Iterator[dict]:
+        it = iter(self.dataset)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except tf.errors.OpError as e:
+                raise _as_data_error(e) from None
+            out = {k: v.numpy() for k, v in batch.items()}
+            out["dataset_name"] = out["dataset_name"].astype(str)
+            yield out
+
+    def as_numpy_iterator(self) -> Iterator[dict]:
+        return iter(self)
+
+
+def _as_data_error(e: Exception) -> Exception:
+    msg = getattr(e, "message", str(e))
+    if _MARK not in msg:
+        return e
+    text = msg[msg.index(_MARK):].split("\n")[0]
+    return DataError(text.replace("[", "").replace("]", "").replace("b'", "").replace("'", ""))
+
+
+def _numpy(ds: tf.data.Dataset):
+    it = iter(ds)
+    while True:
+        try:
+            yield tf.nest.map_structure(lambda x: x.numpy(), next(it))
+        except StopIteration:
+            return
+        except tf.errors.OpError as e:
+            raise _as_data_error(e) from None
+
+
+def _field_names(features, prefix="") -> list[str]:
+    names = []
+    for k, v in features.items():
+        if hasattr(v, "items") and not hasattr(v, "feature"):
+            names += _field_names(v, f"{prefix}{k}/")
+        else:
+            names.append(prefix + k)
+    return names
+
+
+def make_pipeline(cfg: DataConfig, tokenizer: TextTokenizer, action_tokenizer=None) -> RLDSPipeline:
+    return RLDSPipeline(cfg, tokenizer, action_tokenizer)
