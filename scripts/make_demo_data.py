@@ -125,6 +125,8 @@ def make_demo_data(out_dir: str = "data/demo", episodes: int = 300, val_fraction
 
 def main(argv) -> None:
   del argv
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+  tfds.disable_progress_bar()  # our episode bar says it all; tfds' own bars interleave with it
   make_demo_data(FLAGS.out_dir, FLAGS.episodes, FLAGS.val_fraction, FLAGS.seed,
                  FLAGS.vocab_size, FLAGS.force)
 
