@@ -88,7 +88,7 @@ def vit_specs(c: ViTConfig, scanned: bool, prefix: str = "", path: tuple = ()) -
     if c.reg_tokens:
         specs.append(spec("reg_token", ("reg_token",), (1, c.reg_tokens, d), (1, c.reg_tokens, d)))
     specs += [
-        spec("pos_embed", ("pos_embed",), (1, c.num_patches, d), (1, c.num_patches, d)),
+        spec("pos_embed", ("pos_embed",), (1, c.num_pos_prefix + c.num_patches, d), (1, c.num_pos_prefix + c.num_patches, d)),
         spec("patch_embed.proj.weight", ("patch_embed", "kernel"), (d, 3, p, p), (p, p, 3, d), "conv"),
         spec("patch_embed.proj.bias", ("patch_embed", "bias"), (d,), (d,)),
     ]

@@ -42,6 +42,7 @@ class ViTConfig:
     class_token: bool = True
     reg_tokens: int = 0
     layer_scale: bool = False  # timm's init_values is not None
+    no_embed_class: bool = False  # timm: True = pos_embed covers patches only (added before prefix tokens)
     attn_pool: bool = False  # timm global_pool="map"
     img_size: int = 224
     norm_eps: float = 1e-6
@@ -66,6 +67,11 @@ class ViTConfig:
     def num_prefix_tokens(self) -> int:
         return int(self.class_token) + self.reg_tokens
 
+    @property
+    def num_pos_prefix(self) -> int:
+        """Prefix tokens that have their own position embedding (0 with `no_embed_class`)."""
+        return 0 if self.no_embed_class else self.num_prefix_tokens
+
 
 # timm architecture name (model id without its pretrained tag) -> ViTConfig fields.
 _DINOV2_L = dict(embed_dim=1024, depth=24, num_heads=16, patch_size=14, layer_scale=True)
@@ -73,7 +79,7 @@ _SO400M = dict(
     embed_dim=1152, depth=27, num_heads=16, patch_size=14, mlp_ratio=3.7362, class_token=False, attn_pool=True
 )
 ARCHITECTURES = {
-    "vit_large_patch14_reg4_dinov2": dict(_DINOV2_L, reg_tokens=4),
+    "vit_large_patch14_reg4_dinov2": dict(_DINOV2_L, reg_tokens=4, no_embed_class=True),
     "vit_large_patch14_dinov2": _DINOV2_L,
     "vit_so400m_patch14_siglip_224": _SO400M,
     "vit_so400m_patch14_siglip_384": _SO400M,
@@ -111,11 +117,17 @@ def tower_from_config(tower: ml_collections.ConfigDict, img_size: int = 224) -> 
     )
 
 
-def resample_pos_embed(pos_embed: Array, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Array:
-    """`[1, gh*gw, D]` patch position embeddings resampled to `new_grid`, as timm's
-    `resample_abs_pos_embed` (torch bicubic, antialias=True, align_corners=False), computed in fp32."""
+def resample_pos_embed(
+    pos_embed: Array, old_grid: tuple[int, int], new_grid: tuple[int, int], num_prefix: int = 0
+) -> Array:
+    """`[1, num_prefix + gh*gw, D]` position embeddings with the patch part resampled to `new_grid`
+    (prefix entries kept), as timm's `resample_abs_pos_embed` (torch bicubic, antialias=True,
+    align_corners=False), computed in fp32."""
     if tuple(old_grid) == tuple(new_grid):
         return pos_embed
+    if num_prefix:
+        patches = resample_pos_embed(pos_embed[:, num_prefix:], old_grid, new_grid)
+        return jnp.concatenate([pos_embed[:, :num_prefix], patches], axis=1)
     wy = jnp.asarray(resize_weights(old_grid[0], new_grid[0]), jnp.float32)  # [nh, oh]
     wx = jnp.asarray(resize_weights(old_grid[1], new_grid[1]), jnp.float32)  # [nw, ow]
     d = pos_embed.shape[-1]
@@ -249,7 +261,8 @@ class AttentionPool(nn.Module):
 
 
 class ViT(nn.Module):
-    """timm VisionTransformer (patch embed, pos embed on patches, then [cls, registers] prepended).
+    """timm VisionTransformer: patch embed, position embeddings, [cls, registers] prepended (after the
+    position embedding with `no_embed_class`, as DINOv2-reg4; before it otherwise), pre-norm blocks.
 
     `__call__(images [B, H, W, 3], num_blocks=None, return_blocks=False)` returns a dict:
       "tokens" `[B, P + N, D]` output of block `num_blocks - 1` (no final norm);
@@ -307,9 +320,12 @@ class ViT(nn.Module):
         b, gh, gw, d = x.shape
         pos = self.param(
             "pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "pos", "embed")),
-            (1, c.num_patches, d), pdt,
+            (1, c.num_pos_prefix + c.num_patches, d), pdt,
         )
-        x = x.reshape(b, gh * gw, d) + resample_pos_embed(pos, c.grid, (gh, gw)).astype(dt)
+        pos = resample_pos_embed(pos, c.grid, (gh, gw), c.num_pos_prefix).astype(dt)
+        x = x.reshape(b, gh * gw, d)
+        if c.no_embed_class:  # DINOv2-reg / big_vision: add to patches, then prepend prefix tokens
+            x = x + pos
         prefix = []
         if c.class_token:
             cls = self.param("cls_token", nn.with_logical_partitioning(nn.initializers.normal(1e-6), (None, None, "embed")),
@@ -320,6 +336,8 @@ class ViT(nn.Module):
                              (1, c.reg_tokens, d), pdt)
             prefix.append(jnp.broadcast_to(reg.astype(dt), (b, c.reg_tokens, d)))
         x = jnp.concatenate(prefix + [x], axis=1) if prefix else x
+        if not c.no_embed_class:  # original ViT: prefix tokens have positions too, add after concat
+            x = x + pos
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
         x, blocks = self._blocks(x, n, return_blocks)
