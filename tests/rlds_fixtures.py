@@ -160,12 +160,21 @@ def write_fractal(data_dir: str, n_episodes=3, T=(5, 8), hw=(32, 40), seed=1) ->
 
 
 def write_libero(data_dir: str, name="libero_spatial_no_noops", n_episodes=3, T=(5, 8), hw=(32, 32),
-                 seed=2) -> list[dict]:
-    """OpenVLA's modified LIBERO RLDS: image, wrist_image, state (8), joint_state (7), action (7)."""
+                 seed=2, image_dtype=np.uint8, override=None) -> list[dict]:
+    """OpenVLA's modified LIBERO RLDS: image, wrist_image, state (8), joint_state (7), action (7).
+
+    `image_dtype` other than uint8 stores raw (wrong-typed) image tensors; `override(e, steps)` may
+    edit an episode's step arrays before writing (to plant bad data).
+    """
     import tensorflow_datasets as tfds
 
     F = tfds.features
-    img = lambda: F.Image(shape=(*hw, 3), dtype=np.uint8, encoding_format="jpeg")  # noqa: E731
+
+    def img():
+        if image_dtype == np.uint8:
+            return F.Image(shape=(*hw, 3), dtype=np.uint8, encoding_format="jpeg")
+        return F.Tensor(shape=(*hw, 3), dtype=image_dtype)
+
     features = F.FeaturesDict({
         "steps": F.Dataset({
             "observation": F.FeaturesDict({"image": img(), "wrist_image": img(),
@@ -187,9 +196,13 @@ def write_libero(data_dir: str, name="libero_spatial_no_noops", n_episodes=3, T=
         state = rng.normal(0, 0.3, (t_len, 8)).astype(np.float32)
         inst = INSTRUCTIONS[(e + 2) % len(INSTRUCTIONS)]
         imgs = [_image(rng, hw, t) for t in range(t_len)]
-        steps = dict(observation=dict(image=np.stack(imgs), wrist_image=np.stack(imgs),
+        ims = np.stack(imgs).astype(image_dtype)
+        steps = dict(observation=dict(image=ims, wrist_image=ims,
                                       state=state, joint_state=np.zeros((t_len, 7), np.float32)),
                      action=action, language_instruction=[inst] * t_len, **_steps_common(t_len))
+        if override:
+            override(e, steps)
+            action, inst = steps["action"], steps["language_instruction"][0]
         episodes.append({"steps": _as_steps(steps), "episode_metadata": {"file_path": f"/libero/{e}"}})
         raw.append(dict(action=action, state=state, instruction=inst, images=imgs))
     _store(name, "1.0.0", features, episodes, data_dir)
