@@ -116,6 +116,7 @@ def _episode_ids(traj: dict) -> tf.Tensor:
 def make_standardize(name: str, ds_cfg, view: str, step_fields: Sequence[str]):
     """Raw RLDS trajectory -> {observation: {image, proprio}, task, action, dataset_name, episode}."""
 
+    @tf.autograph.experimental.do_not_convert  # let DataError reach the caller unwrapped
     def fn(traj):
         episode = _episode_ids(traj)
         try:
@@ -173,7 +174,7 @@ def make_validator(name: str, cfg: DataConfig, log: BadDataLog | None):
         else:
             record = lambda: tf.numpy_function(log.record, [name, ep, p], tf.bool, stateful=True)  # noqa: E731
         assert_ok = tf.debugging.Assert(tf.logical_or(ok, skip_it), [
-            f"{_MARK} dataset {name!r}, episode", ep, "bad field:", p])
+            f"{_MARK} dataset {name}, episode", ep, "bad field:", p])
         with tf.control_dependencies([assert_ok]):
             return tf.cond(ok, lambda: tf.constant(True), lambda: tf.reshape(record(), []))
 
@@ -401,7 +402,9 @@ def _as_data_error(e: Exception) -> Exception:
     if _MARK not in msg:
         return e
     text = msg[msg.index(_MARK):].split("\n")[0]
-    return DataError(text.replace("[", "").replace("]", "").replace("b'", "").replace("'", ""))
+    for junk in ("[", "]", "b'", "\\", "'"):
+        text = text.replace(junk, "")
+    return DataError(text)
 
 
 def _numpy(ds: tf.data.Dataset):

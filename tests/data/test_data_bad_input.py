@@ -1,0 +1,82 @@
+"""Bad input: each problem raises an error naming dataset, episode and field, or is skipped and
+counted when the config says so."""
+
+import types
+
+import numpy as np
+import pytest
+
+from conftest import make_cfg
+from rlds_fixtures import write_libero
+from openvla_jax.data.oxe import REGISTRY, register_dataset, transforms
+from openvla_jax.data.rlds import DataError, RLDSPipeline
+from openvla_jax.data.traj import DatasetNotFoundError
+
+NAN, EMPTY = "libero_object_no_noops", "libero_10_no_noops"
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, rlds):
+    d = str(tmp_path_factory.mktemp("bad"))
+
+    def nan_action(e, steps):
+        if e == 1:
+            steps["action"] = steps["action"].copy()
+            steps["action"][2, 3] = np.nan
+
+    def empty_instruction(e, steps):
+        if e == 0:
+            steps["language_instruction"] = [""] * len(steps["action"])
+
+    write_libero(d, name=NAN, n_episodes=3, override=nan_action)
+    write_libero(d, name=EMPTY, n_episodes=3, override=empty_instruction)
+    write_libero(d, name="float_images", n_episodes=2, image_dtype=np.float32)
+    write_libero(d, name="renamed_camera", n_episodes=2)
+    keys = dict(state_keys=["EEF_state", "gripper_state"], standardize=transforms.libero)
+    register_dataset("float_images", image_keys={"primary": "image"}, **keys)
+    register_dataset("renamed_camera", image_keys={"primary": "agentview_rgb"}, **keys)
+    yield types.SimpleNamespace(dir=d, tok=rlds.tok)
+    for name in ("float_images", "renamed_camera"):
+        REGISTRY.pop(name, None)
+
+
+def cfg(bad, tmp_path, **kw):
+    return make_cfg(types.SimpleNamespace(dir=bad.dir, stats_dir=str(tmp_path)), **kw)
+
+
+def test_missing_dataset(bad, tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="libero_goal_no_noops.*contains: .*float_images"):
+        RLDSPipeline(cfg(bad, tmp_path, mixture="libero_goal_no_noops"), bad.tok)
+    with pytest.raises(KeyError, match="no config registered for dataset 'my_robot'.*register_dataset"):
+        RLDSPipeline(cfg(bad, tmp_path, mixture="my_robot"), bad.tok)
+
+
+def test_missing_field(bad, tmp_path):
+    with pytest.raises(DataError, match="dataset 'renamed_camera': field 'agentview_rgb' is missing "
+                                        r"\(every episode\).*observation/image"):
+        RLDSPipeline(cfg(bad, tmp_path, mixture="renamed_camera"), bad.tok)
+
+
+def test_wrong_image_dtype(bad, tmp_path):
+    with pytest.raises(DataError, match="dataset 'float_images': image field 'image' has dtype float32"):
+        RLDSPipeline(cfg(bad, tmp_path, mixture="float_images"), bad.tok)
+
+
+def test_nan_action_raises_or_is_skipped(bad, tmp_path):
+    with pytest.raises(DataError, match=f"dataset {NAN}, episode /libero/1 bad field: action"):
+        list(zip(range(3), RLDSPipeline(cfg(bad, tmp_path, mixture=NAN), bad.tok)))
+    pipe = RLDSPipeline(cfg(bad, tmp_path, mixture=NAN, on_bad_data="skip"), bad.tok)
+    batches = [b for _, b in zip(range(4), pipe)]
+    assert all(np.isfinite(b["action"]).all() for b in batches)
+    assert pipe.skipped.counts[(NAN, "action (NaN or inf)")] >= 1
+    assert (NAN, "/libero/1", "action (NaN or inf)") in pipe.skipped.examples
+    assert pipe.statistics[NAN]["num_trajectories"] == 2  # the bad episode is not in the statistics
+
+
+def test_empty_instruction_raises_or_is_skipped(bad, tmp_path):
+    with pytest.raises(DataError, match=f"dataset {EMPTY}, episode /libero/0 bad field: language_instruction"):
+        list(zip(range(3), RLDSPipeline(cfg(bad, tmp_path, mixture=EMPTY, skip_unlabeled=False), bad.tok)))
+    pipe = RLDSPipeline(cfg(bad, tmp_path, mixture=EMPTY), bad.tok)  # skip_unlabeled=True: counted
+    batches = [b for _, b in zip(range(4), pipe)]
+    assert len(batches) == 4
+    assert pipe.skipped.counts[(EMPTY, "language_instruction (empty in every step)")] >= 1
