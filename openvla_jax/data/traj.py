@@ -81,12 +81,6 @@ def default_split(builder: tfds.core.DatasetBuilder, train: bool) -> str:
     return "val" if "val" in splits else "train[95%:]"
 
 
-def _image_decoders(features) -> dict | tfds.decode.SkipDecoding:
-    # Skip decoding the whole `steps` sequence: images stay encoded bytes until a frame needs them.
-    del features
-    return {"steps": tfds.decode.SkipDecoding()}
-
-
 class TrajDataset:
     """A tf.data pipeline of trajectories (or, after `flatten`, frames) with a few helpers."""
 
@@ -120,7 +114,8 @@ class TrajDataset:
             interleave_cycle_length=num_parallel_reads, try_autocache=False,
             options=_options(deterministic), enable_ordering_guard=False)
         ds = builder.as_dataset(split=split, shuffle_files=shuffle, read_config=read_config,
-                                decoders=_image_decoders(builder.info.features))
+                                # steps undecoded: images stay encoded bytes until a frame needs them
+                                decoders={"steps": tfds.decode.SkipDecoding()})
 
         def to_traj(i, episode):
             steps = dict(episode["steps"])
