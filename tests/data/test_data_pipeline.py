@@ -95,3 +95,16 @@ def test_labels_eight_supervised_and_decode_to_action(rlds):
             assert ids[i, 0] == rlds.tok.bos_id and ids[i, pos[0] - 1] == rlds.tok.space_id
             err = np.abs(at.decode(labels[i, pos[:7]]) - batch["action"][i, 0])
             assert err.max() <= at.bin_width / 2 + 1e-6
+
+
+def test_action_chunks_supervise_all_future_actions(rlds):
+    cfg = make_cfg(rlds, mixture="libero_spatial_no_noops", future_action_window_size=2, batch_size=4,
+                   ram_budget_gb=1)
+    batch = next(iter(RLDSPipeline(cfg, rlds.tok)))
+    at = ActionTokenizer(vocab_size=rlds.tok.sp_vocab_size)
+    assert batch["action"].shape == (4, 3, 7)
+    sup = batch["labels"] != -100
+    assert (sup.sum(1) == 3 * 7 + 1).all()
+    for i in range(4):
+        ids = batch["labels"][i, sup[i]][:-1].reshape(3, 7)
+        assert np.abs(at.decode(ids) - batch["action"][i]).max() <= at.bin_width / 2 + 1e-6

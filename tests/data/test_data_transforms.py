@@ -91,3 +91,31 @@ def test_resize_is_lanczos3_rounded():
     out = X.resize_image(img, (16, 16)).numpy()
     ref = tf.image.resize(img.astype(np.float32), (16, 16), "lanczos3", antialias=True).numpy()
     np.testing.assert_array_equal(out, np.clip(np.round(ref), 0, 255).astype(np.uint8))
+
+
+def test_subsample_keeps_ordered_unique_steps_per_seed():
+    traj = {"action": np.arange(10, dtype=np.float32)[:, None], "x": np.arange(10)}
+    a = X.subsample(traj, 4, tf.constant([1, 2], tf.int64))
+    b = X.subsample(traj, 4, tf.constant([1, 2], tf.int64))
+    kept = a["x"].numpy()
+    assert len(kept) == 4 and (np.diff(kept) > 0).all()
+    np.testing.assert_array_equal(kept, b["x"].numpy())
+    np.testing.assert_array_equal(a["action"][:, 0].numpy(), kept)
+    short = X.subsample(traj, 20, tf.constant([1, 2], tf.int64))
+    np.testing.assert_array_equal(np.asarray(short["x"]), np.arange(10))
+
+
+def test_mixture_tables():
+    from openvla_jax.data.oxe import MIXTURES, REGISTRY
+
+    soup = dict(MIXTURES["oxe_magic_soup_plus_minus"])
+    assert len(soup) == 25
+    assert (soup["fractal20220817_data"], soup["bridge_orig"], soup["taco_play"], soup["bc_z"]) == (1.0, 1.0, 2.0, 0.2)
+    assert abs(soup["kuka"] - 0.834) < 1e-3 and "droid" not in soup and "language_table" not in soup
+    plus = dict(MIXTURES["oxe_magic_soup_plus"])
+    assert plus["droid"] == 0.06 and plus["language_table"] == 0.1
+    assert MIXTURES["bridge"] == [("bridge_orig", 1.0)]
+    for names in MIXTURES.values():
+        for name, _ in names:
+            assert name in REGISTRY, name
+    assert REGISTRY["libero_10_no_noops"].action_mask == [True] * 6 + [False]
