@@ -1,0 +1,215 @@
+"""OpenVLA HF checkpoint directory <-> (model config, Flax params of `openvla_jax.models.vla.VLA`).
+
+Reading is lazy (one tensor at a time from single or sharded safetensors, original HF or Prismatic
+key names); writing streams one tensor at a time into shards `model-0000i-of-0000N.safetensors` with
+`model.safetensors.index.json`, built in a temp directory renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Optional
+
+import flax.linen as nn
+import ml_collections
+import ml_dtypes
+import numpy as np
+
+from openvla_jax.convert.hf_config import generation_config, hf_config_from_model_config, model_config_from_hf
+from openvla_jax.convert.io import INDEX_NAME, open_state_dict, write_safetensors
+from openvla_jax.convert.llama import llama_specs
+from openvla_jax.convert.mapping import ParamSpec, check_flax_params, flatten_params, hf_to_flax, to_hf
+from openvla_jax.convert.vision import prismatic_to_hf, vision_specs
+from openvla_jax.models.llama import LlamaConfig
+
+__all__ = ["model_config_from_hf", "hf_config_from_model_config", "vla_specs", "load_hf", "save_hf",
+           "save_converted", "load_converted",
+           "TOKENIZER_FILES", "parse_size"]
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+
+
+def vla_specs(model_config: ml_collections.ConfigDict, scanned: bool) -> list[ParamSpec]:
+    """Every tensor of an OpenVLA HF checkpoint: vision backbone + projector, then the Llama under
+    `language_model.` (Flax paths under `language_model/`)."""
+    llm = [dataclasses.replace(s, path=("language_model",) + s.path)
+           for s in llama_specs(LlamaConfig.from_dict(model_config.llm), scanned, prefix="language_model.")]
+    return vision_specs(model_config, scanned) + llm
+
+
+class _Renamed(Mapping):
+    """Lazy view of a reader under new key names (`new -> old`)."""
+
+    def __init__(self, reader, new_to_old: dict):
+        self.reader, self.new_to_old = reader, new_to_old
+        self.shapes = {new: reader.shapes[old] for new, old in new_to_old.items()}
+
+    def __getitem__(self, key):
+        return self.reader[self.new_to_old[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.new_to_old)
+
+    def __len__(self):
+        return len(self.new_to_old)
+
+
+def _is_prismatic(keys) -> bool:
+    return any(k.startswith(("llm.", "dino_featurizer.", "siglip_featurizer.", "projector.0.")) for k in keys)
+
+
+def read_config(hf_dir: Path) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{hf_dir} has no config.json; expected an OpenVLA HF checkpoint directory")
+    return json.loads(path.read_text())
+
+
+def load_hf(hf_dir, scanned: bool = False, dtype=None):
+    """Read an OpenVLA HF directory -> `(model_config, params, extras)`.
+
+    params: nested dict of NumPy arrays in the checkpoint's dtype (or `dtype`), laid out for
+    `vla.from_config(model_config)` (`scan_layers=scanned`). extras: `norm_stats` (config.json's, else
+    `dataset_statistics.json`'s), `config_json` (the raw dict) and `tokenizer_files` (paths present).
+    Raises StateDictError listing missing / unexpected / misshapen keys."""
+    hf_dir = Path(hf_dir)
+    config_json = read_config(hf_dir)
+    model_config = model_config_from_hf(config_json)
+    model_config.scan_layers = bool(scanned)
+    reader = open_state_dict(hf_dir)
+    state = reader
+    if _is_prismatic(reader):
+        state = _Renamed(reader, prismatic_to_hf({k: k for k in reader},
+                                                 fused=model_config.vision.get("fused_featurizer") is not None))
+    params = hf_to_flax(vla_specs(model_config, scanned), state, str(hf_dir), shapes=state.shapes,
+                        dtype=None if dtype is None else np.dtype(dtype))
+    norm_stats = config_json.get("norm_stats")
+    if norm_stats is None and (hf_dir / "dataset_statistics.json").exists():
+        norm_stats = json.loads((hf_dir / "dataset_statistics.json").read_text())
+    extras = dict(norm_stats=norm_stats, config_json=config_json,
+                  tokenizer_files=[str(hf_dir / n) for n in TOKENIZER_FILES if (hf_dir / n).exists()])
+    return model_config, params, extras
+
+
+def parse_size(size) -> int:
+    """`"5GB"` -> 5e9 bytes (HF convention: GB = 1e9, GiB = 2**30); ints pass through."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max shard size {size!r}: expected e.g. '5GB', '500MB', '2GiB' or a byte count")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def _shards(entries, max_bytes: int) -> list[list]:
+    """Split (key, shape, dtype) entries in order; a tensor larger than the limit gets its own shard."""
+    shards, current, size = [], [], 0
+    for e in entries:
+        n = int(np.prod(e[1], dtype=np.int64)) * np.dtype(e[2]).itemsize
+        if current and size + n > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(e)
+        size += n
+    if current:
+        shards.append(current)
+    return shards
+
+
+def copy_tokenizer(tokenizer_dir, out_dir: Path) -> list[str]:
+    copied = []
+    if tokenizer_dir is None:
+        return copied
+    for name in TOKENIZER_FILES:
+        src = Path(tokenizer_dir) / name
+        if src.exists():
+            shutil.copyfile(src, out_dir / name)
+            copied.append(name)
+    return copied
+
+
+def atomic_dir(out_dir: Path):
+    """A fresh temp directory beside `out_dir` (same filesystem, so the final rename is atomic)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"output directory {out_dir} exists and is not empty")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+
+
+def commit_dir(tmp: Path, out_dir: Path) -> None:
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        out_dir.rmdir()  # empty (checked in atomic_dir)
+    os.replace(tmp, out_dir)
+
+
+def save_hf(out_dir, model_config: ml_collections.ConfigDict, params, norm_stats: Optional[dict] = None,
+            tokenizer_dir=None, dtype: str = "bfloat16", max_shard_size="5GB",
+            config_extra: Optional[dict] = None) -> Path:
+    """Write an OpenVLA HF directory the original PyTorch code loads with `AutoModelForVision2Seq`
+    (trust_remote_code): sharded safetensors + index, config.json, generation_config.json and the
+    tokenizer files of `tokenizer_dir` that exist. One tensor in memory at a time (plus `params`).
+    Written into a temp directory renamed to `out_dir` at the end: an interrupted save leaves none."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    out_dir = Path(out_dir)
+    np_dtype = DTYPES[dtype]
+    params = nn.meta.unbox(params)
+    scanned = "layers" in params.get("language_model", {})
+    specs = vla_specs(model_config, scanned)
+    check_flax_params(specs, params, "params to save")
+    flat = flatten_params(params)
+    by_key = {s.hf_key: s for s in specs}
+
+    def get(key):
+        spec = by_key[key]
+        value = flat[spec.path] if spec.layer is None else flat[spec.path][spec.layer]
+        return to_hf(np.asarray(value), spec).astype(np_dtype, copy=False)
+
+    shards = _shards([(s.hf_key, s.hf_shape, np_dtype) for s in specs], parse_size(max_shard_size))
+    tmp = atomic_dir(out_dir)
+    try:
+        weight_map, total = {}, 0
+        for i, entries in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(tmp / name, entries, get, {"format": "pt"})
+            for key, shape, dt in entries:
+                weight_map[key] = name
+                total += int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        config = hf_config_from_model_config(model_config, norm_stats, dtype, config_extra)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(), indent=2) + "\n")
+        copy_tokenizer(tokenizer_dir, tmp)
+        commit_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def save_converted(out_dir, model_config, params, norm_stats=None, tokenizer_dir=None, hf_config=None) -> Path:
+    """Our JAX format (orbax params + JSON side files); see `openvla_jax.convert.checkpoint`."""
+    from openvla_jax.convert import checkpoint
+
+    return checkpoint.save_converted(out_dir, model_config, params, norm_stats, tokenizer_dir, hf_config)
+
+
+def load_converted(path):
+    """`(model_config, params, extras)` of a directory written by `save_converted`."""
+    from openvla_jax.convert import checkpoint
+
+    return checkpoint.load_converted(path)
