@@ -66,8 +66,9 @@ def decode_image(image: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
 def resize_image(image: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
     """uint8 `[..., H, W, 3]` -> uint8 at `size`: lanczos3 + antialias, rounded and clipped (as the
     original training data)."""
-    image = tf.image.resize(image, size, method="lanczos3", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    from openvla_jax.models.preprocess import tf_resize_uint8  # one definition shared with eval
+
+    return tf_resize_uint8(image, size)
 
 
 AUGMENT_DEFAULTS = dict(crop_scale=0.9, crop_ratio=1.0, brightness=0.2, contrast=(0.8, 1.2),
