@@ -55,7 +55,8 @@ def test_bf16_sharded_checkpoint(ref, tmp_path):
     """fp32 -> bf16 shards (forced into several) -> load: exactly the torch model with bf16-rounded
     weights (1e-4, same greedy ids), and within a stated tolerance of the fp32 model.
 
-    Measured: max |logit error| vs the fp32 torch model ~0.03 on logits of range ~9 (< 1%)."""
+    Stated tolerance vs the fp32 torch model: 1% of the logit range. Measured: 0.0046 on a range of
+    1.69 (0.27%)."""
     t = torch()
     cfg, params, _ = load_hf(ref["hf_dir"])
     out_dir = tmp_path / "bf16"
@@ -75,7 +76,7 @@ def test_bf16_sharded_checkpoint(ref, tmp_path):
     np.testing.assert_array_equal(jax_greedy(cfg16, params16, pv, ids, mask), torch_greedy(rounded, pv, ids, lengths))
     full = valid_positions(ref["logits"], lengths)
     err = max_abs(valid_positions(out, lengths), full)
-    assert err < 0.02 * float(np.ptp(full)), (err, float(np.ptp(full)))
+    assert err < 0.01 * float(np.ptp(full)), (err, float(np.ptp(full)))
 
 
 def test_7b_parameter_count():
