@@ -1,0 +1,12 @@
+"""openvla_jax: OpenVLA (Llama 2 + fused DINOv2/SigLIP, actions as 256-bin tokens) in JAX/Flax."""
+
+
+def __getattr__(name):  # lazy: `import openvla_jax.data...` should not pay for building the model
+    if name == "OpenVLA":
+        from openvla_jax.policy import OpenVLA
+
+        return OpenVLA
+    raise AttributeError(name)
+
+
+__all__ = ["OpenVLA"]

@@ -73,15 +73,18 @@ def normalize_tf(x, stats: Mapping, kind: str = BOUNDS_Q99, mask=None):
 
 
 def unnormalize(a, stats: Mapping, kind: str = BOUNDS_Q99, mask=None) -> np.ndarray:
-    """Inverse of `normalize` on masked dims (constant dims come back as low, not the constant)."""
+    """Inverse of `normalize` on masked dims (constant dims come back as low, not the constant).
+
+    Computed in float64 from the JSON statistics, as the original's predict_action does."""
     _check(kind)
-    a = np.asarray(a, np.float32)
+    a = np.asarray(a, np.float64)
     m = _mask(stats, a.shape[-1], mask)
     if kind == NORMAL:
-        mean, std = np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
-        return np.where(m, a * (std + EPS) + mean, a).astype(np.float32)
-    low, high = _low_high(stats, kind)
-    return np.where(m, 0.5 * (a + 1) * (high - low) + low, a).astype(np.float32)
+        mean, std = np.asarray(stats["mean"], np.float64), np.asarray(stats["std"], np.float64)
+        return np.where(m, a * (std + EPS) + mean, a)
+    lo, hi = ("q01", "q99") if kind == BOUNDS_Q99 else ("min", "max")
+    low, high = np.asarray(stats[lo], np.float64), np.asarray(stats[hi], np.float64)
+    return np.where(m, 0.5 * (a + 1) * (high - low) + low, a)
 
 
 def select_unnorm_key(norm_stats: Mapping, unnorm_key: str | None = None) -> str:
