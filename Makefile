@@ -28,7 +28,7 @@ test: $(VENV)/.dev
 	$(PY) -m pytest -q
 
 test-slow: $(VENV)/.dev
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]  # 5: no slow case collected yet
 
 bench: $(VENV)/.dev
 	$(PY) scripts/bench.py --case all

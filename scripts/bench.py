@@ -75,7 +75,16 @@ def case_llama(variant: str) -> list[dict]:
     ]
 
 
-CASES = {"llama": case_llama}
+def case_data(variant: str) -> list[dict]:
+    """Frames/s to model-ready batches (augmentation off / on) vs a plain tf.data decode + resize."""
+    del variant  # the data pipeline does not depend on the model size
+    from openvla_jax.data.bench import bench_data
+
+    r = bench_data(batch_size=16)
+    return [dict(case="data", **r)]
+
+
+CASES = {"llama": case_llama, "data": case_data}
 
 
 def main(argv):
@@ -93,7 +102,7 @@ def main(argv):
     print(json.dumps(meta))
     results = []
     for name in names:
-        for variant in FLAGS.config.split(","):
+        for variant in (FLAGS.config.split(",") if name != "data" else ["-"]):
             for row in CASES[name](variant):
                 print(json.dumps(row))
                 results.append(row)

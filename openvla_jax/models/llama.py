@@ -281,4 +281,5 @@ def from_config(model_config: ml_collections.ConfigDict, **overrides) -> Llama:
         attention_impl=model_config.get("attention_impl", "xla"),
     )
     kwargs.update(overrides)
+    kwargs["dtype"], kwargs["param_dtype"] = as_dtype(kwargs["dtype"]), as_dtype(kwargs["param_dtype"])
     return Llama(**kwargs)

@@ -135,4 +135,6 @@ _reg("droid", T.droid, "exterior_image_1_left", "exterior_image_2_left", "wrist_
 for _suite in ("libero_spatial_no_noops", "libero_object_no_noops", "libero_goal_no_noops",
                "libero_10_no_noops"):
     _reg(_suite, T.libero, "image", wrist="wrist_image", state=["EEF_state", "gripper_state"])
+# The bundled demo task (scripts/make_demo_data.py): actions already bridge-style, gripper 1 = open.
+_reg("demo_tabletop", T.identity, "image", state=["state"])
 # fmt: on
