@@ -31,6 +31,21 @@ def as_dtype(name_or_dtype) -> jnp.dtype:
     return jnp.dtype(name_or_dtype)
 
 
+def numerics(model_config, **overrides) -> dict:
+    """Numerics every part of a `configs/model.py` config shares (dtype, param_dtype, scan_layers,
+    remat_policy, attention_impl), with `overrides` applied and dtypes given by name resolved."""
+    kwargs = dict(
+        dtype=model_config.get("dtype", "float32"),
+        param_dtype=model_config.get("param_dtype", "float32"),
+        scan_layers=model_config.get("scan_layers", False),
+        remat_policy=model_config.get("remat_policy", "none"),
+        attention_impl=model_config.get("attention_impl", "xla"),
+    )
+    kwargs.update(overrides)
+    kwargs["dtype"], kwargs["param_dtype"] = as_dtype(kwargs["dtype"]), as_dtype(kwargs["param_dtype"])
+    return kwargs
+
+
 def remat_policy(name: str):
     if name not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {name!r}; expected one of {sorted(REMAT_POLICIES)}")

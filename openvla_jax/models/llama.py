@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from openvla_jax.models.common import as_dtype, attention, remat_policy
+from openvla_jax.models.common import attention, numerics, remat_policy
 
 Array = jax.Array
 KVCache = dict  # {"k": [L, B, S, K, Dh], "v": [L, B, S, K, Dh]}
@@ -274,12 +274,6 @@ def from_config(model_config: ml_collections.ConfigDict, **overrides) -> Llama:
     """Build the Llama module from a `configs/model.py` config (its `llm` section and numerics)."""
     kwargs = dict(
         config=LlamaConfig.from_dict(model_config.llm),
-        dtype=as_dtype(model_config.get("dtype", "float32")),
-        param_dtype=as_dtype(model_config.get("param_dtype", "float32")),
-        scan_layers=model_config.get("scan_layers", False),
-        remat_policy=model_config.get("remat_policy", "none"),
-        attention_impl=model_config.get("attention_impl", "xla"),
     )
-    kwargs.update(overrides)
-    kwargs["dtype"], kwargs["param_dtype"] = as_dtype(kwargs["dtype"]), as_dtype(kwargs["param_dtype"])
+    kwargs.update(numerics(model_config, **overrides))
     return Llama(**kwargs)

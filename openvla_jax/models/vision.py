@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from openvla_jax.models.common import as_dtype
+from openvla_jax.models.common import numerics
 from openvla_jax.models.vit import ViT, ViTConfig, tower_from_config
 
 Array = jax.Array
@@ -87,13 +87,8 @@ def from_config(model_config: ml_collections.ConfigDict, **overrides) -> VisionB
     kwargs = dict(
         featurizer_config=tower_from_config(vc.featurizer, img),
         fused_config=tower_from_config(fused, img) if fused is not None else None,
-        dtype=as_dtype(model_config.get("dtype", "float32")),
-        param_dtype=as_dtype(model_config.get("param_dtype", "float32")),
-        scan_layers=model_config.get("scan_layers", False),
-        remat_policy=model_config.get("remat_policy", "none"),
-        attention_impl=model_config.get("attention_impl", "xla"),
     )
-    kwargs.update(overrides)
+    kwargs.update(numerics(model_config, **overrides))
     return VisionBackbone(**kwargs)
 
 

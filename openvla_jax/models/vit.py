@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from openvla_jax.models.common import as_dtype, attention, remat_policy
+from openvla_jax.models.common import attention, numerics, remat_policy
 from openvla_jax.models.preprocess import resize_weights
 
 Array = jax.Array
@@ -365,13 +365,8 @@ def from_config(
     img_size = mc.vision.image_size if "vision" in mc else 224
     kwargs = dict(
         cfg=tower_from_config(tower, img_size),
-        dtype=as_dtype(mc.get("dtype", "float32")),
-        param_dtype=as_dtype(mc.get("param_dtype", "float32")),
-        scan_layers=mc.get("scan_layers", False),
-        remat_policy=mc.get("remat_policy", "none"),
-        attention_impl=mc.get("attention_impl", "xla"),
     )
-    kwargs.update(overrides)
+    kwargs.update(numerics(mc, **overrides))
     return ViT(**kwargs)
 
 
