@@ -39,25 +39,18 @@ def case_llama(variant: str) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import transformers
 
     from configs import model as model_configs
     from openvla_jax.convert.llama import llama_specs
     from openvla_jax.convert.mapping import hf_to_flax
     from openvla_jax.models import llama
     from openvla_jax.utils.timing import median_seconds
+    from openvla_jax.utils.torch_compat import transformers_llama
 
     torch = _torch()
     config = llama.LlamaConfig.from_dict(model_configs.get_config(variant).llm)
     b, t = FLAGS.batch, FLAGS.seq_len
-    hf = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
-            num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
-            rms_norm_eps=config.rms_norm_eps, attn_implementation="sdpa",
-        )
-    ).eval()
+    hf = transformers_llama(config, attn_implementation="sdpa")
     sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     params = jax.device_put(hf_to_flax(llama_specs(config, scanned=False), sd))
     tokens = np.random.default_rng(0).integers(1, config.vocab_size, (b, t)).astype(np.int32)

@@ -10,6 +10,7 @@ from flax import linen as nn
 
 from configs import model as model_configs
 from helpers import max_abs, torch
+from openvla_jax.utils.torch_compat import transformers_llama
 from openvla_jax.convert.io import StateDictError, open_state_dict, save_state_dict
 from openvla_jax.convert.llama import llama_specs, load_hf_llama, save_hf_llama
 from openvla_jax.convert.mapping import hf_to_flax
@@ -20,19 +21,10 @@ TINY = llama.LlamaConfig.from_dict(model_configs.get_config("tiny").llm)
 
 def hf_model(config: llama.LlamaConfig, seed=0):
     """A random transformers Llama with non-trivial norm weights (so a norm mix-up shows)."""
-    torch()
     import torch as t
-    import transformers
 
     t.manual_seed(seed)
-    hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
-        rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta,
-        max_position_embeddings=config.max_position_embeddings, attn_implementation="eager",
-    )
-    model = transformers.LlamaForCausalLM(hf_config).eval()
+    model = transformers_llama(config)
     with t.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

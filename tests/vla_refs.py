@@ -10,6 +10,8 @@ import numpy as np
 
 from helpers import torch
 from openvla_jax.convert.hf_config import hf_config_from_model_config
+from openvla_jax.models.llama import LlamaConfig
+from openvla_jax.utils.torch_compat import transformers_llama
 from vision_refs import DINO, SIGLIP, TINY, second_to_last, timm_tower
 
 NORM_STATS = {
@@ -26,7 +28,6 @@ def build_torch_vla(config=TINY, seed=0):
     """-> torch module with the HF OpenVLA submodule names (`vision_backbone.{featurizer,fused_featurizer}`,
     `projector.fc{1,2,3}`, `language_model`) and a Prismatic-style `forward(pixel_values, ids, mask)`."""
     t = torch()
-    import transformers
 
     nn = t.nn
     vision_dim = DINO.embed_dim + SIGLIP.embed_dim
@@ -51,14 +52,7 @@ def build_torch_vla(config=TINY, seed=0):
             self.vision_backbone.fused_featurizer = timm_tower(SIGLIP, seed + 2)
             t.manual_seed(seed + 3)
             self.projector = Projector()
-            hf_config = transformers.LlamaConfig(
-                vocab_size=llm.vocab_size, hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
-                num_hidden_layers=llm.num_hidden_layers, num_attention_heads=llm.num_attention_heads,
-                num_key_value_heads=llm.num_key_value_heads, rms_norm_eps=llm.rms_norm_eps,
-                rope_theta=llm.rope_theta, max_position_embeddings=llm.max_position_embeddings,
-                attn_implementation="eager", tie_word_embeddings=False,
-            )
-            self.language_model = transformers.LlamaForCausalLM(hf_config)
+            self.language_model = transformers_llama(LlamaConfig.from_dict(llm))
             with t.no_grad():
                 for name, p in self.projector.named_parameters():
                     p.copy_(0.1 * t.randn_like(p))

@@ -25,7 +25,7 @@ import numpy as np
 from openvla_jax.convert.hf_config import generation_config, hf_config_from_model_config, model_config_from_hf
 from openvla_jax.convert.io import INDEX_NAME, open_state_dict, write_safetensors
 from openvla_jax.convert.llama import llama_specs
-from openvla_jax.convert.mapping import ParamSpec, check_flax_params, flatten_params, hf_to_flax, to_hf
+from openvla_jax.convert.mapping import ParamSpec, hf_getter, hf_to_flax
 from openvla_jax.convert.vision import prismatic_to_hf, vision_specs
 from openvla_jax.models.llama import LlamaConfig
 
@@ -169,14 +169,10 @@ def save_hf(out_dir, model_config: ml_collections.ConfigDict, params, norm_stats
     params = nn.meta.unbox(params)
     scanned = "layers" in params.get("language_model", {})
     specs = vla_specs(model_config, scanned)
-    check_flax_params(specs, params, "params to save")
-    flat = flatten_params(params)
-    by_key = {s.hf_key: s for s in specs}
+    get_hf = hf_getter(specs, params, "params to save")
 
     def get(key):
-        spec = by_key[key]
-        value = flat[spec.path] if spec.layer is None else flat[spec.path][spec.layer]
-        return to_hf(np.asarray(value), spec).astype(np_dtype, copy=False)
+        return get_hf(key).astype(np_dtype, copy=False)
 
     shards = _shards([(s.hf_key, s.hf_shape, np_dtype) for s in specs], parse_size(max_shard_size))
     tmp = atomic_dir(out_dir)

@@ -11,7 +11,7 @@ import flax.linen as nn
 import numpy as np
 
 from openvla_jax.convert.io import open_state_dict, write_safetensors
-from openvla_jax.convert.mapping import ParamSpec, check_flax_params, flatten_params, hf_to_flax, to_hf
+from openvla_jax.convert.mapping import ParamSpec, flatten_params, hf_getter, hf_to_flax
 from openvla_jax.models.llama import LlamaConfig
 
 
@@ -54,14 +54,7 @@ def save_hf_llama(params, config: LlamaConfig, path, scanned: bool = False, pref
     """Write Flax Llama params as one HF-keyed safetensors file, one tensor in memory at a time."""
     params = nn.meta.unbox(params)
     specs = llama_specs(config, scanned, prefix)
-    check_flax_params(specs, params)
+    get = hf_getter(specs, params)
     flat = flatten_params(params)
-    by_key = {s.hf_key: s for s in specs}
-
-    def get(key):
-        spec = by_key[key]
-        value = flat[spec.path] if spec.layer is None else flat[spec.path][spec.layer]
-        return to_hf(np.asarray(value), spec)
-
     entries = [(s.hf_key, s.hf_shape, np.dtype(flat[s.path].dtype)) for s in specs]
     write_safetensors(path, entries, get, {"format": "pt"})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -116,13 +116,23 @@ def check_flax_params(specs: Sequence[ParamSpec], params: Mapping, source: str =
     check_state_dict(expected, got, source)
 
 
-def flax_to_hf(specs: Sequence[ParamSpec], params: Mapping, source: str = "Flax params") -> Iterator[tuple[str, np.ndarray]]:
-    """Yield `(hf_key, array)` in spec order, one at a time (device arrays are fetched lazily)."""
+def hf_getter(specs: Sequence[ParamSpec], params: Mapping, source: str = "Flax params") -> Callable[[str], np.ndarray]:
+    """Check `params` against the specs, then return `get(hf_key) -> array` producing one PyTorch
+    tensor on demand (what `write_safetensors` streams from; device arrays are fetched lazily)."""
     check_flax_params(specs, params, source)
     flat = flatten_params(params)
+    by_key = {s.hf_key: s for s in specs}
+
+    def get(key: str) -> np.ndarray:
+        spec = by_key[key]
+        value = flat[spec.path] if spec.layer is None else flat[spec.path][spec.layer]
+        return to_hf(np.asarray(value), spec)
+
+    return get
+
+
+def flax_to_hf(specs: Sequence[ParamSpec], params: Mapping, source: str = "Flax params") -> Iterator[tuple[str, np.ndarray]]:
+    """Yield `(hf_key, array)` in spec order, one at a time."""
+    get = hf_getter(specs, params, source)
     for spec in specs:
-        value = flat[spec.path]
-        value = value[spec.layer] if spec.layer is not None else value
-        yield spec.hf_key, to_hf(np.asarray(value), spec)
-
-
+        yield spec.hf_key, get(spec.hf_key)

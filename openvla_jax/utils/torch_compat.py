@@ -22,3 +22,17 @@ def import_torch(num_threads: int | None = None):
     except RuntimeError:  # already defined: the real torchvision ops loaded
         pass
     return torch
+
+
+def transformers_llama(config, attn_implementation: str = "eager"):
+    """A random `transformers.LlamaForCausalLM` (eval mode) with the shapes of an
+    `openvla_jax.models.llama.LlamaConfig`, whose field names are transformers' own."""
+    import dataclasses
+
+    import_torch()
+    import transformers
+
+    hf_config = transformers.LlamaConfig(
+        **dataclasses.asdict(config), attn_implementation=attn_implementation, tie_word_embeddings=False
+    )
+    return transformers.LlamaForCausalLM(hf_config).eval()
