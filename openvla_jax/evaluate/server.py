@@ -1,0 +1,408 @@
+"""An HTTP action server compatible with OpenVLA's `vla-scripts/deploy.py`, with dynamic batching.
+
+    server = ActionServer(OpenVLA.load(path), max_batch=16, max_wait_ms=5).start()   # 127.0.0.1
+    ...  # POST {server.url}/act
+    server.stop()
+
+Endpoints
+- `POST /act`, body one of
+    {"image": [H][W][3] ints 0..255, "instruction": str, "unnorm_key": str (optional)}   plain JSON
+    {"image": <json-numpy uint8 [H, W, 3]>, "instruction": ..., "unnorm_key": ...}        json-numpy
+    {"encoded": "<JSON text of either form above>"}              the original's "double encoding"
+  The answer is the action `[7]` (float64), in the request's form: a JSON list for a plain request,
+  a json-numpy object for a json-numpy one, and for `encoded` a JSON *string* holding the json-numpy
+  text (what the original returns with `JSONResponse(json_numpy.dumps(action))`). Like the original,
+  the action is the whole body, not wrapped in an object.
+- `GET /health`: model facts, batching settings, request and model-call counters.
+
+Errors are JSON `{"error": message}`: 400 bad JSON / image (rank, shape, dtype, range) / instruction /
+unnorm_key (the message lists the known keys), 404 unknown path, 405 wrong method, 411 no
+Content-Length, 413 body over `max_body_bytes`, 500 the model raised (only the requests batched with
+that call fail), 503 shutting down, 504 no answer within `request_timeout_s`. No request can stop the
+server: every handler catches everything.
+
+Batching: each HTTP handler thread validates its request and queues it; one worker thread takes the
+first queued request, keeps collecting until it holds `max_batch` of them or `max_wait_ms` has passed
+since that first one, then calls `predict_action` once per `unnorm_key` in the batch and answers each
+handler. `max_batch=1` turns batching off (one model call per request, no waiting). Rows of one
+batch cannot affect each other: `OpenVLA.predict_action` decodes each row at its own length.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Optional
+
+import numpy as np
+
+from openvla_jax.data.normalize import select_unnorm_key
+from openvla_jax.evaluate import jsonnp
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 32 << 20  # a 1080p RGB frame as a JSON list is ~25 MB
+MAX_IMAGE_SIDE = 4096
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _Pending:
+    image: np.ndarray
+    instruction: str
+    unnorm_key: Optional[str]
+    done: threading.Event = field(default_factory=threading.Event)
+    action: Optional[np.ndarray] = None
+    error: Optional[str] = None
+
+
+# ------------------------------------------------------------------------------ request parsing
+def _image(x) -> np.ndarray:
+    """A JSON image (nested list or decoded json-numpy array) -> uint8 `[H, W, 3]`, or BadRequest."""
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.uint8:
+            raise BadRequest(f"'image' must have dtype uint8, got {x.dtype}")
+        img = x
+    elif isinstance(x, list):
+        try:
+            img = np.asarray(x)
+        except ValueError as e:  # ragged nesting
+            raise BadRequest(f"'image' is not a rectangular [H][W][3] nested list ({e})") from None
+        if img.dtype.kind not in "iu":  # floats, bools, strings, objects
+            raise BadRequest(f"'image' must hold integers 0..255, got values of type {img.dtype}")
+        if img.size and (img.min() < 0 or img.max() > 255):
+            raise BadRequest(f"'image' values must lie in 0..255, got {img.min()}..{img.max()}")
+    else:
+        raise BadRequest(f"'image' must be an [H][W][3] list of ints or a json-numpy uint8 array, "
+                         f"got {type(x).__name__}")
+    if img.ndim != 3 or img.shape[-1] != 3:
+        raise BadRequest(f"'image' must have shape [H, W, 3] (RGB), got shape {list(img.shape)}")
+    h, w = img.shape[:2]
+    if not (0 < h <= MAX_IMAGE_SIDE and 0 < w <= MAX_IMAGE_SIDE):
+        raise BadRequest(f"'image' height and width must be in 1..{MAX_IMAGE_SIDE}, got {h}x{w}")
+    return img.astype(np.uint8, copy=False)
+
+
+def parse_act(body: bytes, norm_stats: dict) -> tuple[_Pending, str]:
+    """A `/act` body -> (queued request, reply encoding in {"list", "json_numpy", "encoded"})."""
+    try:
+        payload = jsonnp.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise BadRequest(f"malformed JSON body: {e}") from None
+    if not isinstance(payload, dict):
+        raise BadRequest(f"body must be a JSON object, got {type(payload).__name__}")
+    encoding = "list"
+    if "encoded" in payload:
+        if len(payload) != 1 or not isinstance(payload["encoded"], str):
+            raise BadRequest("an 'encoded' body must be {\"encoded\": <JSON text>} with no other keys")
+        try:
+            payload = jsonnp.loads(payload["encoded"])
+        except (ValueError, RecursionError) as e:
+            raise BadRequest(f"malformed JSON in 'encoded': {e}") from None
+        if not isinstance(payload, dict):
+            raise BadRequest(f"'encoded' must hold a JSON object, got {type(payload).__name__}")
+        encoding = "encoded"
+    if "image" not in payload:
+        raise BadRequest("missing 'image' (an [H, W, 3] uint8 array)")
+    if isinstance(payload["image"], np.ndarray) and encoding == "list":
+        encoding = "json_numpy"
+    image = _image(payload["image"])
+    instruction = payload.get("instruction")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise BadRequest(f"'instruction' must be a non-empty string, got {instruction!r:.80}")
+    key = payload.get("unnorm_key")
+    if key is not None and not isinstance(key, str):
+        raise BadRequest(f"'unnorm_key' must be a string or absent, got {type(key).__name__}")
+    try:
+        select_unnorm_key(norm_stats, key)  # the same check predict_action makes, answered as a 400
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    return _Pending(image, instruction, key), encoding
+
+
+def encode_action(action: np.ndarray, encoding: str) -> Any:
+    """The JSON value answered for `action` `[7]`, in the request's form (see the module doc)."""
+    if encoding == "list":
+        return action.tolist()
+    if encoding == "json_numpy":
+        return jsonnp.encode_array(action)
+    return jsonnp.dumps(action)
+
+
+# --------------------------------------------------------------------------------------- server
+class ActionServer:
+    """Serves `vla.predict_action(images, instructions, unnorm_key)` (any object with that method
+    and a `norm_stats` dict) over HTTP. `port=0` picks a free port (see `.url`)."""
+
+    def __init__(self, vla, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
+                 max_wait_ms: float = 5.0, max_body_bytes: int = MAX_BODY_BYTES,
+                 request_timeout_s: float = 120.0, access_log: bool = False):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        self.vla = vla
+        self.max_batch, self.max_wait_ms = int(max_batch), float(max_wait_ms)
+        self.max_body_bytes, self.request_timeout_s = int(max_body_bytes), float(request_timeout_s)
+        self.access_log = access_log
+        self._queue: queue.Queue[_Pending] = queue.Queue()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._stats = Counter()
+        self._batch_sizes = Counter()
+        self._httpd = _HTTPServer((host, port), _handler_class(self))
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def start(self) -> "ActionServer":
+        """Starts the batching worker and the HTTP loop in daemon threads; returns self."""
+        for target, name in ((self._worker, "vla-batcher"), (self._httpd.serve_forever, "vla-http")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def serve_forever(self) -> None:
+        """Blocks serving until KeyboardInterrupt (for scripts/serve.py)."""
+        self.start()
+        try:
+            while not self._stop.is_set():
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        for t in self._threads:
+            t.join(timeout=10)
+        while True:  # anything still queued is answered, not left hanging
+            try:
+                p = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            p.error = "503:server is shutting down"
+            p.done.set()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def warmup(self, image_hw=(224, 224), instruction: str = "pick up the object") -> None:
+        """Compiles every batch bucket (1, 2, 4, ... up to max_batch) before the first request."""
+        key = next(iter(sorted(self.vla.norm_stats)), None) if len(self.vla.norm_stats) > 1 else None
+        image = np.zeros((*image_hw, 3), np.uint8)
+        b = 1
+        while True:
+            self.vla.predict_action([image] * b, [instruction] * b, unnorm_key=key)
+            if b >= self.max_batch:
+                break
+            b = min(2 * b, self.max_batch)
+
+    # ------------------------------------------------------------------------------- status
+    def stats(self) -> dict:
+        with self._lock:
+            return {**self._stats, "batch_sizes": dict(sorted(self._batch_sizes.items()))}
+
+    def health(self) -> dict:
+        vla = self.vla
+        config = getattr(vla, "config", None)
+        params = getattr(vla, "params", None)
+        dtype = None
+        if params is not None:
+            import jax
+
+            leaves = jax.tree.leaves(params)
+            dtype = str(leaves[0].dtype) if leaves else None
+        return {
+            "status": "ok",
+            "model": {
+                "class": type(vla).__name__,
+                "variant": config.get("variant") if config is not None else None,
+                "action_dim": getattr(vla, "action_dim", None),
+                "dtype": dtype,
+                "unnorm_keys": sorted(vla.norm_stats),
+            },
+            "batching": {"enabled": self.max_batch > 1, "max_batch": self.max_batch,
+                         "max_wait_ms": self.max_wait_ms},
+            "max_body_bytes": self.max_body_bytes,
+            "stats": self.stats(),
+        }
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._stats[key] += n
+
+    # ------------------------------------------------------------------------------ batching
+    def submit(self, pending: _Pending) -> None:
+        if self._stop.is_set():
+            pending.error = "503:server is shutting down"
+            pending.done.set()
+            return
+        self._queue.put(pending)
+
+    def _collect(self) -> list[_Pending]:
+        """Blocks for one request, then gathers more until max_batch or the wait bound."""
+        try:
+            batch = [self._queue.get(timeout=0.1)]
+        except queue.Empty:
+            return []
+        deadline = time.monotonic() + self.max_wait_ms / 1000.0
+        while len(batch) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            try:  # past the deadline still take what is already queued: it costs no waiting
+                batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            batch = self._collect()
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[_Pending]) -> None:
+        groups: dict[Optional[str], list[_Pending]] = {}
+        for p in batch:
+            groups.setdefault(p.unnorm_key, []).append(p)
+        for key, group in groups.items():
+            try:
+                actions = np.asarray(self.vla.predict_action([p.image for p in group],
+                                                             [p.instruction for p in group], unnorm_key=key))
+                if actions.ndim != 2 or actions.shape[0] != len(group):
+                    raise RuntimeError(f"predict_action returned shape {actions.shape} for {len(group)} requests")
+                for p, a in zip(group, actions):
+                    p.action = a
+            except Exception as e:  # noqa: BLE001 -- one failing batch must not stop the worker
+                log.exception("predict_action failed on a batch of %d", len(group))
+                for p in group:
+                    p.error = f"500:model failed on this batch: {type(e).__name__}: {e}"
+            with self._lock:
+                self._stats["model_calls"] += 1
+                self._batch_sizes[len(group)] += 1
+            for p in group:
+                p.done.set()
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # the default 5 drops connections when dozens of clients connect at once
+
+
+def _handler_class(server: ActionServer):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: a robot client reuses its connection
+        timeout = 300  # seconds an idle keep-alive connection may hold a thread
+
+        def log_message(self, fmt, *args):
+            if server.access_log:
+                log.info("%s %s", self.address_string(), fmt % args)
+
+        def _reply(self, status: int, value: Any) -> None:
+            body = json.dumps(value).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            if status == 405:
+                self.send_header("Allow", "POST" if self.path.split("?")[0] == "/act" else "GET")
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+            server._count("responses_%dxx" % (status // 100))
+
+        def _error(self, status: int, message: str) -> None:
+            self._reply(status, {"error": message})
+
+        def _route(self, method: str) -> None:
+            try:
+                path = self.path.split("?")[0]
+                want = {"/act": "POST", "/health": "GET"}.get(path)
+                if want is None:
+                    self._drain()
+                    return self._error(404, f"unknown path {path!r}; endpoints: POST /act, GET /health")
+                if method != want:
+                    self._drain()
+                    return self._error(405, f"{path} takes {want}, not {method}")
+                if path == "/health":
+                    return self._reply(200, server.health())
+                self._act()
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+            except Exception as e:  # noqa: BLE001 -- a handler bug answers 500, never kills the server
+                log.exception("unhandled error in %s %s", method, self.path)
+                self.close_connection = True
+                try:
+                    self._error(500, f"internal error: {type(e).__name__}: {e}")
+                except OSError:
+                    pass
+
+        def _drain(self) -> None:
+            """Reads (a bounded) body so the keep-alive stream stays in sync; else closes after."""
+            n = self.headers.get("Content-Length")
+            if n and n.isdigit() and int(n) <= server.max_body_bytes:
+                self.rfile.read(int(n))
+            elif n:
+                self.close_connection = True
+
+        def _act(self) -> None:
+            n = self.headers.get("Content-Length")
+            if n is None or not n.strip().isdigit():
+                self.close_connection = True  # the body's end is unknown: the stream cannot be reused
+                return self._error(411, "POST /act needs a Content-Length header (no chunked bodies)")
+            n = int(n)
+            if n > server.max_body_bytes:
+                self.close_connection = True  # the body is left unread
+                return self._error(413, f"body of {n} bytes exceeds the limit of {server.max_body_bytes}")
+            body = self.rfile.read(n)
+            try:
+                pending, encoding = parse_act(body, server.vla.norm_stats)
+            except BadRequest as e:
+                return self._error(e.status, str(e))
+            server._count("requests")
+            server.submit(pending)
+            if not pending.done.wait(server.request_timeout_s):
+                return self._error(504, f"no answer within {server.request_timeout_s} s")
+            if pending.error is not None:
+                status, message = pending.error.split(":", 1)
+                return self._error(int(status), message)
+            self._reply(200, encode_action(pending.action, encoding))
+
+        def do_GET(self):
+            self._route("GET")
+
+        def do_POST(self):
+            self._route("POST")
+
+        def do_PUT(self):
+            self._route("PUT")
+
+        def do_DELETE(self):
+            self._route("DELETE")
+
+        def do_PATCH(self):
+            self._route("PATCH")
+
+    return Handler
