@@ -1,0 +1,97 @@
+"""The training loss and the metrics OpenVLA logs, as sums so they add up over microbatches/devices.
+
+Positions (HF layout from `VLA.__call__`): logits `[B, T + P, V]` hold BOS at 0, P patches at 1..P,
+then text tokens 1..T-1 at P+1..T+P-1; labels `[B, T]` are the pipeline's (-100 except the action
+tokens and the EOS). Prismatic extends labels with `multimodal_labels` (P x -100 after BOS) and
+shifts by one: logits[:, :-1] vs labels_mm[:, 1:]. The first P of those targets are all -100, so this
+equals logits[:, P:-1] vs labels[:, 1:], which is what we compute (no log-softmax over patches).
+
+  loss      = mean over targets != -100 of cross-entropy (fp32, all V logits)   (HF LlamaForCausalLM)
+  accuracy  = mean over action targets (label > action_begin = 31743) of argmax == label
+  l1        = mean over action targets of |decode(argmax) - decode(label)|, decode = bin centers
+The EOS is in the loss but not in accuracy / L1 (as the original train loop).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from openvla_jax.tokenizer.actions import ActionTokenizer
+
+IGNORE_INDEX = -100
+SUM_KEYS = ("loss_sum", "tokens", "correct", "action_tokens", "l1_sum")
+
+
+def decode_actions(ids: jax.Array, tokenizer: ActionTokenizer) -> jax.Array:
+    """Token ids -> bin centers (fp32), `ActionTokenizer.decode` in jnp: ids outside are clipped."""
+    centers = jnp.asarray(tokenizer.bin_centers.astype(np.float32))
+    idx = jnp.clip(tokenizer.vocab_size - ids.astype(jnp.int32) - 1, 0, tokenizer.n_bins - 2)
+    return centers[idx]
+
+
+def _per_token(logits, labels, num_patches, tok):
+    """-> per-target arrays `[B, T-1]`: ce (0 where ignored), valid, correct, action, l1."""
+    b, t = labels.shape
+    if logits.shape[:2] != (b, t + num_patches):
+        raise ValueError(f"logits {logits.shape} do not match labels {labels.shape} + {num_patches} patches: "
+                         f"expected [B, T + P, V] = [{b}, {t + num_patches}, V]")
+    pred_logits = logits[:, num_patches:-1].astype(jnp.float32)  # [B, T-1, V]
+    target = labels[:, 1:].astype(jnp.int32)  # [B, T-1]
+    valid = target != IGNORE_INDEX
+    logz = jax.nn.logsumexp(pred_logits, axis=-1)
+    picked = jnp.take_along_axis(pred_logits, jnp.where(valid, target, 0)[..., None], axis=-1)[..., 0]
+    ce = jnp.where(valid, logz - picked, 0.0)
+    preds = jnp.argmax(pred_logits, axis=-1)
+    action = target > tok.vocab_size - (tok.n_bins + 1)  # Prismatic's action_token_begin_idx (31743)
+    correct = (preds == target) & action
+    l1 = jnp.where(action, jnp.abs(decode_actions(preds, tok) - decode_actions(target, tok)), 0.0)
+    return dict(ce=ce, valid=valid, correct=correct, action=action, l1=l1)
+
+
+def loss_and_sums(logits: jax.Array, labels: jax.Array, num_patches: int, *,
+                  dataset_index: jax.Array | None = None, num_datasets: int = 1,
+                  tokenizer: ActionTokenizer | None = None) -> tuple[jax.Array, dict]:
+    """-> (CE summed over all supervised targets, scalar fp32 -- divide by the total token count for
+    the mean; differentiate this), per-dataset sums (metrics, no gradient), each `[num_datasets]` fp32.
+
+    logits `[B, T + P, V]`, labels `[B, T]` int, dataset_index `[B]` int32 in [0, num_datasets).
+    Sum keys: loss_sum (CE over supervised targets), tokens (their count), correct / action_tokens
+    (argmax hits and count over action targets), l1_sum (summed |decoded pred - decoded label|)."""
+    tok = tokenizer or ActionTokenizer()
+    p = _per_token(logits, labels, num_patches, tok)
+    per_row = jnp.stack([p["ce"].sum(1), p["valid"].sum(1), p["correct"].sum(1), p["action"].sum(1),
+                         p["l1"].sum(1)], axis=-1).astype(jnp.float32)  # [B, 5]
+    if dataset_index is None:
+        dataset_index = jnp.zeros((labels.shape[0],), jnp.int32)
+    onehot = jax.nn.one_hot(dataset_index, num_datasets, dtype=jnp.float32)  # [B, D]; out of range -> 0
+    per_ds = jnp.einsum("bd,bk->kd", onehot, jax.lax.stop_gradient(per_row), precision=jax.lax.Precision.HIGHEST)
+    return p["ce"].sum(), dict(zip(SUM_KEYS, per_ds))
+
+
+def token_sums(logits, labels, num_patches, **kwargs) -> dict:
+    """The per-dataset sums of `loss_and_sums` alone (evaluation)."""
+    return loss_and_sums(logits, labels, num_patches, **kwargs)[1]
+
+
+def _ratio(num, den):
+    return jnp.where(den > 0, num / jnp.maximum(den, 1.0), jnp.nan)
+
+
+def summarize(sums: dict) -> dict:
+    """Per-dataset sums -> metrics: loss, action_accuracy, l1 (all datasets) and dataset_* `[D]`
+    versions (NaN for a dataset absent from the batch), plus the token counts."""
+    total = {k: v.sum() for k, v in sums.items()}
+    return {
+        "loss": _ratio(total["loss_sum"], total["tokens"]),
+        "action_accuracy": _ratio(total["correct"], total["action_tokens"]),
+        "l1": _ratio(total["l1_sum"], total["action_tokens"]),
+        "tokens": total["tokens"],
+        "action_tokens": total["action_tokens"],
+        "dataset_loss": _ratio(sums["loss_sum"], sums["tokens"]),
+        "dataset_action_accuracy": _ratio(sums["correct"], sums["action_tokens"]),
+        "dataset_l1": _ratio(sums["l1_sum"], sums["action_tokens"]),
+        "dataset_tokens": sums["tokens"],
+        "dataset_action_tokens": sums["action_tokens"],
+    }
