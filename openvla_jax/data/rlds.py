@@ -216,17 +216,10 @@ class RLDSPipeline:
         return out
 
     def __iter__(self) -> Iterator[dict]:
-        it = iter(self.dataset)
-        while True:
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            except tf.errors.OpError as e:
-                raise _as_data_error(e) from None
-            out = {k: v.numpy() for k, v in batch.items()}
-            out["dataset_name"] = out["dataset_name"].astype(str)
-            yield out
+        """NumPy batches; the iterator's position can be saved and restored (`data/iterator.py`)."""
+        from openvla_jax.data.iterator import CheckpointableIterator
+
+        return CheckpointableIterator(self)
 
     def as_numpy_iterator(self) -> Iterator[dict]:
         return iter(self)
