@@ -26,6 +26,7 @@ flags.DEFINE_integer("batch", 8, "batch size for model cases")
 flags.DEFINE_integer("seq_len", 128, "sequence length for the Llama forward case")
 flags.DEFINE_integer("repeats", 5, "timed repeats (median reported)")
 flags.DEFINE_string("out", None, "write results as JSON here")
+flags.DEFINE_string("work_dir", None, "scratch directory for the convert case (default: a temp dir)")
 
 
 def _torch():
@@ -77,7 +78,72 @@ def case_data(variant: str) -> list[dict]:
     return [dict(case="data", **r)]
 
 
-CASES = {"llama": case_llama, "data": case_data}
+INSTRUCTIONS = ["pick up the red block", "open the top drawer", "put the green cup to the left of the big bowl",
+                "push the blue button"]
+
+
+def case_predict(variant: str) -> list[dict]:
+    """predict_action: latency at batch 1, throughput at batches 8 and 32. JAX (one jitted batched
+    call) vs the PyTorch reference (timm + transformers, sdpa, KV-cached greedy, one call per image
+    as the original is batch-1 only), same weights, fp32 on both sides, preprocessing included."""
+    import tempfile
+
+    import numpy as np
+
+    from configs import model as model_configs
+    from openvla_jax.convert.hf import vla_specs
+    from openvla_jax.convert.mapping import hf_to_flax
+    from openvla_jax.data.normalize import action_stats, unnormalize
+    from openvla_jax.models.preprocess import preprocess_images
+    from openvla_jax.policy import OpenVLA
+    from openvla_jax.tokenizer.prompt import inference_prompt_ids
+    from openvla_jax.tokenizer.train import write_sentencepiece
+    from openvla_jax.utils.timing import median_seconds
+    from openvla_jax.utils.torch_reference import build_torch_vla, hf_state_dict
+
+    torch = _torch()
+    cfg = model_configs.get_config(variant)
+    ref = build_torch_vla(cfg, seed=0, attn_implementation="sdpa", randomize=False)
+    params = hf_to_flax(vla_specs(cfg, False), {k: v.numpy() for k, v in hf_state_dict(ref).items()})
+    stats = {"demo": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]}}}
+    vla = OpenVLA(cfg, params, stats, write_sentencepiece(tempfile.mkdtemp(), INSTRUCTIONS), dtype="float32")
+    rng = np.random.default_rng(0)
+
+    def torch_predict(images, texts):
+        out = []
+        with torch.inference_mode():
+            for image, text in zip(images, texts):  # the original takes one image per call
+                pv = torch.from_numpy(preprocess_images(image[None]).transpose(0, 3, 1, 2).copy())
+                ids = torch.tensor([inference_prompt_ids(vla.tokenizer, text)], dtype=torch.long)
+                tokens = ref.greedy_ids(pv, ids, vla.action_dim).numpy()
+                out.append(unnormalize(vla.action_tokenizer.decode(tokens).astype(np.float64),
+                                       action_stats(stats, "demo"))[0])
+        return np.stack(out)
+
+    rows = []
+    for b in (1, 8, 32):
+        images = rng.integers(0, 256, (b, 256, 256, 3), dtype=np.uint8)
+        texts = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(b)]
+        same = np.abs(vla.predict_action(images, texts, "demo") - torch_predict(images, texts)).max()
+        jax_s = median_seconds(lambda: vla.predict_action(images, texts, "demo"), repeats=FLAGS.repeats)
+        torch_s = median_seconds(lambda: torch_predict(images, texts), repeats=max(1, FLAGS.repeats // 2),
+                                 warmup=1)
+        common = dict(case="predict_action", config=variant, batch=b)
+        rows += [dict(common, impl="jax", seconds=jax_s, actions_per_s=b / jax_s),
+                 dict(common, impl="torch", seconds=torch_s, actions_per_s=b / torch_s),
+                 dict(common, impl="ratio", jax_over_torch_speed=torch_s / jax_s, max_action_diff=float(same))]
+    return rows
+
+
+def case_convert(variant: str) -> list[dict]:
+    """Synthetic full-size checkpoint (random bf16, real names and shapes) -> to-jax: wall time and
+    peak RSS of the converting process. `--config` picks the variant (use 7b for the real size)."""
+    from openvla_jax.convert.bench import bench_convert
+
+    return [bench_convert(variant, work_dir=FLAGS.work_dir)]
+
+
+CASES = {"llama": case_llama, "data": case_data, "predict": case_predict, "convert": case_convert}
 
 
 def main(argv):

@@ -111,7 +111,8 @@ def test_round_trip_bf16_shards_is_bitwise(hf_dir, tmp_path):
     save_hf(tmp_path / "bf16", cfg, params, dtype="bfloat16", max_shard_size="200KB")
     original = read_all(tmp_path / "bf16")
     assert {v.dtype for v in original.values()} == {np.dtype(ml_dtypes.bfloat16)}
-    checkpoint.convert_to_jax(tmp_path / "bf16", tmp_path / "jax")
+    # Small chunks: the params reach orbax in many partial saves, merged at finalize.
+    checkpoint.convert_to_jax(tmp_path / "bf16", tmp_path / "jax", chunk_bytes=150_000)
     _, restored, _ = checkpoint.load_converted(tmp_path / "jax")
     assert all(x.dtype == ml_dtypes.bfloat16 for x in _leaves(restored))  # stored as bf16, not upcast
     checkpoint.convert_to_hf(tmp_path / "jax", tmp_path / "back", dtype="bfloat16", max_shard_size="200KB")
@@ -161,6 +162,22 @@ def test_missing_extra_and_misshapen_keys_are_listed(hf_dir, tmp_path):
     assert "projector.fc2.weight (expected (64, 448), got (448, 64))" in str(e.value)
 
 
+def test_reader_matches_safetensors_and_names_a_truncated_file(hf_dir, tmp_path):
+    """Our plain-read reader returns what safetensors' own loader returns; a cut file is named."""
+    from safetensors.numpy import load_file
+
+    src, _ = hf_dir
+    ours, theirs = read_all(src), load_file(str(src / "model.safetensors"))
+    assert_bitwise_equal(ours, theirs)
+    cut = tmp_path / "model.safetensors"
+    data = (src / "model.safetensors").read_bytes()
+    cut.write_bytes(data[: len(data) - 1000])
+    reader = open_state_dict(cut)
+    last = max(reader, key=lambda k: reader._where[k][2])
+    with pytest.raises(ValueError, match=f"truncated: tensor '{last}'"):
+        reader[last]
+
+
 def test_pickled_checkpoint_is_refused(hf_dir, tmp_path, capsys):
     src, _ = hf_dir
     t = torch()
@@ -194,13 +211,20 @@ def test_interrupted_saves_leave_no_complete_looking_output(hf_dir, tmp_path, mo
     assert not (tmp_path / "hf_out").exists() and list(tmp_path.iterdir()) == []
     monkeypatch.undo()
 
-    def crash(*a, **kw):
-        raise OSError("disk full")
+    from orbax.checkpoint.experimental.v1 import partial
 
-    monkeypatch.setattr(checkpoint.ocp.PyTreeCheckpointer, "save", crash)
+    real_save, chunks = partial.save, []
+
+    def crash_on_second_chunk(*a, **kw):  # the first chunk is on disk when the "disk fills up"
+        chunks.append(1)
+        if len(chunks) == 2:
+            raise OSError("disk full")
+        return real_save(*a, **kw)
+
+    monkeypatch.setattr(partial, "save", crash_on_second_chunk)
     with pytest.raises(OSError):
-        checkpoint.save_converted(tmp_path / "jax_out", cfg, params, extras["norm_stats"])
-    assert list(tmp_path.iterdir()) == []
+        checkpoint.save_converted(tmp_path / "jax_out", cfg, params, extras["norm_stats"], chunk_bytes=100_000)
+    assert len(chunks) == 2 and list(tmp_path.iterdir()) == []
     # A directory without the commit marker is not taken for a converted checkpoint.
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "model_config.json").write_text("{}")

@@ -3,10 +3,11 @@
 import numpy as np
 
 from configs import model as model_configs
-from helpers import timm, torch
+from helpers import torch
 from openvla_jax.convert.mapping import hf_to_flax
 from openvla_jax.convert.vision import vit_specs
 from openvla_jax.models import vit
+from openvla_jax.utils import torch_reference
 
 TINY = model_configs.get_config("tiny")
 DINO, SIGLIP = TINY.vision.featurizer, TINY.vision.fused_featurizer
@@ -15,20 +16,9 @@ DINO_NOREG = model_configs.tower_config("vit_large_patch14_dinov2.lvd142m", (64,
 
 
 def timm_tower(tower, seed: int, img_size: int = 224, **kw):
-    """timm model `tower.model_id` at the tower's reduced size, every tensor random (LayerScale gammas,
-    norms, pos/cls/reg tokens and the attention pool included, so a mix-up shows)."""
-    t = torch()
-    t.manual_seed(seed)
-    model = timm().create_model(
-        tower.model_id, pretrained=False, num_classes=0, img_size=img_size,
-        embed_dim=tower.embed_dim, depth=tower.depth, num_heads=tower.num_heads, **kw,
-    ).eval()
-    with t.no_grad():
-        for name, p in model.named_parameters():
-            scale = 1.0 if name in ("cls_token", "reg_token", "pos_embed") or "latent" in name else 0.1
-            base = 1.0 if ("norm" in name and name.endswith("weight")) or name.endswith("gamma") else 0.0
-            p.copy_(base + scale * t.randn_like(p))
-    return model
+    """timm model `tower.model_id` at the tower's reduced size, every tensor random."""
+    torch()  # registers the torchvision op schemas before timm imports torchvision
+    return torch_reference.timm_tower(tower, seed, img_size, **kw)
 
 
 def hf_state(model, prefix: str = "") -> dict:
@@ -45,10 +35,10 @@ def flax_params(model, tower, scanned: bool, img_size: int = 224) -> dict:
 
 
 def second_to_last(model, x_nchw):
-    """Prismatic's featurizer forward: `get_intermediate_layers(n={len(blocks) - 2})`, unpacked."""
+    """Prismatic's featurizer forward (second-to-last block), without gradients."""
     t = torch()
     with t.no_grad():
-        return model.get_intermediate_layers(x_nchw, n={len(model.blocks) - 2})[0]
+        return torch_reference.second_to_last(model, x_nchw)
 
 
 def images(b: int, size: int = 224, channels: int = 3, seed: int = 0) -> np.ndarray:

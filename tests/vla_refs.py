@@ -10,9 +10,9 @@ import numpy as np
 
 from helpers import torch
 from openvla_jax.convert.hf_config import hf_config_from_model_config
-from openvla_jax.models.llama import LlamaConfig
-from openvla_jax.utils.torch_compat import transformers_llama
-from vision_refs import DINO, SIGLIP, TINY, second_to_last, timm_tower
+from openvla_jax.utils import torch_reference
+from openvla_jax.utils.torch_reference import hf_state_dict
+from vision_refs import TINY
 
 NORM_STATS = {
     "bridge_orig": {
@@ -25,59 +25,9 @@ NORM_STATS = {
 
 
 def build_torch_vla(config=TINY, seed=0):
-    """-> torch module with the HF OpenVLA submodule names (`vision_backbone.{featurizer,fused_featurizer}`,
-    `projector.fc{1,2,3}`, `language_model`) and a Prismatic-style `forward(pixel_values, ids, mask)`."""
-    t = torch()
-
-    nn = t.nn
-    vision_dim = DINO.embed_dim + SIGLIP.embed_dim
-    llm = config.llm
-
-    class Projector(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = nn.Linear(vision_dim, 4 * vision_dim)
-            self.fc2 = nn.Linear(4 * vision_dim, llm.hidden_size)
-            self.fc3 = nn.Linear(llm.hidden_size, llm.hidden_size)
-            self.act = nn.GELU()
-
-        def forward(self, x):
-            return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
-
-    class TorchVLA(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.vision_backbone = nn.Module()
-            self.vision_backbone.featurizer = timm_tower(DINO, seed + 1)
-            self.vision_backbone.fused_featurizer = timm_tower(SIGLIP, seed + 2)
-            t.manual_seed(seed + 3)
-            self.projector = Projector()
-            self.language_model = transformers_llama(LlamaConfig.from_dict(llm))
-            with t.no_grad():
-                for name, p in self.projector.named_parameters():
-                    p.copy_(0.1 * t.randn_like(p))
-                for name, p in self.language_model.named_parameters():
-                    if "norm" in name:
-                        p.copy_(1.0 + 0.1 * t.randn_like(p))
-
-        def forward(self, pixel_values, input_ids, attention_mask):
-            """pixel_values NCHW `[B, 6, 224, 224]`, ids/mask `[B, T]` -> logits `[B, T + 256, V]`."""
-            vb = self.vision_backbone
-            img, fused = t.split(pixel_values, [3, 3], dim=1)
-            feats = t.cat([second_to_last(vb.featurizer, img), second_to_last(vb.fused_featurizer, fused)], dim=2)
-            patches = self.projector(feats)
-            emb = self.language_model.get_input_embeddings()(input_ids)
-            x = t.cat([emb[:, :1], patches, emb[:, 1:]], dim=1)
-            ones = t.ones((input_ids.shape[0], patches.shape[1]), dtype=attention_mask.dtype)
-            mask = t.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
-            return self.language_model(inputs_embeds=x, attention_mask=mask).logits
-
-    return TorchVLA().eval()
-
-
-def hf_state_dict(model) -> dict:
-    """The torch model's state dict with the HF checkpoint's names (LayerScale `gamma` -> `scale_factor`)."""
-    return {k.replace(".gamma", ".scale_factor"): v.detach().contiguous() for k, v in model.state_dict().items()}
+    """-> torch module with the HF OpenVLA submodule names and `forward(pixel_values, ids, mask)`."""
+    torch()
+    return torch_reference.build_torch_vla(config, seed)
 
 
 def write_hf_dir(model, path: Path, config=TINY, norm_stats=NORM_STATS) -> dict:

@@ -1,16 +1,20 @@
 """Our converted format: an orbax checkpoint of the VLA params plus JSON side files.
 
 Layout of a converted directory:
-  params/                 orbax PyTree checkpoint (NumPy leaves, checkpoint dtype kept)
+  params/                 orbax checkpoint of the params tree (checkpoint dtype kept), written by
+                          orbax's partial saves (`orbax.checkpoint.experimental.v1.partial`), one
+                          chunk of arrays per save, then finalized; the tree lives in its one
+                          subdirectory (`params/state`), a standard orbax PyTree checkpoint
   model_config.json       the model ConfigDict (configs/model.py layout)
   dataset_statistics.json norm_stats (when known)
   hf_config.json          the source config.json's descriptive fields, reused by to-hf
   tokenizer files         copied when present
   COMPLETE                written last; the directory is built under a temp name and renamed
-Memory (NOT streaming yet): `load_hf` builds the whole params tree in host memory (1.2x the
-checkpoint) and orbax's save copies it again: measured peak RSS above the interpreter's for the
-`small` config (171 MB bf16) is +480 MB for to-jax (2.8x) and +340 MB for to-hf (2x), so openvla-7b
-(15.1 GB bf16) would need ~40 GB for to-jax. The HF side (`save_hf`) streams one tensor at a time.
+Memory: streaming. `to-jax` reads one tensor at a time (plain reads, no mmap), and hands orbax
+chunks of at most `chunk_bytes` (default 256 MiB); stacked (`--scanned`) layouts hold one stacked
+array at a time. Peak host memory is therefore a small multiple of max(largest tensor, chunk), not
+of the model: see BENCHMARKS.md for the measured 7B conversion. `to-hf` streams the HF side one
+tensor at a time but restores the params tree whole (one copy of the model).
 """
 
 from __future__ import annotations
@@ -18,31 +22,49 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
+import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
 from openvla_jax.convert.hf import TOKENIZER_FILES, atomic_dir, commit_dir, copy_tokenizer, vla_specs
 from openvla_jax.convert.hf_config import OPENVLA_7B_FIELDS
-from openvla_jax.convert.mapping import check_flax_params
+from openvla_jax.convert.mapping import check_flax_params, flatten_params, unflatten_params
 
 MARKER = "COMPLETE"
 
 
+CHUNK_BYTES = 256 * 2**20
+
+
 def save_converted(out_dir, model_config: ml_collections.ConfigDict, params, norm_stats: Optional[dict] = None,
-                   tokenizer_dir=None, hf_config: Optional[dict] = None) -> Path:
+                   tokenizer_dir=None, hf_config: Optional[dict] = None, chunk_bytes: int = CHUNK_BYTES) -> Path:
     """Write params (orbax) + model_config.json + dataset_statistics.json + tokenizer files, atomically.
 
-    `hf_config`: the source config.json; its descriptive fields (backbone ids, resize strategy, ...)
-    are kept so that to-hf writes them back unchanged."""
-    out_dir = Path(out_dir)
+    `params`: the nested params tree (NumPy or jax arrays, boxed or not). `hf_config`: the source
+    config.json; its descriptive fields (backbone ids, resize strategy, ...) are kept so that to-hf
+    writes them back unchanged."""
     params = nn.meta.unbox(params)
-    check_flax_params(vla_specs(model_config, bool(model_config.get("scan_layers", False))), params, "params to save")
+    specs = vla_specs(model_config, bool(model_config.get("scan_layers", False)))
+    check_flax_params(specs, params, "params to save")
+    leaves = ((path, np.asarray(jax.device_get(v))) for path, v in flatten_params(params).items())
+    return save_converted_stream(out_dir, model_config, leaves, norm_stats, tokenizer_dir, hf_config, chunk_bytes)
+
+
+def save_converted_stream(out_dir, model_config: ml_collections.ConfigDict,
+                          leaves: Iterable[tuple[tuple[str, ...], np.ndarray]], norm_stats: Optional[dict] = None,
+                          tokenizer_dir=None, hf_config: Optional[dict] = None,
+                          chunk_bytes: int = CHUNK_BYTES) -> Path:
+    """`save_converted` from an iterator of `(flax path, array)`: arrays are handed to orbax in
+    chunks of at most `chunk_bytes` (one array larger than that is a chunk alone) and dropped, so
+    the whole tree is never in memory. The caller checks the leaves against the model's specs."""
+    out_dir = Path(out_dir)
     tmp = atomic_dir(out_dir)
     try:
-        ocp.PyTreeCheckpointer().save(str((tmp / "params").absolute()), params)
+        _write_params(tmp / "params", leaves, chunk_bytes)
         (tmp / "model_config.json").write_text(model_config.to_json(indent=2, sort_keys=True) + "\n")
         if norm_stats is not None:
             (tmp / "dataset_statistics.json").write_text(json.dumps(norm_stats, indent=2) + "\n")
@@ -58,6 +80,39 @@ def save_converted(out_dir, model_config: ml_collections.ConfigDict, params, nor
     return out_dir
 
 
+def _write_params(params_dir: Path, leaves, chunk_bytes: int) -> None:
+    from orbax.checkpoint.experimental.v1 import partial
+
+    target = str(params_dir.absolute())
+    chunk, size, saved = [], 0, 0
+
+    def flush():
+        nonlocal chunk, size, saved
+        if chunk:
+            partial.save(target, unflatten_params(chunk))
+            saved += len(chunk)
+        chunk, size = [], 0
+
+    for path, value in leaves:
+        chunk.append((path, value))
+        size += value.nbytes
+        if size >= chunk_bytes:
+            flush()
+    flush()
+    if not saved:
+        raise ValueError("no parameters to save")
+    partial.finalize(target)
+
+
+def params_tree_dir(params_dir: Path) -> Path:
+    """The orbax PyTree directory inside `params/` (the one subdirectory holding `_METADATA`)."""
+    found = sorted(p for p in Path(params_dir).iterdir() if (p / "_METADATA").exists())
+    if len(found) != 1:
+        raise FileNotFoundError(f"{params_dir}: expected one orbax PyTree directory (with _METADATA), "
+                                f"found {[p.name for p in found]}")
+    return found[0]
+
+
 def is_converted(path) -> bool:
     return (Path(path) / "model_config.json").exists() and (Path(path) / "params").is_dir()
 
@@ -70,7 +125,7 @@ def load_converted(path):
         raise FileNotFoundError(f"{path} is not a complete converted checkpoint (no {MARKER} marker); "
                                 "expected the output of `scripts/convert.py to-jax`")
     model_config = ml_collections.ConfigDict(json.loads((path / "model_config.json").read_text()))
-    params = ocp.PyTreeCheckpointer().restore(str((path / "params").absolute()))
+    params = ocp.PyTreeCheckpointer().restore(str(params_tree_dir(path / "params").absolute()))
     stats = path / "dataset_statistics.json"
     hf_config = path / "hf_config.json"
     extras = dict(
@@ -81,13 +136,15 @@ def load_converted(path):
     return model_config, params, extras
 
 
-def convert_to_jax(hf_dir, out_dir, scanned: bool = False) -> Path:
-    """HF OpenVLA directory -> converted directory (params kept in the checkpoint's dtype)."""
-    from openvla_jax.convert.hf import load_hf
+def convert_to_jax(hf_dir, out_dir, scanned: bool = False, chunk_bytes: int = CHUNK_BYTES) -> Path:
+    """HF OpenVLA directory -> converted directory (params kept in the checkpoint's dtype), streaming
+    one tensor at a time (see the module docstring for the memory bound)."""
+    from openvla_jax.convert.hf import open_hf
 
-    model_config, params, extras = load_hf(hf_dir, scanned=scanned)
+    model_config, leaves, extras = open_hf(hf_dir, scanned=scanned)
     tok = Path(hf_dir) if extras["tokenizer_files"] else None
-    return save_converted(out_dir, model_config, params, extras["norm_stats"], tok, extras["config_json"])
+    return save_converted_stream(out_dir, model_config, leaves, extras["norm_stats"], tok, extras["config_json"],
+                                 chunk_bytes)
 
 
 def convert_to_hf(jax_dir, out_dir, dtype: str = "bfloat16", max_shard_size="5GB") -> Path:

@@ -25,7 +25,7 @@ import numpy as np
 from openvla_jax.convert.hf_config import generation_config, hf_config_from_model_config, model_config_from_hf
 from openvla_jax.convert.io import INDEX_NAME, open_state_dict, write_safetensors
 from openvla_jax.convert.llama import llama_specs
-from openvla_jax.convert.mapping import ParamSpec, hf_getter, hf_to_flax
+from openvla_jax.convert.mapping import ParamSpec, hf_getter, iter_hf_to_flax, unflatten_params
 from openvla_jax.convert.vision import prismatic_to_hf, vision_specs
 from openvla_jax.models.llama import LlamaConfig
 
@@ -74,13 +74,14 @@ def read_config(hf_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_hf(hf_dir, scanned: bool = False, dtype=None):
-    """Read an OpenVLA HF directory -> `(model_config, params, extras)`.
+def open_hf(hf_dir, scanned: bool = False, dtype=None):
+    """Open an OpenVLA HF directory lazily -> `(model_config, leaves, extras)`.
 
-    params: nested dict of NumPy arrays in the checkpoint's dtype (or `dtype`), laid out for
-    `vla.from_config(model_config)` (`scan_layers=scanned`). extras: `norm_stats` (config.json's, else
-    `dataset_statistics.json`'s), `config_json` (the raw dict) and `tokenizer_files` (paths present).
-    Raises StateDictError listing missing / unexpected / misshapen keys."""
+    `leaves` yields `(flax path, NumPy array)` one array at a time (checkpoint dtype, or `dtype`),
+    laid out for `vla.from_config(model_config)` (`scan_layers=scanned`); keys and shapes are checked
+    before the first array is read (StateDictError lists missing / unexpected / misshapen keys).
+    extras: `norm_stats` (config.json's, else `dataset_statistics.json`'s), `config_json` (the raw
+    dict) and `tokenizer_files` (paths present)."""
     hf_dir = Path(hf_dir)
     config_json = read_config(hf_dir)
     model_config = model_config_from_hf(config_json)
@@ -90,14 +91,36 @@ def load_hf(hf_dir, scanned: bool = False, dtype=None):
     if _is_prismatic(reader):
         state = _Renamed(reader, prismatic_to_hf({k: k for k in reader},
                                                  fused=model_config.vision.get("fused_featurizer") is not None))
-    params = hf_to_flax(vla_specs(model_config, scanned), state, str(hf_dir), shapes=state.shapes,
-                        dtype=None if dtype is None else np.dtype(dtype))
+    leaves = iter_hf_to_flax(vla_specs(model_config, scanned), state, str(hf_dir), shapes=state.shapes,
+                             dtype=None if dtype is None else np.dtype(dtype))
+    leaves = _checked_first(leaves)
     norm_stats = config_json.get("norm_stats")
     if norm_stats is None and (hf_dir / "dataset_statistics.json").exists():
         norm_stats = json.loads((hf_dir / "dataset_statistics.json").read_text())
     extras = dict(norm_stats=norm_stats, config_json=config_json,
                   tokenizer_files=[str(hf_dir / n) for n in TOKENIZER_FILES if (hf_dir / n).exists()])
-    return model_config, params, extras
+    return model_config, leaves, extras
+
+
+def _checked_first(gen):
+    """Run a generator up to its first item now (its checks raise here, not at first use)."""
+    try:
+        first = next(gen)
+    except StopIteration:
+        return iter(())
+
+    def chain():
+        yield first
+        yield from gen
+
+    return chain()
+
+
+def load_hf(hf_dir, scanned: bool = False, dtype=None):
+    """Read an OpenVLA HF directory -> `(model_config, params, extras)`, params as a nested dict of
+    NumPy arrays (see `open_hf`)."""
+    model_config, leaves, extras = open_hf(hf_dir, scanned, dtype)
+    return model_config, unflatten_params(leaves), extras
 
 
 def parse_size(size) -> int:

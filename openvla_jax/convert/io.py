@@ -16,7 +16,6 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -33,6 +32,7 @@ _ST_DTYPES = {
     np.dtype(np.uint8): "U8",
     np.dtype(np.bool_): "BOOL",
 }
+_NP_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 class StateDictError(ValueError):
@@ -69,28 +69,47 @@ def check_state_dict(expected: Mapping[str, Sequence[int]], got: Mapping[str, Se
 class SafetensorsReader(Mapping):
     """Lazy, read-only view of one or several safetensors files: `reader[key]` reads one tensor.
 
-    `shapes` and `dtypes` come from the headers without reading any data.
+    `shapes` and `dtypes` come from the headers without reading any data. Tensors are read with
+    plain file reads into a fresh array, not through a memory map: mapped pages that were touched
+    stay in the process's resident set, so reading a 15 GB checkpoint through mmap would show (and
+    on some systems hold) 15 GB; this way only the tensor being converted is resident.
     """
 
     def __init__(self, files: Sequence[Path]):
         self.files = [Path(f) for f in files]
-        self._where: dict[str, Path] = {}
+        self._where: dict[str, tuple[Path, int, int]] = {}  # key -> (file, start byte, end byte)
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
         self.metadata: dict[str, str] = {}
         for f in self.files:
-            header = read_header(f)
+            header, data_start = read_header(f, with_offset=True)
             self.metadata.update(header.pop("__metadata__", None) or {})
             for key, info in header.items():
                 if key in self._where:
-                    raise ValueError(f"tensor {key!r} appears in both {self._where[key]} and {f}")
-                self._where[key] = f
+                    raise ValueError(f"tensor {key!r} appears in both {self._where[key][0]} and {f}")
+                begin, end = info["data_offsets"]
+                self._where[key] = (f, data_start + begin, data_start + end)
                 self.shapes[key] = tuple(info["shape"])
                 self.dtypes[key] = info["dtype"]
 
     def __getitem__(self, key: str) -> np.ndarray:
-        with safe_open(str(self._where[key]), framework="numpy") as f:
-            return f.get_tensor(key)
+        path, begin, end = self._where[key]
+        dtype = _NP_DTYPES.get(self.dtypes[key])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {key!r} has safetensors dtype {self.dtypes[key]}, "
+                             f"expected one of {sorted(_NP_DTYPES)}")
+        out = np.empty(self.shapes[key], dtype)
+        if out.nbytes != end - begin:
+            raise ValueError(f"{path}: tensor {key!r} header says {end - begin} bytes, but shape "
+                             f"{self.shapes[key]} x {dtype} is {out.nbytes}; the file is corrupt")
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        with open(path, "rb") as f:
+            f.seek(begin)
+            got = f.readinto(view)
+        if got != out.nbytes:
+            raise ValueError(f"{path} is truncated: tensor {key!r} needs bytes {begin}..{end}, "
+                             f"file ends after {begin + got}")
+        return out
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -99,10 +118,18 @@ class SafetensorsReader(Mapping):
         return len(self._where)
 
 
-def read_header(path: Path) -> dict:
+def read_header(path: Path, with_offset: bool = False):
+    """The JSON header of a safetensors file (and, with `with_offset`, where the data starts)."""
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path} is not a safetensors file (shorter than its 8-byte header size)")
+        (n,) = struct.unpack("<Q", raw)
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{path}: unreadable safetensors header ({e})") from None
+    return (header, 8 + n) if with_offset else header
 
 
 def open_state_dict(path: os.PathLike | str) -> SafetensorsReader:

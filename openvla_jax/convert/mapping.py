@@ -67,6 +67,41 @@ def _shape_of(v: Any) -> tuple[int, ...]:
     return tuple(v.shape)
 
 
+def iter_hf_to_flax(
+    specs: Sequence[ParamSpec],
+    state: Mapping[str, Any],
+    source: str = "checkpoint",
+    shapes: Optional[Mapping[str, Sequence[int]]] = None,
+    dtype: Optional[np.dtype] = None,
+) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """Yield `(flax_path, array)` one Flax array at a time, reading from a (lazy) state dict.
+
+    The keys and shapes are checked first (missing, unexpected and misshapen keys all listed), so
+    nothing is yielded from a checkpoint that does not match. A stacked (scanned) array is built
+    from its layers' tensors before it is yielded; otherwise one tensor is in memory at a time.
+    `shapes` lets a lazy reader announce shapes without reading data (defaults to `state[k].shape`).
+    """
+    got = dict(shapes) if shapes is not None else {k: _shape_of(v) for k, v in state.items()}
+    check_state_dict({s.hf_key: s.hf_shape for s in specs}, got, source)
+    by_path: dict[tuple[str, ...], list[ParamSpec]] = {}
+    for spec in specs:  # insertion order: the specs' order of first appearance
+        by_path.setdefault(spec.path, []).append(spec)
+    for path, group in by_path.items():
+        value = None
+        for spec in group:
+            w = state[spec.hf_key]
+            if dtype is not None:
+                w = np.asarray(w).astype(dtype, copy=False)
+            w = to_flax(w, spec)
+            if spec.layer is None:
+                value = w
+            else:
+                if value is None:
+                    value = np.empty(spec.stacked_shape, w.dtype)
+                value[spec.layer] = w
+        yield path, value
+
+
 def hf_to_flax(
     specs: Sequence[ParamSpec],
     state: Mapping[str, Any],
@@ -74,28 +109,18 @@ def hf_to_flax(
     shapes: Optional[Mapping[str, Sequence[int]]] = None,
     dtype: Optional[np.dtype] = None,
 ) -> dict:
-    """Build the nested Flax params dict from a (lazy) state dict, reading one tensor at a time.
+    """Build the nested Flax params dict from a (lazy) state dict (see `iter_hf_to_flax`)."""
+    return unflatten_params(iter_hf_to_flax(specs, state, source, shapes, dtype))
 
-    `shapes` lets a lazy reader announce shapes without reading data (defaults to `state[k].shape`).
-    Keys of `state` that no spec names are an error, as are missing and misshapen ones.
-    """
-    got = dict(shapes) if shapes is not None else {k: _shape_of(v) for k, v in state.items()}
-    check_state_dict({s.hf_key: s.hf_shape for s in specs}, got, source)
+
+def unflatten_params(items) -> dict:
+    """`(path tuple, value)` pairs -> nested dict."""
     params: dict = {}
-    for spec in specs:
-        w = state[spec.hf_key]
-        if dtype is not None:
-            w = np.asarray(w).astype(dtype)
-        value = to_flax(w, spec)
+    for path, value in items:
         node = params
-        for name in spec.path[:-1]:
+        for name in path[:-1]:
             node = node.setdefault(name, {})
-        if spec.layer is None:
-            node[spec.path[-1]] = value
-        else:
-            if spec.path[-1] not in node:
-                node[spec.path[-1]] = np.empty(spec.stacked_shape, value.dtype)
-            node[spec.path[-1]][spec.layer] = value
+        node[path[-1]] = value
     return params
 
 
