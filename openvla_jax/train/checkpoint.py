@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Optional
@@ -141,8 +142,13 @@ class TrainCheckpointer:
         self.async_save, self.checksum = async_save, checksum
         self._pending: Optional[int] = None
         self._callback_error: Optional[BaseException] = None
+        self._quarantine_incomplete()
+        policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every, max_to_keep=keep_last, keep_period=keep_every,
+            # Multiples of save_every only (orbax's default also saves the first step it sees).
+            save_decision_policy=policies.AnySavePolicy([policies.FixedIntervalPolicy(save_every),
+                                                         policies.PreemptionCheckpointingPolicy()]),
+            max_to_keep=keep_last, keep_period=keep_every,
             cleanup_tmp_directories=True,  # leftovers of a crashed save are never resumed anyway
             enable_async_checkpointing=True,  # always: the manifest hook exists only on this path
             async_options=ocp.AsyncOptions(post_finalization_callback=lambda: self._write_manifest()))
@@ -225,6 +231,20 @@ class TrainCheckpointer:
     def data_state_dir(self, step: int) -> Path:
         return self.workdir / "data_state" / str(step)
 
+    def _quarantine_incomplete(self) -> None:
+        """Rename step dirs without a manifest to `<step>.incomplete-<time>` (process 0), so that
+        orbax neither counts them nor refuses to save that step again; they are kept for inspection."""
+        if jax.process_index() == 0 and self.directory.exists():
+            for d in self.directory.iterdir():
+                if d.is_dir() and d.name.isdigit() and not self._is_complete(int(d.name)):
+                    aside = d.with_name(f"{d.name}.incomplete-{int(time.time())}")
+                    log.warning("checkpoint step dir %s has no %s or %s: an interrupted save; moved to %s "
+                                "and not resumed", d, MANIFEST, COMMITTED, aside.name)
+                    os.replace(d, aside)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("TrainCheckpointer:quarantine")
+
     def _is_complete(self, step: int) -> bool:
         d = self.step_dir(step)
         return (d / MANIFEST).exists() and (d / COMMITTED).exists()
@@ -253,6 +273,9 @@ class TrainCheckpointer:
             step = self.latest_step()
             if step is None:
                 raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        elif not self.step_dir(step).exists():
+            raise CheckpointError(f"no checkpoint step {step} in {self.directory}; complete steps: "
+                                  f"{self.all_steps()}")
         verify_manifest(self.step_dir(step), step, self.checksum)
         return int(step)
 
