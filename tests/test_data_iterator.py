@@ -104,3 +104,24 @@ def test_bad_states_raise(demo, tmp_path):
         f.truncate(100)
     with pytest.raises(IteratorStateError, match=f"{data} is 100 bytes, expected"):
         CheckpointableIterator(pipeline(demo)).restore(tmp_path / "s")
+
+
+def test_resume_through_train_checkpointer(demo, tmp_path):
+    """The loop's path: the data position saved with a training checkpoint, restored from it, or
+    (fallback) a fresh pipeline skipped by the recorded position."""
+    from openvla_jax.train.checkpoint import TrainCheckpointer
+
+    it = iter(pipeline(demo))
+    take(it, 2)
+    with TrainCheckpointer(tmp_path, save_every=2, keep_last=2) as ckpt:
+        assert ckpt.save(2, {"w": np.zeros(2, np.float32)}, {"m": np.zeros(2, np.float32)}, {},
+                         data_iterator=it)
+    want = take(it, 2)
+    ckpt = TrainCheckpointer(tmp_path, save_every=2, keep_last=2)
+    meta = ckpt.restore_meta()
+    assert meta["data_position"] == 2 and meta["data_state"] == "data_state/2"
+    resumed = CheckpointableIterator(pipeline(demo))
+    ckpt.restore_data_iterator(2, resumed)
+    assert_same(take(resumed, 2), want)
+    assert_same(take(CheckpointableIterator(pipeline(demo)).skip(meta["data_position"]), 2), want)
+    ckpt.close()

@@ -7,12 +7,17 @@
     it3 = CheckpointableIterator(RLDSPipeline(any_cfg, tok)); it3.skip(it.position) # fallback
 
 `save` uses `tf.train.Checkpoint(iterator=...)`: the full state of every tf.data op is written,
-*including the contents of the shuffle buffers* (encoded frames: `DataConfig.shuffle_buffer` of
-them, e.g. 256k frames ~ several GB per host for OXE), the interleave's open trajectories, the
-parallel-map and prefetch buffers (decoded batches). With `DataConfig(deterministic=True)` a restored
+*including the contents of the shuffle buffers* (`DataConfig.shuffle_buffer` encoded frames; an
+estimate for OXE: 256k JPEG frames x ~15 kB ~ 4 GB per host), the interleave's open trajectories,
+the parallel-map and prefetch buffers (decoded batches). With `DataConfig(deterministic=True)` a restored
 iterator yields exactly the batches the uninterrupted one would have. The state only loads into a
 pipeline built from the same `DataConfig` (same ops); otherwise use `skip(n)`: a fresh pipeline
 advanced by n batches (recomputes them; exact too when deterministic, and needs no saved state).
+
+Measured on the demo data (300 episodes, 128x128 PNG frames, batch 16, image_size 224, one host):
+shuffle_buffer 1k -> 9.4 MB state (0.5 s to save), 10k -> 18.7 MB (0.7 s), the default 256k ->
+276 MB (21 s, and ~21 s to fill the buffer at start): ~1 kB per buffered frame plus ~8 MB of decoded
+batches in flight. `save` runs in the caller's thread, so keep the buffer modest or use `skip`.
 
 The pipeline's one stateful op is the bad-data counter (`prepare.BadDataLog`, host-side Python
 counts outside the data order), so the external-state policy is IGNORE: the counts restart from 0.
