@@ -60,7 +60,7 @@ def test_sharded_round_trip_into_requested_shardings(mesh, tmp_path):
     params, opt = state(mesh)
     key = jax.random.key_data(jax.random.PRNGKey(3))
     with TrainCheckpointer(tmp_path, save_every=10, keep_last=3) as ckpt:
-        assert ckpt.save(5, params, opt, {"rng": key, "note": "x"}, force=True)
+        assert ckpt.save(5, params, opt, {"rng": key, "typed": jax.random.key(3), "note": "x"}, force=True)
         ckpt.wait()
         assert ckpt.latest_step() == 5
         # Restore into shardings other than the saved ones: each leaf lands as requested.
@@ -76,7 +76,7 @@ def test_sharded_round_trip_into_requested_shardings(mesh, tmp_path):
         for leaf, s in zip(jax.tree.leaves(got_p), jax.tree.leaves(want)):
             assert leaf.sharding == s
         assert all(x.sharding == repl for x in jax.tree.leaves(got_o))
-        assert meta == {"rng": np.asarray(key).tolist(), "note": "x", "step": 5}
+        assert meta == {"rng": np.asarray(key).tolist(), "typed": np.asarray(key).tolist(), "note": "x", "step": 5}
         # Params alone: into shardings, and onto one device for export.
         only = ckpt.restore_params(5, abs_params)
         assert_tree_equal(only, params)

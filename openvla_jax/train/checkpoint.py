@@ -375,6 +375,8 @@ def _jsonable(x: Any):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)  # typed keys -> their uint32 data
     if isinstance(x, (np.ndarray, jax.Array)):
         return np.asarray(x).tolist()
     if isinstance(x, np.generic):
