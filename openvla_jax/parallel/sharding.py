@@ -61,10 +61,12 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_params
     abstract_params = nn.meta.unbox(abstract_params)
     state = jax.eval_shape(optimizer.init, abstract_params)
     rep = replicated(mesh)
-    # optax walks the state and hands us, for each param-shaped subtree, the matching param leaves.
+    # optax walks the state and hands us, for each param-shaped subtree, the matching param leaves;
+    # MaskedNode marks a frozen param (multi_transform / masked): no state there, keep the node.
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
     return optax.tree_map_params(
-        optimizer, lambda _, sharding: sharding, state, params_shardings,
-        transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, NamedSharding),
+        optimizer, lambda leaf, sharding: leaf if masked(leaf) else sharding, state, params_shardings,
+        transform_non_params=lambda _: rep, is_leaf=masked,
     )
 
 
