@@ -91,9 +91,10 @@ def run_step(mesh_shape, params, batch, accumulate_steps=1, freeze=(), module=MO
         ml_collections.ConfigDict(dict(zip(M.AXES, mesh_shape))))
     ocfg = opt_config(freeze=tuple(freeze))
     tx, schedule = O.make_optimizer(ocfg, ST.abstract_params(module))
-    state = ST.init_train_state(module, CFG, tx, mesh, None, jax.random.key(0), params=params)
+    state = ST.init_train_state(module, CFG, tx, mesh, None, jax.random.key(0), params=params,
+                                compiler_options=ST.FAST_COMPILE)
     step = ST.make_train_step(module, tx, schedule, mesh, num_datasets=NUM_DATASETS,
-                              accumulate_steps=accumulate_steps, freeze=freeze)
+                              accumulate_steps=accumulate_steps, freeze=freeze, compiler_options=ST.FAST_COMPILE)
     new, metrics = step(state, global_batch(batch, mesh, NAMES))
     return jax.tree.map(np.asarray, metrics), new, step, mesh
 
@@ -264,7 +265,8 @@ def test_nan_guard_keeps_state(reference):
     params = jax.tree.map(np.copy, reference["params"])
     params["language_model"]["lm_head"]["kernel"][0, 0] = np.nan
     tx, _ = O.make_optimizer(opt_config(), params)
-    state = ST.init_train_state(MODULE, CFG, tx, reference["mesh"], None, jax.random.key(0), params=params)
+    state = ST.init_train_state(MODULE, CFG, tx, reference["mesh"], None, jax.random.key(0), params=params,
+                                compiler_options=ST.FAST_COMPILE)
     before = jax.tree.map(np.asarray, state)
     new, metrics = reference["step"](state, global_batch(reference["batch"], reference["mesh"], NAMES))
     assert not bool(metrics["finite"]) and np.isnan(float(metrics["loss"]))
@@ -294,8 +296,7 @@ def test_freeze_vision(reference):
 
 def test_eval_step_matches_train_metrics(reference):
     mesh = M.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=4)))
-    ev = ST.make_eval_step(MODULE, mesh, num_datasets=NUM_DATASETS)
-    p_sh = ev.jitted  # noqa: F841 (compiled lazily)
+    ev = ST.make_eval_step(MODULE, mesh, num_datasets=NUM_DATASETS, compiler_options=ST.FAST_COMPILE)
     shardings = ST.train_state_shardings(MODULE, optax.adam(1e-3), mesh).params
     params = jax.tree.map(lambda x, s: jax.device_put(x, s), reference["params"], shardings)
     m = jax.tree.map(np.asarray, L.summarize(ev(params, global_batch(reference["batch"], mesh, NAMES))))
@@ -306,7 +307,7 @@ def test_eval_step_matches_train_metrics(reference):
 def test_init_creates_sharded_state():
     mesh = M.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
     tx, _ = O.make_optimizer(opt_config(), ST.abstract_params(MODULE))
-    state = ST.init_train_state(MODULE, CFG, tx, mesh, None, jax.random.key(0))
+    state = ST.init_train_state(MODULE, CFG, tx, mesh, None, jax.random.key(0), compiler_options=ST.FAST_COMPILE)
     q = state.params["language_model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     assert q.dtype == jnp.float32 and q.sharding.spec == P("fsdp", "tensor", None)
     assert q.addressable_shards[0].data.shape == (32, 2, 16)

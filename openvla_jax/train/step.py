@@ -25,6 +25,9 @@ from openvla_jax.train.loss import loss_and_sums, summarize
 from openvla_jax.train.optimizer import trainable_mask
 from openvla_jax.train.state import TrainState, key_data
 
+# For CPU tests / demos: about half the compile time of a tiny step, slower code.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
 BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels", "dataset_index")
 
 
@@ -63,7 +66,7 @@ def _check_params(params, boxed, where: str):
 
 
 def init_train_state(module, model_config, optimizer: optax.GradientTransformation, mesh: Mesh, rules, rng,
-                     sample_batch_shapes=None, params=None) -> TrainState:
+                     sample_batch_shapes=None, params=None, compiler_options: Optional[dict] = None) -> TrainState:
     """A TrainState created already sharded (never the whole model on one device or host).
 
     Without `params`: `module.init` runs under jit with out_shardings. With `params` (NumPy tree from
@@ -84,7 +87,7 @@ def init_train_state(module, model_config, optimizer: optax.GradientTransformati
             p = jax.tree.map(lambda x: x.astype(jnp.float32), nn.meta.unbox(variables["params"]))
             return TrainState.create(p, optimizer, key)
 
-        return jax.jit(init, out_shardings=shardings)(rng)
+        return jax.jit(init, out_shardings=shardings, compiler_options=compiler_options)(rng)
 
     name = model_config.get("variant", "model") if model_config is not None else "model"
     _check_params(params, abstract_params(module), f"params given for the {name} config")
@@ -94,7 +97,7 @@ def init_train_state(module, model_config, optimizer: optax.GradientTransformati
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: np.asarray(x[idx], np.float32))
 
     placed = jax.tree.map(place, params, shardings.params)
-    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(placed)
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state, compiler_options=compiler_options)(placed)
     rep = shardings.step
     return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=placed, opt_state=opt_state,
                       rng=jax.device_put(rng, rep))
@@ -157,7 +160,8 @@ def _select(batch: dict) -> dict:
 
 def make_train_step(module, optimizer: optax.GradientTransformation, lr_schedule: Callable, mesh: Mesh, rules=None,
                     *, num_datasets: int = 1, accumulate_steps: int = 1, freeze: Sequence[str] = (),
-                    state_shardings: Optional[TrainState] = None, donate: bool = True) -> Callable:
+                    state_shardings: Optional[TrainState] = None, donate: bool = True,
+                    compiler_options: Optional[dict] = None) -> Callable:
     """-> `step(state, batch) -> (state, metrics)`, jitted with in/out shardings, state donated.
 
     batch: global arrays (see `parallel.global_batch`): pixel_values `[B, S, S, 6]`, input_ids /
@@ -166,7 +170,8 @@ def make_train_step(module, optimizer: optax.GradientTransformation, lr_schedule
     so grad_norm covers the trained params only. metrics (replicated scalars / `[num_datasets]`):
     loss, action_accuracy, l1, tokens, action_tokens, dataset_* (see `train.loss.summarize`),
     grad_norm (before clipping), lr (used for this update), finite. When the loss or the gradient
-    norm is not finite the state comes back unchanged (params, opt_state, step) and finite=False."""
+    norm is not finite the state comes back unchanged (params, opt_state, step) and finite=False.
+    `compiler_options`: XLA options for this jit (e.g. `FAST_COMPILE` for CPU tests / demos)."""
     rules = R.RULES if rules is None else rules
     shardings = state_shardings or train_state_shardings(module, optimizer, mesh, rules)
     boxed = abstract_params(module)
@@ -213,7 +218,8 @@ def make_train_step(module, optimizer: optax.GradientTransformation, lr_schedule
         return new, metrics
 
     jitted = jax.jit(train_step, in_shardings=(shardings, NamedSharding(mesh, P(R.BATCH_AXES))),
-                     out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,) if donate else ())
+                     out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,) if donate else (),
+                     compiler_options=compiler_options)
 
     def step(state: TrainState, batch: dict):
         with context:  # the models' nn.with_logical_constraint needs the rules and a mesh while tracing
@@ -225,7 +231,8 @@ def make_train_step(module, optimizer: optax.GradientTransformation, lr_schedule
     return step
 
 
-def make_eval_step(module, mesh: Mesh, rules=None, *, num_datasets: int = 1, params_shardings=None) -> Callable:
+def make_eval_step(module, mesh: Mesh, rules=None, *, num_datasets: int = 1, params_shardings=None,
+                   compiler_options: Optional[dict] = None) -> Callable:
     """-> `eval_step(params, batch) -> sums` (per-dataset `[num_datasets]` sums of `train.loss`; add them
     over batches, then `train.loss.summarize`). No update, nothing donated."""
     rules = R.RULES if rules is None else rules
@@ -233,7 +240,8 @@ def make_eval_step(module, mesh: Mesh, rules=None, *, num_datasets: int = 1, par
     p_sh = params_shardings or param_shardings(boxed, mesh, rules)
     context = _Context(mesh, rules, mesh_context_safe(boxed))
     jitted = jax.jit(lambda params, batch: _forward_sums(module, params, batch, num_datasets, mesh)[1],
-                     in_shardings=(p_sh, NamedSharding(mesh, P(R.BATCH_AXES))), out_shardings=replicated(mesh))
+                     in_shardings=(p_sh, NamedSharding(mesh, P(R.BATCH_AXES))), out_shardings=replicated(mesh),
+                     compiler_options=compiler_options)
 
     def eval_step(params, batch: dict):
         with context:
