@@ -46,9 +46,7 @@ class OpenVLA:
         self.norm_stats = dict(norm_stats or {})
         self.tokenizer_dir = tokenizer_dir
         self._tokenizer = None
-        n_bins = model_config.get("n_action_bins", 256)
-        base_vocab = model_config.llm.vocab_size - model_config.get("pad_to_multiple_of", 64)
-        self.action_tokenizer = ActionTokenizer(vocab_size=base_vocab, n_bins=n_bins)
+        self.action_tokenizer = ActionTokenizer.for_model(model_config)
         self.action_dim = model_config.get("action_dim", 7)
         module = self.module
         self._logits = jax.jit(lambda p, pv, ids, m: module.apply({"params": p}, pv, ids, m))

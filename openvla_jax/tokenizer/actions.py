@@ -27,6 +27,14 @@ class ActionTokenizer:
         self.bins = np.linspace(min_action, max_action, n_bins)  # float64, as np.linspace gives
         self.bin_centers = (self.bins[:-1] + self.bins[1:]) / 2.0
 
+    @classmethod
+    def for_model(cls, model_config) -> "ActionTokenizer":
+        """The action tokens of a `configs/model.py` model: the last `n_action_bins` ids of the base
+        vocabulary (the LLM's vocab_size less the padding to a multiple of 64: 32064 -> 32000), whatever
+        the text tokenizer's size (the demo's 400-piece tokenizer shares the ids of Llama's)."""
+        pad = model_config.get("pad_to_multiple_of", 64)
+        return cls(vocab_size=model_config.llm.vocab_size - pad, n_bins=model_config.get("n_action_bins", 256))
+
     @property
     def first_id(self) -> int:
         """Smallest action id (31744 for Llama): labels above `first_id - 1` are action tokens."""

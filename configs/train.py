@@ -1,0 +1,101 @@
+"""Training configs: `python scripts/train.py --config=configs/train.py:<variant> --workdir=DIR`.
+
+Variants:
+  demo                  the tiny model on the bundled demo dataset (`make demo`): a few minutes on
+                        2 CPU cores, action-token accuracy well above chance
+  tiny                  the tiny model on any RLDS mixture (set data.data_dir / data.mixture)
+  openvla_7b_pretrain   the original recipe: OpenVLA 7B on oxe_magic_soup_plus_minus, global batch
+                        2048, AdamW lr 2e-5 constant, no warmup, wd 0, clip 1.0, bf16 compute with
+                        fp32 master weights, FSDP over every device, remat on decoder layers, seed 7
+  openvla_7b_finetune   full fine-tuning of a converted openvla-7b on your dataset (set
+                        init_from, data.data_dir, data.mixture)
+
+Override any field on the command line: `--config.train.steps=100 --config.data.batch_size=8`.
+"""
+
+import ml_collections
+
+from configs import model as model_configs
+from openvla_jax.parallel.mesh import default_mesh_config
+from openvla_jax.train.optimizer import default_optimizer_config
+
+VARIANTS = ("demo", "tiny", "openvla_7b_pretrain", "openvla_7b_finetune")
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+    """Fields of `openvla_jax.data.rlds.DataConfig` plus where the tokenizer is."""
+    cfg = ml_collections.ConfigDict(dict(
+        data_dir="data/demo",
+        mixture="demo_tabletop",
+        tokenizer_dir="",           # directory with tokenizer.model ("" = the init checkpoint's)
+        batch_size=16,              # global batch (all hosts together)
+        shuffle_buffer=256_000,
+        augment=False,
+        image_view="primary",
+        window_size=1,
+        future_action_window_size=0,
+        normalization="bounds_q99",
+        deterministic=True,         # needed for exact resume of the batch sequence
+        ram_budget_gb=0.0,
+        num_parallel_calls=-1,      # -1: tf.data AUTOTUNE
+        num_parallel_reads=-1,
+        eval_split=True,            # evaluate on the datasets' validation split (when they have one)
+    ))
+    cfg.update(overrides)
+    return cfg
+
+
+def train_loop_config(**overrides) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict(dict(
+        steps=1000,
+        log_every=10,               # metrics to TensorBoard + metrics.jsonl every N steps
+        eval_every=0,               # 0: no periodic evaluation
+        eval_batches=8,
+        save_every=500,
+        keep_last=2,
+        keep_every=0,               # 0: none kept beyond the last K
+        async_save=True,
+        checksum=True,              # crc32 of every checkpoint file in the manifest
+        progress=True,              # tqdm bar on the main process
+        export_dir="",              # write an OpenVLA.load-able model here at the end ("" = workdir/export)
+    ))
+    cfg.update(overrides)
+    return cfg
+
+
+def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown train variant {variant!r}; expected one of {VARIANTS}")
+    c = ml_collections.ConfigDict()
+    c.variant = variant
+    c.seed = 7
+    c.init_from = ""                 # a converted checkpoint (scripts/convert.py to-jax) to start from
+    c.optimizer = default_optimizer_config()
+    c.mesh = default_mesh_config()
+    if variant in ("demo", "tiny"):
+        c.model = model_configs.get_config("tiny")
+        c.model.dtype = "float32"    # CPU: bf16 matmuls are emulated and slower than fp32
+        c.data = data_config(tokenizer_dir="data/demo" if variant == "demo" else "")
+        c.train = train_loop_config()
+        if variant == "demo":
+            c.data.batch_size = 16
+            c.data.shuffle_buffer = 2_000
+            c.optimizer.lr = 1e-3    # a tiny model from scratch learns at a much larger lr than 2e-5
+            c.optimizer.schedule = "warmup_cosine"
+            c.optimizer.warmup_steps = 20
+            c.optimizer.total_steps = 400
+            c.train = train_loop_config(steps=400, log_every=20, eval_every=200, eval_batches=4, save_every=200)
+    else:
+        c.model = model_configs.get_config("7b")
+        c.model.remat_policy = "full"  # activation checkpointing on decoder layers, as the original
+        c.model.scan_layers = True
+        c.data = data_config(data_dir="", mixture="oxe_magic_soup_plus_minus", batch_size=2048,
+                             deterministic=False, ram_budget_gb=0.0)
+        c.train = train_loop_config(steps=295_000, log_every=10, save_every=10_000, keep_last=3, keep_every=50_000)
+        if variant == "openvla_7b_finetune":
+            c.data.mixture = ""      # your dataset: --config.data.mixture=<registered name>
+            c.data.batch_size = 16
+            c.data.augment = True
+            c.train.steps = 20_000
+            c.train.save_every = 2_500
+    return c

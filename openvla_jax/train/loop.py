@@ -1,0 +1,334 @@
+"""The training loop: config -> sharded state -> steps -> metrics and checkpoints, resumable.
+
+    summary = train(get_config("demo"), workdir="runs/demo")
+
+What happens, in order:
+  1. multi-process set-up (`parallel.distributed.maybe_initialize`), the mesh from `config.mesh`;
+  2. the data pipeline (this host's slice of the global batch) wrapped in a `CheckpointableIterator`;
+  3. the state: resumed from the work dir's latest complete checkpoint (params, optimizer state,
+     step, RNG and the data iterator position: a resumed run sees the same batches), else loaded
+     from `config.init_from` (a converted checkpoint), else initialised; always created sharded;
+  4. steps: jitted, state donated; metrics every `log_every` steps to `metrics.jsonl` and TensorBoard
+     (`workdir/tb`); periodic evaluation on the validation split; async checkpoints every
+     `save_every`; SIGTERM -> a final save at the end of the current step, then a clean exit;
+  5. a non-finite loss or gradient stops the run with `TrainingDiverged` (the step left the state
+     untouched, and the last good checkpoint is kept: nothing after it is saved);
+  6. at the end: a final checkpoint and an export `OpenVLA.load` reads (`workdir/export`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the message names the step and the last checkpoint."""
+
+
+# ----------------------------------------------------------------------------------- data + model
+def data_config(config: ml_collections.ConfigDict, train: bool, dataset_statistics=None):
+    from openvla_jax.data.rlds import DataConfig
+
+    d = config.data
+    auto = lambda n: -1 if n is None else n  # noqa: E731  (tf.data.AUTOTUNE is -1)
+    return DataConfig(
+        data_dir=d.data_dir, mixture=d.mixture, train=train, batch_size=d.batch_size,
+        image_size=config.model.vision.image_size, image_view=d.image_view, window_size=d.window_size,
+        future_action_window_size=d.future_action_window_size, normalization=d.normalization,
+        augment=d.augment, shuffle_buffer=d.shuffle_buffer, seed=config.seed, deterministic=d.deterministic,
+        ram_budget_gb=d.ram_budget_gb, num_parallel_calls=auto(d.num_parallel_calls),
+        num_parallel_reads=auto(d.num_parallel_reads), dataset_statistics=dataset_statistics,
+        progress=jax.process_index() == 0)
+
+
+def tokenizer_dir(config) -> str:
+    path = config.data.tokenizer_dir or config.init_from
+    if not path or not (Path(path) / "tokenizer.model").exists():
+        raise FileNotFoundError(
+            f"no tokenizer.model in {path!r}: set --config.data.tokenizer_dir to a directory holding the "
+            "Llama 2 tokenizer.model (an HF or converted openvla checkpoint has one), or init_from")
+    return str(path)
+
+
+def build_module(config):
+    from openvla_jax.models import vla
+
+    return vla.from_config(config.model, param_dtype="float32")
+
+
+# ------------------------------------------------------------------------------------- metrics
+class MetricsWriter:
+    """`metrics.jsonl` (one JSON object per logged step) and TensorBoard scalars; main process only."""
+
+    def __init__(self, workdir: Path, dataset_names, enabled: bool):
+        self.enabled, self.names = enabled, list(dataset_names)
+        self._tb = None
+        if enabled:
+            self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
+            try:
+                import tensorflow as tf
+
+                self._tb = tf.summary.create_file_writer(str(workdir / "tb"))
+            except Exception as e:  # TensorBoard is optional; the JSONL log is the record
+                log.warning("no TensorBoard writer: %s", e)
+
+    def write(self, step: int, metrics: dict, prefix: str = "train") -> dict:
+        flat = flatten_metrics(metrics, self.names, prefix)
+        if self.enabled:
+            self._jsonl.write(json.dumps(dict(step=step, **flat)) + "\n")
+            if self._tb is not None:
+                import tensorflow as tf
+
+                with self._tb.as_default(step=step):
+                    for k, v in flat.items():
+                        if isinstance(v, (int, float)) and math.isfinite(v):
+                            tf.summary.scalar(k, v)
+                self._tb.flush()
+        return flat
+
+    def close(self):
+        if self.enabled:
+            self._jsonl.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def flatten_metrics(metrics: dict, dataset_names, prefix: str) -> dict:
+    """`{"loss": x, "dataset_loss": [D]}` -> `{"train/loss": x, "train/<name>/loss": ...}` (floats)."""
+    out = {}
+    for k, v in metrics.items():
+        v = np.asarray(v)
+        if k.startswith("dataset_"):
+            if len(dataset_names) > 1:
+                for name, x in zip(dataset_names, v.reshape(-1)):
+                    out[f"{prefix}/{name}/{k[len('dataset_'):]}"] = float(x)
+        else:
+            out[f"{prefix}/{k}"] = float(v) if v.dtype != bool else bool(v)
+    return out
+
+
+def model_flops_per_token(model_config, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), dense matmuls only: 6 x the
+    parameters a token passes through (the vision towers count once per image, spread over the
+    sequence) + attention scores 12 x layers x hidden x seq_len (QK^T and AV, fwd+bwd). Same
+    convention as MaxText / PaLM's MFU."""
+    import flax.linen as nn
+
+    from openvla_jax.models import vla
+    from openvla_jax.train.step import abstract_params
+
+    module = vla.from_config(model_config)
+    unboxed = nn.meta.unbox(abstract_params(module))
+    llm = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(unboxed["language_model"]))
+    embed = int(np.prod(unboxed["language_model"]["embed_tokens"]["embedding"].shape))
+    vision = sum(int(np.prod(x.shape)) for k in ("vision_backbone", "projector") for x in jax.tree.leaves(unboxed[k]))
+    c = model_config.llm
+    patches = module.num_patches
+    per_token = 6 * (llm - embed) + 12 * c.num_hidden_layers * c.hidden_size * seq_len
+    per_image = 6 * vision * patches + 12 * _vision_layers_width(model_config) * patches * patches
+    return per_token + per_image / seq_len
+
+
+def _vision_layers_width(model_config) -> int:
+    from openvla_jax.models import vit
+
+    total = 0
+    for key in ("featurizer", "fused_featurizer"):
+        tower = model_config.vision.get(key)
+        if tower is not None:
+            cfg = vit.tower_from_config(tower, model_config.vision.image_size)
+            total += cfg.depth * cfg.embed_dim
+    return total
+
+
+# ----------------------------------------------------------------------------------------- train
+def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Callable] = None) -> dict:
+    """Run (or resume) training; returns a summary dict (final metrics, steps, export dir)."""
+    from openvla_jax.data.iterator import CheckpointableIterator
+    from openvla_jax.data.rlds import RLDSPipeline
+    from openvla_jax.parallel import distributed, rules as R
+    from openvla_jax.parallel.batch import global_batch
+    from openvla_jax.parallel.mesh import make_mesh
+    from openvla_jax.tokenizer.actions import ActionTokenizer
+    from openvla_jax.tokenizer.text import TextTokenizer
+    from openvla_jax.train import checkpoint as ckpt_lib
+    from openvla_jax.train.optimizer import make_optimizer
+    from openvla_jax.train.preemption import PreemptionWatcher
+    from openvla_jax.train.state import TrainState
+    from openvla_jax.train.step import abstract_params, init_train_state, make_eval_step, make_train_step
+
+    distributed.maybe_initialize()
+    main = jax.process_index() == 0
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    tc = config.train
+    mesh = make_mesh(config.mesh)
+    rules = R.RULES
+    tok_dir = tokenizer_dir(config)
+    tokenizer = TextTokenizer(tok_dir)
+
+    ckpt = ckpt_lib.TrainCheckpointer(workdir, save_every=tc.save_every, keep_last=tc.keep_last,
+                                      keep_every=tc.keep_every or None, async_save=tc.async_save,
+                                      checksum=tc.checksum)
+    latest = ckpt.latest_step()
+    stats = ckpt.read_dataset_statistics() if latest is not None else None
+    action_tokenizer = ActionTokenizer.for_model(config.model)
+    pipeline = RLDSPipeline(data_config(config, train=True, dataset_statistics=stats), tokenizer, action_tokenizer)
+    dataset_names = [name for name, _ in pipeline.mixture]
+    if latest is None:
+        ckpt.write_config(config)
+        ckpt.write_dataset_statistics(pipeline.statistics)
+    data = CheckpointableIterator(pipeline)
+
+    module = build_module(config)
+    optimizer, schedule = make_optimizer(config.optimizer, abstract_params(module))
+    step_fn = make_train_step(module, optimizer, schedule, mesh, rules, num_datasets=len(dataset_names),
+                              accumulate_steps=config.optimizer.accumulate_steps, freeze=config.optimizer.freeze)
+    shardings = step_fn.shardings
+    if latest is not None:
+        state = _restore(ckpt, latest, module, optimizer, shardings, data)
+        log.info("resumed from step %d of %s", latest, workdir)
+    else:
+        params = None
+        if config.init_from:
+            from openvla_jax.convert.checkpoint import load_converted
+
+            _, params, _ = load_converted(config.init_from)
+        state = init_train_state(module, config.model, optimizer, mesh, rules, jax.random.key(config.seed),
+                                 params=params)
+    start = int(jax.device_get(state.step))
+
+    eval_fn = None
+    if tc.eval_every and tc.eval_batches:
+        eval_fn = _make_evaluator(config, module, mesh, rules, tokenizer, action_tokenizer, pipeline.statistics,
+                                  dataset_names,
+                                  shardings.params, make_eval_step)
+
+    writer = MetricsWriter(workdir, dataset_names, main)
+    bar = None
+    if main and tc.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    last: dict = {}
+    seq_tokens = 0
+    t_last, steps_since = time.perf_counter(), 0
+    stopped_by = None
+    step = start
+    try:
+        with PreemptionWatcher() as watcher:
+            while step < tc.steps:
+                host = next(data)
+                batch = global_batch(host, mesh, dataset_names)
+                seq_tokens = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] + module.num_patches)
+                state, metrics = step_fn(state, batch)
+                metrics = jax.device_get(metrics)
+                if not bool(metrics["finite"]):
+                    good = ckpt.latest_step()
+                    raise TrainingDiverged(
+                        f"step {step + 1}: loss {float(metrics['loss'])} / grad norm {float(metrics['grad_norm'])} "
+                        f"is not finite; the update was skipped and training stopped. The last good checkpoint "
+                        f"is step {good} in {ckpt.directory} (nothing after it was saved). Lower the learning "
+                        "rate or check the data, then resume.")
+                step += 1
+                steps_since += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
+                                    acc=f"{float(metrics['action_accuracy']):.3f}", refresh=False)
+                if step % tc.log_every == 0 or step == tc.steps:
+                    now = time.perf_counter()
+                    dt = (now - t_last) / max(steps_since, 1)
+                    metrics = dict(metrics, step_time=dt, tokens_per_s=seq_tokens / dt)
+                    t_last, steps_since = now, 0
+                    last = writer.write(step, metrics)
+                if eval_fn is not None and (step % tc.eval_every == 0 or step == tc.steps):
+                    last.update(writer.write(step, eval_fn(state.params), prefix="eval"))
+                meta = dict(rng=np.asarray(jax.device_get(state.rng)).tolist())
+                ckpt.save(step, state.params, state.opt_state, meta, data_iterator=data)
+                if on_step is not None:
+                    on_step(step, metrics)
+                if watcher.should_stop(step):
+                    stopped_by = "preemption"
+                    ckpt.save(step, state.params, state.opt_state, meta, force=True, data_iterator=data)
+                    log.warning("preemption signal: saved step %d, exiting", step)
+                    break
+            else:
+                meta = dict(rng=np.asarray(jax.device_get(state.rng)).tolist())
+                ckpt.save(step, state.params, state.opt_state, meta, force=True, data_iterator=data)
+        ckpt.wait()
+        summary = dict(step=step, stopped_by=stopped_by or "done", workdir=str(workdir), **last)
+        if stopped_by is None and jax.process_count() == 1:
+            export = Path(tc.export_dir) if tc.export_dir else workdir / "export"
+            if export.exists():
+                import shutil
+
+                shutil.rmtree(export)
+            model_config = ml_collections.ConfigDict(config.model.to_dict())
+            ckpt.export_for_inference(None, export, model_config, pipeline.statistics, tok_dir, params=state.params)
+            summary["export"] = str(export)
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+        ckpt.close()
+    return summary
+
+
+def _restore(ckpt, step: int, module, optimizer, shardings, data):
+    from openvla_jax.train.state import TrainState
+    from openvla_jax.train.step import abstract_params
+
+    import flax.linen as nn
+
+    boxed = nn.meta.unbox(abstract_params(module))
+    abs_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=s), boxed,
+                              shardings.params)
+    abs_opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                           jax.eval_shape(optimizer.init, abs_params), shardings.opt_state)
+    params, opt_state, meta = ckpt.restore(step, abstract_params=abs_params, abstract_opt_state=abs_opt)
+    ckpt.restore_data_iterator(step, data)
+    rep = shardings.step
+    rng = jax.device_put(np.asarray(meta["rng"], np.uint32), rep)
+    return TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), rep), params=params,
+                      opt_state=opt_state, rng=rng)
+
+
+def _make_evaluator(config, module, mesh, rules, tokenizer, action_tokenizer, statistics, dataset_names,
+                    params_shardings,
+                    make_eval_step):
+    """-> fn(params) -> metrics over `eval_batches` batches of the validation split (a fresh,
+    deterministic pass each time, so numbers are comparable across steps)."""
+    from openvla_jax.data.rlds import RLDSPipeline
+    from openvla_jax.parallel.batch import global_batch
+    from openvla_jax.train.loss import summarize
+
+    eval_step = make_eval_step(module, mesh, rules, num_datasets=len(dataset_names),
+                               params_shardings=params_shardings)
+    cfg = data_config(config, train=config.data.eval_split is False, dataset_statistics=statistics)
+
+    def evaluate(params):
+        pipeline = RLDSPipeline(cfg, tokenizer, action_tokenizer)
+        total = None
+        for i, host in enumerate(pipeline):
+            if i >= config.train.eval_batches:
+                break
+            sums = jax.device_get(eval_step(params, global_batch(host, mesh, dataset_names)))
+            total = sums if total is None else jax.tree.map(np.add, total, sums)
+        if total is None:
+            return {}
+        return jax.device_get(summarize(jax.tree.map(jnp.asarray, total)))
+
+    return evaluate
