@@ -85,7 +85,7 @@ def opt_config(**kw):
     return cfg
 
 
-def run_step(mesh_shape, params, batch, accumulate_steps=1, freeze=(), module=MODULE):
+def run_step(mesh_shape, params, batch, accumulate_steps=1, freeze=(), module=MODULE, supervised_tokens=None):
     """-> (metrics, new state) of one step from `params` on a mesh (data, fsdp, tensor)."""
     mesh = M.single_device_mesh() if mesh_shape is None else M.make_mesh(
         ml_collections.ConfigDict(dict(zip(M.AXES, mesh_shape))))
@@ -94,7 +94,8 @@ def run_step(mesh_shape, params, batch, accumulate_steps=1, freeze=(), module=MO
     state = ST.init_train_state(module, CFG, tx, mesh, None, jax.random.key(0), params=params,
                                 compiler_options=ST.FAST_COMPILE)
     step = ST.make_train_step(module, tx, schedule, mesh, num_datasets=NUM_DATASETS,
-                              accumulate_steps=accumulate_steps, freeze=freeze, compiler_options=ST.FAST_COMPILE)
+                              accumulate_steps=accumulate_steps, freeze=freeze, compiler_options=ST.FAST_COMPILE,
+                              supervised_tokens=supervised_tokens)
     new, metrics = step(state, global_batch(batch, mesh, NAMES))
     return jax.tree.map(np.asarray, metrics), new, step, mesh
 
@@ -259,6 +260,19 @@ def test_accumulation_equals_one_big_batch(reference):
         np.testing.assert_allclose(metrics[k], reference["metrics"][k], rtol=1e-5, err_msg=k)
     err = _max_rel(jax.tree.map(np.asarray, state.params), reference["new"])
     assert err < 1e-5, err
+
+
+def test_logits_at_supervised_positions_only_give_the_same_step(reference):
+    """lm_head at the 8 supervised positions (7 actions + EOS) per row == at all T + P positions;
+    with K too small the dropped targets are counted (the loop refuses such a step)."""
+    metrics, state, _, _ = run_step((2, 2, 2), reference["params"], reference["batch"], supervised_tokens=8)
+    for k in ("loss", "action_accuracy", "l1", "grad_norm", "tokens", "dataset_loss"):
+        np.testing.assert_allclose(metrics[k], reference["metrics"][k], rtol=1e-5, err_msg=k)
+    assert float(metrics["dropped"]) == 0
+    assert _max_rel(jax.tree.map(np.asarray, state.params), reference["new"]) < 1e-5
+    metrics, _, _, _ = run_step(None, reference["params"], reference["batch"], supervised_tokens=5)
+    assert float(metrics["dropped"]) == 3 * len(reference["batch"]["labels"])
+    assert float(metrics["tokens"]) == 5 * len(reference["batch"]["labels"])
 
 
 def test_nan_guard_keeps_state(reference):

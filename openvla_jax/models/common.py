@@ -46,6 +46,18 @@ def numerics(model_config, **overrides) -> dict:
     return kwargs
 
 
+def partitioned(init, names):
+    """`nn.with_logical_partitioning(init, names)` with the box's own constraint switched off.
+
+    Shardings of parameters come from `openvla_jax.parallel.sharding` (rules + FSDP); the box only
+    carries the names. Without `rules=()`, flax's apply-time shape check re-runs every initializer
+    and `nn.DenseGeneral` unboxes its *flattened* kernel under the box's constraint, which fails for
+    multi-axis kernels (q/k/v/o, ViT qkv) as soon as a mesh and axis rules are active."""
+    import flax.linen as nn
+
+    return nn.with_logical_partitioning(init, names, rules=())
+
+
 def remat_policy(name: str):
     if name not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {name!r}; expected one of {sorted(REMAT_POLICIES)}")

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from openvla_jax.models.common import attention, numerics, remat_policy
+from openvla_jax.models.common import attention, numerics, partitioned, remat_policy
 
 Array = jax.Array
 KVCache = dict  # {"k": [L, B, S, K, Dh], "v": [L, B, S, K, Dh]}
@@ -58,7 +58,7 @@ def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) 
 
 
 def _init(config: LlamaConfig, names: tuple[str, ...]):
-    return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), names)
+    return partitioned(nn.initializers.normal(config.initializer_range), names)
 
 
 class RMSNorm(nn.Module):
@@ -71,7 +71,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.param_dtype
+            "scale", partitioned(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.param_dtype
         )
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
@@ -229,7 +229,8 @@ class Llama(nn.Module):
         normed hidden states [B, T, D]: `(logits, new_cache, hidden)`.
 
         `logits_index` [B] int: compute logits only at that position of each row -> [B, 1, V]
-        (a prefill needs just the last prompt position; skips most of the lm_head work)."""
+        (a prefill needs just the last prompt position; skips most of the lm_head work); [B, K] int:
+        at K positions per row -> [B, K, V] (training: only the supervised positions)."""
         if (tokens is None) == (embeddings is None):
             raise ValueError("pass exactly one of `tokens` [B, T] or `embeddings` [B, T, D]")
         x = self.embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
@@ -262,7 +263,11 @@ class Llama(nn.Module):
             if cache is not None:
                 new_cache = {"k": jnp.stack(ks), "v": jnp.stack(vs)}
         hidden = self.norm(x)
-        picked = hidden if logits_index is None else jnp.take_along_axis(hidden, logits_index[:, None, None], axis=1)
+        if logits_index is None:
+            picked = hidden
+        else:
+            idx = logits_index[:, None] if logits_index.ndim == 1 else logits_index
+            picked = jnp.take_along_axis(hidden, idx[..., None], axis=1)
         logits = self.lm_head(picked).astype(jnp.float32)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         if return_hidden:

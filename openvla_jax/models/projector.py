@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from openvla_jax.models.common import as_dtype
+from openvla_jax.models.common import as_dtype, partitioned
 
 ARCHS = ("fused-gelu-mlp", "gelu-mlp")
 
@@ -51,8 +51,8 @@ class Projector(nn.Module):
             names = _NAMES[i]
             x = nn.Dense(
                 out, dtype=self.dtype, param_dtype=self.param_dtype, name=f"fc{i + 1}",
-                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[1:]),
+                kernel_init=partitioned(nn.initializers.lecun_normal(), names),
+                bias_init=partitioned(nn.initializers.zeros_init(), names[1:]),
             )(x)
         return x
 

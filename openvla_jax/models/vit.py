@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from openvla_jax.models.common import attention, numerics, remat_policy
+from openvla_jax.models.common import attention, numerics, partitioned, remat_policy
 from openvla_jax.models.preprocess import resize_weights
 
 Array = jax.Array
@@ -137,17 +137,17 @@ def resample_pos_embed(
 
 
 def _dense_init(names):
-    return nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), names)
+    return partitioned(nn.initializers.truncated_normal(0.02), names)
 
 
 def _zeros(names):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+    return partitioned(nn.initializers.zeros_init(), names)
 
 
 def _layer_norm(cfg: ViTConfig, dtype, param_dtype, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(
         epsilon=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        scale_init=partitioned(nn.initializers.ones_init(), ("embed",)),
         bias_init=_zeros(("embed",)),
     )
 
@@ -198,7 +198,7 @@ class LayerScale(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        init = nn.with_logical_partitioning(nn.initializers.constant(1e-5), ("embed",))
+        init = partitioned(nn.initializers.constant(1e-5), ("embed",))
         return x * self.param("scale_factor", init, (x.shape[-1],), self.param_dtype).astype(x.dtype)
 
 
@@ -244,7 +244,7 @@ class AttentionPool(nn.Module):
     def __call__(self, x: Array) -> Array:
         c, dt, pdt = self.cfg, self.dtype, self.param_dtype
         latent = self.param(
-            "latent", nn.with_logical_partitioning(nn.initializers.normal(c.embed_dim**-0.5), (None, None, "embed")),
+            "latent", partitioned(nn.initializers.normal(c.embed_dim**-0.5), (None, None, "embed")),
             (1, 1, c.embed_dim), pdt,
         )
         dense = lambda feats, names, bias_names, name, **kw: nn.DenseGeneral(  # noqa: E731
@@ -319,7 +319,7 @@ class ViT(nn.Module):
         )(images.astype(dt))
         b, gh, gw, d = x.shape
         pos = self.param(
-            "pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "pos", "embed")),
+            "pos_embed", partitioned(nn.initializers.normal(0.02), (None, "pos", "embed")),
             (1, c.num_pos_prefix + c.num_patches, d), pdt,
         )
         pos = resample_pos_embed(pos, c.grid, (gh, gw), c.num_pos_prefix).astype(dt)
@@ -328,11 +328,11 @@ class ViT(nn.Module):
             x = x + pos
         prefix = []
         if c.class_token:
-            cls = self.param("cls_token", nn.with_logical_partitioning(nn.initializers.normal(1e-6), (None, None, "embed")),
+            cls = self.param("cls_token", partitioned(nn.initializers.normal(1e-6), (None, None, "embed")),
                              (1, 1, d), pdt)
             prefix.append(jnp.broadcast_to(cls.astype(dt), (b, 1, d)))
         if c.reg_tokens:
-            reg = self.param("reg_token", nn.with_logical_partitioning(nn.initializers.normal(1e-6), (None, None, "embed")),
+            reg = self.param("reg_token", partitioned(nn.initializers.normal(1e-6), (None, None, "embed")),
                              (1, c.reg_tokens, d), pdt)
             prefix.append(jnp.broadcast_to(reg.astype(dt), (b, c.reg_tokens, d)))
         x = jnp.concatenate(prefix + [x], axis=1) if prefix else x

@@ -62,6 +62,16 @@ def tokenizer_dir(config) -> str:
     return str(path)
 
 
+def supervised_tokens(config) -> int | None:
+    """Logits are computed only at this many supervised positions per row (see `train.step`):
+    `train.supervised_tokens` if set (0 = every position), else the action tokens of one example
+    (action_dim x (1 + future window)) + EOS."""
+    k = config.train.get("supervised_tokens", None)
+    if k is not None:
+        return int(k) or None
+    return config.model.get("action_dim", 7) * (1 + config.data.future_action_window_size) + 1
+
+
 def build_module(config):
     from openvla_jax.models import vla
 
@@ -194,8 +204,10 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
 
     module = build_module(config)
     optimizer, schedule = make_optimizer(config.optimizer, abstract_params(module))
+    k = supervised_tokens(config)
     step_fn = make_train_step(module, optimizer, schedule, mesh, rules, num_datasets=len(dataset_names),
-                              accumulate_steps=config.optimizer.accumulate_steps, freeze=config.optimizer.freeze)
+                              accumulate_steps=config.optimizer.accumulate_steps, freeze=config.optimizer.freeze,
+                              supervised_tokens=k)
     shardings = step_fn.shardings
     if latest is not None:
         state = _restore(ckpt, latest, module, optimizer, shardings, data)
@@ -235,6 +247,11 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
                 seq_tokens = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] + module.num_patches)
                 state, metrics = step_fn(state, batch)
                 metrics = jax.device_get(metrics)
+                if float(metrics.get("dropped", 0)):
+                    raise ValueError(
+                        f"step {step + 1}: {int(metrics['dropped'])} supervised label tokens lie beyond the "
+                        f"{k} per row the loss computes logits for (train.supervised_tokens); raise it, or set "
+                        "it to 0 to compute logits at every position")
                 if not bool(metrics["finite"]):
                     good = ckpt.latest_step()
                     raise TrainingDiverged(
@@ -316,7 +333,7 @@ def _make_evaluator(config, module, mesh, rules, tokenizer, action_tokenizer, st
     from openvla_jax.train.loss import summarize
 
     eval_step = make_eval_step(module, mesh, rules, num_datasets=len(dataset_names),
-                               params_shardings=params_shardings)
+                               params_shardings=params_shardings, supervised_tokens=supervised_tokens(config))
     cfg = data_config(config, train=config.data.eval_split is False, dataset_statistics=statistics)
 
     def evaluate(params):

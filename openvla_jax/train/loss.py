@@ -37,8 +37,13 @@ def _per_token(logits, labels, num_patches, tok):
     if logits.shape[:2] != (b, t + num_patches):
         raise ValueError(f"logits {logits.shape} do not match labels {labels.shape} + {num_patches} patches: "
                          f"expected [B, T + P, V] = [{b}, {t + num_patches}, V]")
-    pred_logits = logits[:, num_patches:-1].astype(jnp.float32)  # [B, T-1, V]
-    target = labels[:, 1:].astype(jnp.int32)  # [B, T-1]
+    return _per_target(logits[:, num_patches:-1], labels[:, 1:], tok)
+
+
+def _per_target(pred_logits, target, tok):
+    """pred_logits `[B, K, V]` and the targets they predict `[B, K]` -> per-target arrays."""
+    pred_logits = pred_logits.astype(jnp.float32)
+    target = target.astype(jnp.int32)
     valid = target != IGNORE_INDEX
     logz = jax.nn.logsumexp(pred_logits, axis=-1)
     picked = jnp.take_along_axis(pred_logits, jnp.where(valid, target, 0)[..., None], axis=-1)[..., 0]
@@ -50,17 +55,33 @@ def _per_token(logits, labels, num_patches, tok):
     return dict(ce=ce, valid=valid, correct=correct, action=action, l1=l1)
 
 
+def supervised_positions(labels: jax.Array, num_patches: int, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The first `k` supervised targets of each row, for computing logits only there.
+
+    labels `[B, T]` -> (logits positions `[B, k]` in the HF layout (position P + j predicts
+    labels[:, j + 1]), their targets `[B, k]` (-100 where a row has fewer than k), and the number of
+    supervised targets beyond the first k, summed over the batch (must be 0: nothing dropped))."""
+    target = labels[:, 1:].astype(jnp.int32)
+    valid = target != IGNORE_INDEX
+    k = min(k, target.shape[1])
+    order = jnp.argsort(~valid, axis=1, stable=True)[:, :k]  # supervised first, in position order
+    picked = jnp.take_along_axis(target, order, axis=1)
+    dropped = valid.sum() - (picked != IGNORE_INDEX).sum()
+    return order + num_patches, picked, dropped
+
+
 def loss_and_sums(logits: jax.Array, labels: jax.Array, num_patches: int, *,
                   dataset_index: jax.Array | None = None, num_datasets: int = 1,
                   tokenizer: ActionTokenizer | None = None) -> tuple[jax.Array, dict]:
     """-> (CE summed over all supervised targets, scalar fp32 -- divide by the total token count for
     the mean; differentiate this), per-dataset sums (metrics, no gradient), each `[num_datasets]` fp32.
 
-    logits `[B, T + P, V]`, labels `[B, T]` int, dataset_index `[B]` int32 in [0, num_datasets).
+    logits `[B, T + P, V]`, labels `[B, T]` int; or, with `num_patches=None`, logits `[B, K, V]` at
+    chosen positions and the targets they predict `[B, K]` (see `supervised_positions`); dataset_index `[B]` int32 in [0, num_datasets).
     Sum keys: loss_sum (CE over supervised targets), tokens (their count), correct / action_tokens
     (argmax hits and count over action targets), l1_sum (summed |decoded pred - decoded label|)."""
     tok = tokenizer or ActionTokenizer()
-    p = _per_token(logits, labels, num_patches, tok)
+    p = _per_token(logits, labels, num_patches, tok) if num_patches is not None else _per_target(logits, labels, tok)
     per_row = jnp.stack([p["ce"].sum(1), p["valid"].sum(1), p["correct"].sum(1), p["action"].sum(1),
                          p["l1"].sum(1)], axis=-1).astype(jnp.float32)  # [B, 5]
     if dataset_index is None:
@@ -83,7 +104,8 @@ def summarize(sums: dict) -> dict:
     """Per-dataset sums -> metrics: loss, action_accuracy, l1 (all datasets) and dataset_* `[D]`
     versions (NaN for a dataset absent from the batch), plus the token counts."""
     total = {k: v.sum() for k, v in sums.items()}
-    return {
+    extra = {"dropped": total["dropped"]} if "dropped" in total else {}
+    return extra | {
         "loss": _ratio(total["loss_sum"], total["tokens"]),
         "action_accuracy": _ratio(total["correct"], total["action_tokens"]),
         "l1": _ratio(total["l1_sum"], total["action_tokens"]),

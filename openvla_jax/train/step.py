@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from openvla_jax.parallel import rules as R
 from openvla_jax.parallel.sharding import opt_state_shardings, param_shardings, replicated
-from openvla_jax.train.loss import loss_and_sums, summarize
+from openvla_jax.train.loss import loss_and_sums, summarize, supervised_positions
 from openvla_jax.train.optimizer import trainable_mask
 from openvla_jax.train.state import TrainState, key_data
 
@@ -143,12 +143,25 @@ class _Context:
             self._stack.pop().__exit__(*exc)
 
 
-def _forward_sums(module, params, batch, num_datasets, mesh):
-    logits = module.apply({"params": params}, batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+def _forward_sums(module, params, batch, num_datasets, mesh, supervised_tokens=None):
+    """Loss and metric sums. With `supervised_tokens` K, the lm_head runs only at each row's first K
+    supervised positions (the action tokens and EOS: K = action_dim x chunk + 1), not at all T + P:
+    the same loss and metrics (every other target is -100), without the [B, T + P, V] logits, which
+    dominate the step for small models (V = 32064) and cost ~1 GB per 32 rows at 7B. The number of
+    supervised targets beyond K is returned as `dropped` (the loop refuses a step that drops any)."""
+    labels = batch["labels"]
+    index, targets, dropped = None, labels, None
+    if supervised_tokens:
+        index, targets, dropped = supervised_positions(labels, module.num_patches, supervised_tokens)
+    logits = module.apply({"params": params}, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                          logits_index=index)
     spec = R.fit_spec(P(R.BATCH_AXES, None, "tensor"), logits.shape, dict(mesh.shape))
     logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, spec))
-    return loss_and_sums(logits, batch["labels"], module.num_patches, dataset_index=batch.get("dataset_index"),
-                         num_datasets=num_datasets)
+    loss, sums = loss_and_sums(logits, targets, None if supervised_tokens else module.num_patches,
+                               dataset_index=batch.get("dataset_index"), num_datasets=num_datasets)
+    if dropped is not None:
+        sums = dict(sums, dropped=jnp.zeros((num_datasets,), jnp.float32).at[0].set(dropped.astype(jnp.float32)))
+    return loss, sums
 
 
 def _select(batch: dict) -> dict:
@@ -160,6 +173,7 @@ def _select(batch: dict) -> dict:
 
 def make_train_step(module, optimizer: optax.GradientTransformation, lr_schedule: Callable, mesh: Mesh, rules=None,
                     *, num_datasets: int = 1, accumulate_steps: int = 1, freeze: Sequence[str] = (),
+                    supervised_tokens: Optional[int] = None,
                     state_shardings: Optional[TrainState] = None, donate: bool = True,
                     compiler_options: Optional[dict] = None) -> Callable:
     """-> `step(state, batch) -> (state, metrics)`, jitted with in/out shardings, state donated.
@@ -181,7 +195,7 @@ def make_train_step(module, optimizer: optax.GradientTransformation, lr_schedule
     def loss_fn(params, batch):
         if mask is not None:
             params = jax.tree.map(lambda x, t: x if t else jax.lax.stop_gradient(x), params, mask)
-        return _forward_sums(module, params, batch, num_datasets, mesh)
+        return _forward_sums(module, params, batch, num_datasets, mesh, supervised_tokens)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -202,7 +216,8 @@ def make_train_step(module, optimizer: optax.GradientTransformation, lr_schedule
 
             zeros = constrain_like_params(jax.tree.map(jnp.zeros_like, state.params))
             s0 = {k: jnp.zeros((num_datasets,), jnp.float32) for k in ("loss_sum", "tokens", "correct",
-                                                                     "action_tokens", "l1_sum")}
+                                                                     "action_tokens", "l1_sum")
+                  + (("dropped",) if supervised_tokens else ())}
             (grads, sums, loss_sum), _ = jax.lax.scan(body, (zeros, s0, jnp.zeros((), jnp.float32)), micro)
         count = jnp.maximum(sums["tokens"].sum(), 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
@@ -232,6 +247,7 @@ def make_train_step(module, optimizer: optax.GradientTransformation, lr_schedule
 
 
 def make_eval_step(module, mesh: Mesh, rules=None, *, num_datasets: int = 1, params_shardings=None,
+                   supervised_tokens: Optional[int] = None,
                    compiler_options: Optional[dict] = None) -> Callable:
     """-> `eval_step(params, batch) -> sums` (per-dataset `[num_datasets]` sums of `train.loss`; add them
     over batches, then `train.loss.summarize`). No update, nothing donated."""
@@ -239,7 +255,8 @@ def make_eval_step(module, mesh: Mesh, rules=None, *, num_datasets: int = 1, par
     boxed = abstract_params(module)
     p_sh = params_shardings or param_shardings(boxed, mesh, rules)
     context = _Context(mesh, rules, mesh_context_safe(boxed))
-    jitted = jax.jit(lambda params, batch: _forward_sums(module, params, batch, num_datasets, mesh)[1],
+    jitted = jax.jit(lambda params, batch: _forward_sums(module, params, batch, num_datasets, mesh,
+                                                                  supervised_tokens)[1],
                      in_shardings=(p_sh, NamedSharding(mesh, P(R.BATCH_AXES))), out_shardings=replicated(mesh),
                      compiler_options=compiler_options)
 
