@@ -118,7 +118,7 @@ class OpenVLA:
             raise ValueError(f"got {len(images)} images but {len(instructions)} instructions")
         stats = action_stats(self.norm_stats, unnorm_key)  # fail early on a bad unnorm_key
         rows = [inference_prompt_ids(self.tokenizer, text) for text in instructions]
-        ids = self._decode_rows(preprocess_images(images), rows)
+        ids = self._decode_rows(preprocess_images(images, self.config.vision.get("image_size", 224)), rows)
         normalized = self.action_tokenizer.decode(ids).astype(np.float64)
         return unnormalize(normalized, stats)
 
