@@ -191,7 +191,8 @@ class ActionServer:
 
     def stop(self) -> None:
         self._stop.set()
-        self._httpd.shutdown()
+        if self._threads:  # shutdown() waits for a serve_forever loop that never started otherwise
+            self._httpd.shutdown()
         self._httpd.server_close()
         for t in self._threads:
             t.join(timeout=10)
@@ -360,12 +361,28 @@ def _handler_class(server: ActionServer):
                     pass
 
         def _drain(self) -> None:
-            """Reads (a bounded) body so the keep-alive stream stays in sync; else closes after."""
+            """Reads the body of a request that will not be used, so the keep-alive stream stays in
+            step; an oversized one is discarded and the connection closed."""
             n = self.headers.get("Content-Length")
-            if n and n.isdigit() and int(n) <= server.max_body_bytes:
+            if n and n.strip().isdigit() and int(n) <= server.max_body_bytes:
                 self.rfile.read(int(n))
             elif n:
-                self.close_connection = True
+                self._discard(int(n) if n.strip().isdigit() else 0)
+
+        def _discard(self, n: int, budget_s: float = 5.0) -> None:
+            """Reads and drops up to n body bytes (for at most budget_s), then marks the connection
+            for closing. Closing with unread input would make the kernel send a reset, and the
+            client could lose our error reply before reading it."""
+            self.close_connection = True
+            deadline = time.monotonic() + budget_s
+            try:
+                while n > 0 and time.monotonic() < deadline:
+                    chunk = self.rfile.read1(min(n, 1 << 16))
+                    if not chunk:
+                        break
+                    n -= len(chunk)
+            except OSError:
+                pass
 
         def _act(self) -> None:
             n = self.headers.get("Content-Length")
@@ -374,7 +391,7 @@ def _handler_class(server: ActionServer):
                 return self._error(411, "POST /act needs a Content-Length header (no chunked bodies)")
             n = int(n)
             if n > server.max_body_bytes:
-                self.close_connection = True  # the body is left unread
+                self._discard(n)
                 return self._error(413, f"body of {n} bytes exceeds the limit of {server.max_body_bytes}")
             body = self.rfile.read(n)
             try:

@@ -1,0 +1,50 @@
+"""Serve an OpenVLA checkpoint over HTTP (`POST /act`, `GET /health`), with dynamic batching.
+
+  python scripts/serve.py --checkpoint=path/to/openvla-7b --port=8000 --max_batch=16 --max_wait_ms=5
+
+The checkpoint is an HF OpenVLA directory or a `scripts/convert.py to-jax` one, with tokenizer.model.
+Binds 127.0.0.1 unless --host says otherwise (the server has no authentication). `--port=0` picks a
+free port; the first line printed is `serving on <url>`. Request format: openvla_jax/evaluate/server.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+flags.DEFINE_string("checkpoint", None, "HF or converted OpenVLA directory", required=True)
+flags.DEFINE_string("host", "127.0.0.1", "address to bind; 0.0.0.0 exposes the unauthenticated server")
+flags.DEFINE_integer("port", 8000, "port to bind (0: any free port)")
+flags.DEFINE_integer("max_batch", 8, "most requests per model call; 1 turns batching off")
+flags.DEFINE_float("max_wait_ms", 5.0, "longest a request waits for others to batch with")
+flags.DEFINE_string("dtype", "bfloat16", "parameter and compute dtype (bfloat16, float32)")
+flags.DEFINE_integer("max_body_mb", 32, "largest request body accepted (413 above)")
+flags.DEFINE_bool("warmup", True, "compile every batch bucket before accepting requests")
+flags.DEFINE_bool("access_log", False, "log every request")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from openvla_jax.evaluate.server import ActionServer
+    from openvla_jax.policy import OpenVLA
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    vla = OpenVLA.load(FLAGS.checkpoint, dtype=FLAGS.dtype)
+    server = ActionServer(vla, host=FLAGS.host, port=FLAGS.port, max_batch=FLAGS.max_batch,
+                          max_wait_ms=FLAGS.max_wait_ms, max_body_bytes=FLAGS.max_body_mb << 20,
+                          access_log=FLAGS.access_log)
+    if FLAGS.warmup:
+        server.warmup()
+    print(f"serving on {server.url} (max_batch={server.max_batch}, max_wait_ms={server.max_wait_ms}, "
+          f"datasets={sorted(vla.norm_stats)})", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    app.run(main)
