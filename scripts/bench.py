@@ -26,6 +26,8 @@ flags.DEFINE_integer("batch", 8, "batch size for model cases")
 flags.DEFINE_integer("seq_len", 128, "sequence length for the Llama forward case")
 flags.DEFINE_integer("repeats", 5, "timed repeats (median reported)")
 flags.DEFINE_string("out", None, "write results as JSON here")
+flags.DEFINE_integer("train_len", 48, "text tokens per row for the train case (plus the image patches)")
+flags.DEFINE_float("peak_tflops", None, "peak TFLOP/s of one device for MFU (default: known accelerators)")
 flags.DEFINE_string("work_dir", None, "scratch directory for the convert case (default: a temp dir)")
 
 
@@ -135,6 +137,96 @@ def case_predict(variant: str) -> list[dict]:
     return rows
 
 
+def _train_batch(b: int, t: int, image: int, seed: int = 0):
+    """Synthetic training rows: BOS, prompt, 7 action tokens, EOS; labels on the last 8."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 31000, (b, t)).astype(np.int32)
+    ids[:, 0] = 1
+    ids[:, -8:-1] = rng.integers(31744, 32000, (b, 7))
+    ids[:, -1] = 2
+    labels = np.full((b, t), -100, np.int32)
+    labels[:, -8:] = ids[:, -8:]
+    return dict(pixel_values=rng.normal(size=(b, image, image, 6)).astype(np.float32), input_ids=ids,
+                attention_mask=np.ones((b, t), bool), labels=labels)
+
+
+def case_train(variant: str) -> list[dict]:
+    """One optimizer step (forward, backward, clip, AdamW) on the same batch and weights: our jitted
+    sharded step (logits at the supervised positions only, and at every position as the original
+    computes them) vs the PyTorch reference (timm + transformers sdpa, torch AdamW + clip_grad_norm_,
+    HF-style loss over all logits), fp32 on both sides. FLOPs per step from `train.flops` (the
+    formula is in its docstring); MFU when the device's peak is known or given (--peak_tflops)."""
+    import jax
+    import numpy as np
+
+    from configs import model as model_configs
+    from openvla_jax.convert.hf import vla_specs
+    from openvla_jax.convert.mapping import hf_to_flax
+    from openvla_jax.models import vla
+    from openvla_jax.parallel.batch import global_batch
+    from openvla_jax.parallel.mesh import make_mesh
+    from openvla_jax.train.flops import peak_flops, step_flops
+    from openvla_jax.train.optimizer import default_optimizer_config, make_optimizer
+    from openvla_jax.train.step import abstract_params, init_train_state, make_train_step
+    from openvla_jax.utils.timing import median_seconds
+    from openvla_jax.utils.torch_reference import build_torch_vla, hf_state_dict
+
+    torch = _torch()
+    cfg = model_configs.get_config(variant)
+    b, t = FLAGS.batch, FLAGS.train_len
+    image = cfg.vision.image_size
+    ref = build_torch_vla(cfg, seed=0, attn_implementation="sdpa", randomize=False).train()
+    params = hf_to_flax(vla_specs(cfg, False), {k: v.numpy() for k, v in hf_state_dict(ref).items()})
+    batch = _train_batch(b, t, image)
+    module = vla.from_config(cfg, dtype="float32")
+    mesh = make_mesh()
+    tx, schedule = make_optimizer(default_optimizer_config(), abstract_params(module))
+    device_batch = global_batch(batch, mesh)
+    rows, peak = [], peak_flops(jax.devices()[0].device_kind, FLAGS.peak_tflops * 1e12 if FLAGS.peak_tflops else None)
+    common = dict(case="train_step", config=variant, batch=b, seq_len=t)
+    jax_s = {}
+    for name, k in (("jax", 8), ("jax_full_logits", None)):
+        state = [init_train_state(module, cfg, tx, mesh, None, jax.random.key(0), params=params)]
+        step = make_train_step(module, tx, schedule, mesh, supervised_tokens=k)
+
+        def run():
+            state[0], m = step(state[0], device_batch)
+            return m
+
+        jax_s[name] = median_seconds(run, repeats=FLAGS.repeats, block=jax.block_until_ready)
+        flops = step_flops(cfg, b, t, k)
+        rows.append(dict(common, impl=name, seconds=jax_s[name], samples_per_s=b / jax_s[name],
+                         tokens_per_s=b * (t + module.num_patches) / jax_s[name], tflops_per_step=flops / 1e12,
+                         mfu=flops / jax_s[name] / peak if peak else None))
+        del state
+    opt = torch.optim.AdamW(ref.parameters(), lr=2e-5, weight_decay=0.0)
+    pv = torch.from_numpy(batch["pixel_values"].transpose(0, 3, 1, 2).copy())
+    ids = torch.from_numpy(batch["input_ids"]).long()
+    mask = torch.from_numpy(batch["attention_mask"]).long()
+    labels = torch.from_numpy(batch["labels"]).long()
+    p = module.num_patches
+
+    def torch_step():
+        opt.zero_grad(set_to_none=True)
+        logits = ref(pv, ids, mask)
+        loss = torch.nn.functional.cross_entropy(logits[:, p:-1].reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        opt.step()
+        return loss
+
+    torch_s = median_seconds(torch_step, repeats=FLAGS.repeats)
+    flops = step_flops(cfg, b, t, None)
+    rows.append(dict(common, impl="torch", seconds=torch_s, samples_per_s=b / torch_s,
+                     tokens_per_s=b * (t + p) / torch_s, tflops_per_step=flops / 1e12))
+    rows.append(dict(common, impl="ratio", jax_over_torch_speed=torch_s / jax_s["jax"],
+                     jax_full_logits_over_torch_speed=torch_s / jax_s["jax_full_logits"]))
+    return rows
+
+
 def case_convert(variant: str) -> list[dict]:
     """Synthetic full-size checkpoint (random bf16, real names and shapes) -> to-jax: wall time and
     peak RSS of the converting process. `--config` picks the variant (use 7b for the real size)."""
@@ -143,7 +235,8 @@ def case_convert(variant: str) -> list[dict]:
     return [bench_convert(variant, work_dir=FLAGS.work_dir)]
 
 
-CASES = {"llama": case_llama, "data": case_data, "predict": case_predict, "convert": case_convert}
+CASES = {"llama": case_llama, "data": case_data, "predict": case_predict, "train": case_train,
+         "convert": case_convert}
 
 
 def main(argv):

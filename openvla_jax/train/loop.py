@@ -129,40 +129,6 @@ def flatten_metrics(metrics: dict, dataset_names, prefix: str) -> dict:
     return out
 
 
-def model_flops_per_token(model_config, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), dense matmuls only: 6 x the
-    parameters a token passes through (the vision towers count once per image, spread over the
-    sequence) + attention scores 12 x layers x hidden x seq_len (QK^T and AV, fwd+bwd). Same
-    convention as MaxText / PaLM's MFU."""
-    import flax.linen as nn
-
-    from openvla_jax.models import vla
-    from openvla_jax.train.step import abstract_params
-
-    module = vla.from_config(model_config)
-    unboxed = nn.meta.unbox(abstract_params(module))
-    llm = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(unboxed["language_model"]))
-    embed = int(np.prod(unboxed["language_model"]["embed_tokens"]["embedding"].shape))
-    vision = sum(int(np.prod(x.shape)) for k in ("vision_backbone", "projector") for x in jax.tree.leaves(unboxed[k]))
-    c = model_config.llm
-    patches = module.num_patches
-    per_token = 6 * (llm - embed) + 12 * c.num_hidden_layers * c.hidden_size * seq_len
-    per_image = 6 * vision * patches + 12 * _vision_layers_width(model_config) * patches * patches
-    return per_token + per_image / seq_len
-
-
-def _vision_layers_width(model_config) -> int:
-    from openvla_jax.models import vit
-
-    total = 0
-    for key in ("featurizer", "fused_featurizer"):
-        tower = model_config.vision.get(key)
-        if tower is not None:
-            cfg = vit.tower_from_config(tower, model_config.vision.image_size)
-            total += cfg.depth * cfg.embed_dim
-    return total
-
-
 # ----------------------------------------------------------------------------------------- train
 def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Callable] = None) -> dict:
     """Run (or resume) training; returns a summary dict (final metrics, steps, export dir)."""
