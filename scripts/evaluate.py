@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,6 +32,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # tfds logs every dataset it opens at INFO
     from openvla_jax import OpenVLA
     from openvla_jax.data.rlds import DataConfig
     from openvla_jax.evaluate.closed_loop import closed_loop_success
