@@ -315,6 +315,7 @@ class _HTTPServer(ThreadingHTTPServer):
 def _handler_class(server: ActionServer):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: a robot client reuses its connection
+        disable_nagle_algorithm = True  # else each small reply waits ~40 ms on the client's delayed ACK
         timeout = 300  # seconds an idle keep-alive connection may hold a thread
 
         def log_message(self, fmt, *args):
