@@ -349,3 +349,17 @@ def test_serve_script_serves_a_checkpoint(ckpt):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_reply_does_not_wait_on_delayed_acks():
+    """Headers and body are two sends; without TCP_NODELAY the second waits ~40 ms for the client's
+    delayed ACK, on every request."""
+    with ActionServer(Stub(), port=0, max_batch=1) as server:
+        client = ActionClient(server.url)
+        img = np.zeros((4, 4, 3), np.uint8)
+        times = []
+        for r in range(20):
+            t = time.perf_counter()
+            client.act(img, f"go {r}", "fractal")
+            times.append(time.perf_counter() - t)
+    assert np.median(times) < 0.025, f"median round trip {1e3 * np.median(times):.1f} ms"
