@@ -105,3 +105,39 @@ def test_export_loads_and_predicts(data_dir, uninterrupted):
     q01, q99 = np.array(stats["demo_tabletop"]["action"]["q01"]), np.array(stats["demo_tabletop"]["action"]["q99"])
     mask = np.array(stats["demo_tabletop"]["action"]["mask"])
     assert np.all((actions[:, mask] >= q01[mask] - 1e-9) & (actions[:, mask] <= q99[mask] + 1e-9))
+
+
+def _majority_accuracy(data_dir) -> float:
+    """Accuracy of always predicting each action dimension's most frequent token (training data)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from train_runner import small_config
+
+    from openvla_jax.data.rlds import RLDSPipeline
+    from openvla_jax.tokenizer.actions import ActionTokenizer
+    from openvla_jax.tokenizer.text import TextTokenizer
+    from openvla_jax.train.loop import data_config
+
+    config = small_config(str(data_dir), 1)
+    pipeline = RLDSPipeline(data_config(config, train=True), TextTokenizer(str(data_dir)),
+                            ActionTokenizer.for_model(config.model))
+    rows = []
+    for i, batch in enumerate(pipeline):
+        if i >= 12:
+            break
+        rows += [r[r != -100][:7] for r in batch["labels"]]
+    tokens = np.array(rows)
+    return float(np.mean([np.mean(col == np.bincount(col).argmax()) for col in tokens.T]))
+
+
+def test_demo_model_learns_above_the_majority_baseline(data_dir, tmp_path):
+    """A fixed small budget (150 steps of 8) on the demo data: the action-token accuracy of the last
+    logged steps must clear the majority-class baseline (0.74 here: three of the seven dimensions are
+constant; chance is 1/256), and the loss must fall by 10x. A model that stops learning fails both."""
+    run(data_dir, tmp_path / "learn", 150, "--learn", 1)
+    rows = [json.loads(l) for l in (tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()]
+    acc = np.mean([r["train/action_accuracy"] for r in rows[-3:]])
+    loss0, loss1 = rows[0]["train/loss"], np.mean([r["train/loss"] for r in rows[-3:]])
+    baseline = _majority_accuracy(data_dir)
+    print(f"accuracy {acc:.3f} vs majority baseline {baseline:.3f}; loss {loss0:.2f} -> {loss1:.2f}")
+    assert loss1 < 0.1 * loss0  # measured 9.40 -> 0.31
+    assert acc > baseline + 0.05, (acc, baseline)  # measured 0.839 vs 0.741

@@ -5,6 +5,7 @@
 --sigterm-at K: the process sends itself SIGTERM after step K (the loop must save K and exit 0).
 --kill-after-save K: after step K+1, wait until checkpoint K is complete, then SIGKILL itself (no
 chance to clean up): the resumed run must continue from K.
+--learn 1: the learning check's settings (one save at the end, lr schedule over STEPS, log every 10).
 """
 
 import json
@@ -60,7 +61,14 @@ def main(argv):
                 time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    summary = train(small_config(data_dir, steps), workdir, on_step=on_step)
+    config = small_config(data_dir, steps)
+    if opts.get("--learn"):
+        config.optimizer.total_steps = steps
+        config.optimizer.lr = 3e-3
+        config.train.save_every = steps
+        config.train.log_every = 10
+        config.train.checksum = False
+    summary = train(config, workdir, on_step=on_step)
     print("SUMMARY " + json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}))
 
 
