@@ -5,7 +5,7 @@
     server.stop()
 
 Endpoints
-- `POST /act`, body one of
+- `POST /act`, body one of (parsed in `act_format.py`)
     {"image": [H][W][3] ints 0..255, "instruction": str, "unnorm_key": str (optional)}   plain JSON
     {"image": <json-numpy uint8 [H, W, 3]>, "instruction": ..., "unnorm_key": ...}        json-numpy
     {"encoded": "<JSON text of either form above>"}              the original's "double encoding"
@@ -36,111 +36,18 @@ import queue
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
 import numpy as np
 
-from openvla_jax.data.normalize import select_unnorm_key
-from openvla_jax.evaluate import jsonnp
+from openvla_jax.evaluate.act_format import BadRequest, Pending, encode_action, parse_act
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 << 20  # a 1080p RGB frame as a JSON list is ~25 MB
-MAX_IMAGE_SIDE = 4096
 
 
-class BadRequest(ValueError):
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass
-class _Pending:
-    image: np.ndarray
-    instruction: str
-    unnorm_key: Optional[str]
-    done: threading.Event = field(default_factory=threading.Event)
-    action: Optional[np.ndarray] = None
-    error: Optional[str] = None
-
-
-# ------------------------------------------------------------------------------ request parsing
-def _image(x) -> np.ndarray:
-    """A JSON image (nested list or decoded json-numpy array) -> uint8 `[H, W, 3]`, or BadRequest."""
-    if isinstance(x, np.ndarray):
-        if x.dtype != np.uint8:
-            raise BadRequest(f"'image' must have dtype uint8, got {x.dtype}")
-        img = x
-    elif isinstance(x, list):
-        try:
-            img = np.asarray(x)
-        except ValueError as e:  # ragged nesting
-            raise BadRequest(f"'image' is not a rectangular [H][W][3] nested list ({e})") from None
-        if img.dtype.kind not in "iu":  # floats, bools, strings, objects
-            raise BadRequest(f"'image' must hold integers 0..255, got values of type {img.dtype}")
-        if img.size and (img.min() < 0 or img.max() > 255):
-            raise BadRequest(f"'image' values must lie in 0..255, got {img.min()}..{img.max()}")
-    else:
-        raise BadRequest(f"'image' must be an [H][W][3] list of ints or a json-numpy uint8 array, "
-                         f"got {type(x).__name__}")
-    if img.ndim != 3 or img.shape[-1] != 3:
-        raise BadRequest(f"'image' must have shape [H, W, 3] (RGB), got shape {list(img.shape)}")
-    h, w = img.shape[:2]
-    if not (0 < h <= MAX_IMAGE_SIDE and 0 < w <= MAX_IMAGE_SIDE):
-        raise BadRequest(f"'image' height and width must be in 1..{MAX_IMAGE_SIDE}, got {h}x{w}")
-    return img.astype(np.uint8, copy=False)
-
-
-def parse_act(body: bytes, norm_stats: dict) -> tuple[_Pending, str]:
-    """A `/act` body -> (queued request, reply encoding in {"list", "json_numpy", "encoded"})."""
-    try:
-        payload = jsonnp.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise BadRequest(f"malformed JSON body: {e}") from None
-    if not isinstance(payload, dict):
-        raise BadRequest(f"body must be a JSON object, got {type(payload).__name__}")
-    encoding = "list"
-    if "encoded" in payload:
-        if len(payload) != 1 or not isinstance(payload["encoded"], str):
-            raise BadRequest("an 'encoded' body must be {\"encoded\": <JSON text>} with no other keys")
-        try:
-            payload = jsonnp.loads(payload["encoded"])
-        except (ValueError, RecursionError) as e:
-            raise BadRequest(f"malformed JSON in 'encoded': {e}") from None
-        if not isinstance(payload, dict):
-            raise BadRequest(f"'encoded' must hold a JSON object, got {type(payload).__name__}")
-        encoding = "encoded"
-    if "image" not in payload:
-        raise BadRequest("missing 'image' (an [H, W, 3] uint8 array)")
-    if isinstance(payload["image"], np.ndarray) and encoding == "list":
-        encoding = "json_numpy"
-    image = _image(payload["image"])
-    instruction = payload.get("instruction")
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise BadRequest(f"'instruction' must be a non-empty string, got {instruction!r:.80}")
-    key = payload.get("unnorm_key")
-    if key is not None and not isinstance(key, str):
-        raise BadRequest(f"'unnorm_key' must be a string or absent, got {type(key).__name__}")
-    try:
-        select_unnorm_key(norm_stats, key)  # the same check predict_action makes, answered as a 400
-    except ValueError as e:
-        raise BadRequest(str(e)) from None
-    return _Pending(image, instruction, key), encoding
-
-
-def encode_action(action: np.ndarray, encoding: str) -> Any:
-    """The JSON value answered for `action` `[7]`, in the request's form (see the module doc)."""
-    if encoding == "list":
-        return action.tolist()
-    if encoding == "json_numpy":
-        return jsonnp.encode_array(action)
-    return jsonnp.dumps(action)
-
-
-# --------------------------------------------------------------------------------------- server
 class ActionServer:
     """Serves `vla.predict_action(images, instructions, unnorm_key)` (any object with that method
     and a `norm_stats` dict) over HTTP. `port=0` picks a free port (see `.url`)."""
@@ -156,7 +63,7 @@ class ActionServer:
         self.max_batch, self.max_wait_ms = int(max_batch), float(max_wait_ms)
         self.max_body_bytes, self.request_timeout_s = int(max_body_bytes), float(request_timeout_s)
         self.access_log = access_log
-        self._queue: queue.Queue[_Pending] = queue.Queue()
+        self._queue: queue.Queue[Pending] = queue.Queue()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._stats = Counter()
@@ -256,14 +163,14 @@ class ActionServer:
             self._stats[key] += n
 
     # ------------------------------------------------------------------------------ batching
-    def submit(self, pending: _Pending) -> None:
+    def submit(self, pending: Pending) -> None:
         if self._stop.is_set():
             pending.error = "503:server is shutting down"
             pending.done.set()
             return
         self._queue.put(pending)
 
-    def _collect(self) -> list[_Pending]:
+    def _collect(self) -> list[Pending]:
         """Blocks for one request, then gathers more until max_batch or the wait bound."""
         try:
             batch = [self._queue.get(timeout=0.1)]
@@ -284,8 +191,8 @@ class ActionServer:
             if batch:
                 self._run(batch)
 
-    def _run(self, batch: list[_Pending]) -> None:
-        groups: dict[Optional[str], list[_Pending]] = {}
+    def _run(self, batch: list[Pending]) -> None:
+        groups: dict[Optional[str], list[Pending]] = {}
         for p in batch:
             groups.setdefault(p.unnorm_key, []).append(p)
         for key, group in groups.items():
