@@ -68,6 +68,7 @@ def main(argv):
         config.train.save_every = steps
         config.train.log_every = 10
         config.train.checksum = False
+    config.init_from = os.environ.get("INIT_FROM", "")
     summary = train(config, workdir, on_step=on_step)
     print("SUMMARY " + json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}))
 
