@@ -239,8 +239,9 @@ def _handler_class(server: ActionServer):
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(body)
+            # Counted before the body goes out: once a client holds its reply, stats include it.
             server._count("responses_%dxx" % (status // 100))
+            self.wfile.write(body)
 
         def _error(self, status: int, message: str) -> None:
             self._reply(status, {"error": message})
