@@ -137,21 +137,6 @@ def case_predict(variant: str) -> list[dict]:
     return rows
 
 
-def _train_batch(b: int, t: int, image: int, seed: int = 0):
-    """Synthetic training rows: BOS, prompt, 7 action tokens, EOS; labels on the last 8."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, 31000, (b, t)).astype(np.int32)
-    ids[:, 0] = 1
-    ids[:, -8:-1] = rng.integers(31744, 32000, (b, 7))
-    ids[:, -1] = 2
-    labels = np.full((b, t), -100, np.int32)
-    labels[:, -8:] = ids[:, -8:]
-    return dict(pixel_values=rng.normal(size=(b, image, image, 6)).astype(np.float32), input_ids=ids,
-                attention_mask=np.ones((b, t), bool), labels=labels)
-
-
 def case_train(variant: str) -> list[dict]:
     """One optimizer step (forward, backward, clip, AdamW) on the same batch and weights: our jitted
     sharded step (logits at the supervised positions only, and at every position as the original
@@ -170,6 +155,7 @@ def case_train(variant: str) -> list[dict]:
     from openvla_jax.train.flops import peak_flops, step_flops
     from openvla_jax.train.optimizer import default_optimizer_config, make_optimizer
     from openvla_jax.train.step import abstract_params, init_train_state, make_train_step
+    from openvla_jax.train.synthetic import synthetic_batch
     from openvla_jax.utils.timing import median_seconds
     from openvla_jax.utils.torch_reference import build_torch_vla, hf_state_dict
 
@@ -179,7 +165,7 @@ def case_train(variant: str) -> list[dict]:
     image = cfg.vision.image_size
     ref = build_torch_vla(cfg, seed=0, attn_implementation="sdpa", randomize=False).train()
     params = hf_to_flax(vla_specs(cfg, False), {k: v.numpy() for k, v in hf_state_dict(ref).items()})
-    batch = _train_batch(b, t, image)
+    batch = synthetic_batch(b, t, image)
     module = vla.from_config(cfg, dtype="float32")
     mesh = make_mesh()
     tx, schedule = make_optimizer(default_optimizer_config(), abstract_params(module))
@@ -227,6 +213,16 @@ def case_train(variant: str) -> list[dict]:
     return rows
 
 
+def case_serve(variant: str) -> list[dict]:
+    """The HTTP action server on loopback: throughput and p50/p99 latency at 1, 8 and 32 concurrent
+    clients, dynamic batching on (max_batch 32, 5 ms wait) and off, random `variant` weights."""
+    from openvla_jax.evaluate.serve_bench import bench_server, tiny_random_vla
+
+    rows = bench_server(tiny_random_vla(variant), clients=(1, 8, 32), batching=(True, False),
+                        requests_per_client=16)
+    return [dict(case="serve", config=variant, **r) for r in rows]
+
+
 def case_convert(variant: str) -> list[dict]:
     """Synthetic full-size checkpoint (random bf16, real names and shapes) -> to-jax: wall time and
     peak RSS of the converting process. `--config` picks the variant (use 7b for the real size)."""
@@ -236,7 +232,7 @@ def case_convert(variant: str) -> list[dict]:
 
 
 CASES = {"llama": case_llama, "data": case_data, "predict": case_predict, "train": case_train,
-         "convert": case_convert}
+         "serve": case_serve, "convert": case_convert}
 
 
 def main(argv):

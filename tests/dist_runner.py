@@ -18,18 +18,9 @@ GLOBAL_BATCH, LENGTH = 4, 14
 
 
 def global_rows(step: int):
-    import numpy as np
+    from openvla_jax.train.synthetic import synthetic_batch
 
-    rng = np.random.default_rng(100 + step)
-    b, t = GLOBAL_BATCH, LENGTH
-    ids = rng.integers(3, 31000, (b, t)).astype(np.int32)
-    ids[:, 0] = 1
-    ids[:, -8:-1] = rng.integers(31744, 32000, (b, 7))
-    ids[:, -1] = 2
-    labels = np.full((b, t), -100, np.int32)
-    labels[:, -8:] = ids[:, -8:]
-    return dict(pixel_values=rng.normal(size=(b, 28, 28, 6)).astype(np.float32), input_ids=ids,
-                attention_mask=np.ones((b, t), bool), labels=labels)
+    return synthetic_batch(GLOBAL_BATCH, LENGTH, 28, seed=100 + step)
 
 
 def main(argv):

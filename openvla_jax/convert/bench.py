@@ -29,9 +29,8 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 def write_synthetic_hf(out_dir, variant: str = "7b", seed: int = 0, max_shard_size: str = "5GB") -> dict:
     """Random bf16 OpenVLA HF directory for `variant`; returns {"bytes", "tensors", "seconds"}."""
     from configs import model as model_configs
-    from openvla_jax.convert.hf import _shards, parse_size, vla_specs
+    from openvla_jax.convert.hf import vla_specs, write_shards
     from openvla_jax.convert.hf_config import generation_config, hf_config_from_model_config
-    from openvla_jax.convert.io import INDEX_NAME, write_safetensors
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -47,15 +46,7 @@ def write_synthetic_hf(out_dir, variant: str = "7b", seed: int = 0, max_shard_si
         return x.astype(BF16)
 
     shapes = {s.hf_key: s.hf_shape for s in specs}
-    shards = _shards([(s.hf_key, s.hf_shape, BF16) for s in specs], parse_size(max_shard_size))
-    weight_map, total = {}, 0
-    for i, entries in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(out_dir / name, entries, get, {"format": "pt"})
-        for key, shape, _ in entries:
-            weight_map[key] = name
-            total += int(np.prod(shape, dtype=np.int64)) * BF16.itemsize
-    (out_dir / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    total = write_shards(out_dir, [(s.hf_key, s.hf_shape, BF16) for s in specs], get, max_shard_size)
     (out_dir / "config.json").write_text(json.dumps(hf_config_from_model_config(model_config, None, "bfloat16")))
     (out_dir / "generation_config.json").write_text(json.dumps(generation_config()))
     return dict(bytes=total, tensors=len(specs), seconds=time.perf_counter() - start)

@@ -150,6 +150,23 @@ def _shards(entries, max_bytes: int) -> list[list]:
     return shards
 
 
+def write_shards(out_dir: Path, entries, get, max_shard_size="5GB") -> int:
+    """Stream `(key, shape, dtype)` entries (values from `get(key)`, one at a time) into
+    `model-0000i-of-0000N.safetensors` shards of at most `max_shard_size` plus the HF index json;
+    returns the total bytes."""
+    shards = _shards(entries, parse_size(max_shard_size))
+    weight_map, total = {}, 0
+    for i, group in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(Path(out_dir) / name, group, get, {"format": "pt"})
+        for key, shape, dt in group:
+            weight_map[key] = name
+            total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (Path(out_dir) / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return total
+
+
 def copy_tokenizer(tokenizer_dir, out_dir: Path) -> list[str]:
     copied = []
     if tokenizer_dir is None:
@@ -197,18 +214,9 @@ def save_hf(out_dir, model_config: ml_collections.ConfigDict, params, norm_stats
     def get(key):
         return get_hf(key).astype(np_dtype, copy=False)
 
-    shards = _shards([(s.hf_key, s.hf_shape, np_dtype) for s in specs], parse_size(max_shard_size))
     tmp = atomic_dir(out_dir)
     try:
-        weight_map, total = {}, 0
-        for i, entries in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(tmp / name, entries, get, {"format": "pt"})
-            for key, shape, dt in entries:
-                weight_map[key] = name
-                total += int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        write_shards(tmp, [(s.hf_key, s.hf_shape, np_dtype) for s in specs], get, max_shard_size)
         config = hf_config_from_model_config(model_config, norm_stats, dtype, config_extra)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(), indent=2) + "\n")

@@ -41,16 +41,9 @@ def _write_synthetic(data_dir: str, n_episodes: int, steps: int, seed: int = 0) 
 
 
 def _tiny_tokenizer(out_dir: str) -> str:
-    import sentencepiece as spm
+    from openvla_jax.tokenizer.train import write_sentencepiece
 
-    text = os.path.join(out_dir, "corpus.txt")
-    with open(text, "w") as f:
-        f.write("In: What action should the robot take to put the bowl on the plate?\nOut: \n" * 50)
-    spm.SentencePieceTrainer.train(input=text, model_prefix=os.path.join(out_dir, "tokenizer"),
-                                   vocab_size=300, model_type="bpe", byte_fallback=True,
-                                   remove_extra_whitespaces=False, hard_vocab_limit=False,
-                                   minloglevel=2, num_threads=1)
-    return out_dir
+    return write_sentencepiece(out_dir, ["put the bowl on the plate"], vocab_size=300)
 
 
 def _time(iterator, n_batches: int, batch_size: int, warmup: int) -> float:

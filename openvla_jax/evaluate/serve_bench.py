@@ -11,7 +11,6 @@ compiled before timing. Called by `scripts/bench.py --case serve`.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import threading
 import time
@@ -86,21 +85,6 @@ def format_table(rows: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------- tiny random model
-def tiny_tokenizer(out_dir: str) -> str:
-    """A small Llama-id sentencepiece model (unk 0, bos 1, eos 2) trained on the bench prompts."""
-    import sentencepiece as spm
-
-    text = os.path.join(out_dir, "corpus.txt")
-    with open(text, "w") as f:
-        for s in INSTRUCTIONS * 20:
-            f.write(f"In: What action should the robot take to {s}?\nOut: \n")
-    spm.SentencePieceTrainer.train(
-        input=text, model_prefix=os.path.join(out_dir, "tokenizer"), vocab_size=400, model_type="bpe",
-        byte_fallback=True, remove_extra_whitespaces=False, hard_vocab_limit=False, unk_id=0, bos_id=1,
-        eos_id=2, pad_id=-1, minloglevel=2, num_threads=1)
-    return out_dir
-
-
 def tiny_random_vla(variant: str = "tiny", dtype: str = "float32", seed: int = 0):
     """An `OpenVLA` with random weights of `configs/model.py:<variant>`, a throwaway tokenizer and
     one dataset's statistics: for timing only, its actions mean nothing."""
@@ -117,7 +101,9 @@ def tiny_random_vla(variant: str = "tiny", dtype: str = "float32", seed: int = 0
     params = jax.jit(lambda k: nn.unbox(module.init(k, jnp.zeros((1, 224, 224, 6)), jnp.ones((1, 8), jnp.int32))))(
         jax.random.key(seed))["params"]
     stats = {"bench": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]}}}
-    tok_dir = tiny_tokenizer(tempfile.mkdtemp(prefix="serve_bench_tok_"))
+    from openvla_jax.tokenizer.train import write_sentencepiece
+
+    tok_dir = write_sentencepiece(tempfile.mkdtemp(prefix="serve_bench_tok_"), INSTRUCTIONS)
     return OpenVLA(config, params, stats, tok_dir, dtype)
 
 
