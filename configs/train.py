@@ -49,8 +49,9 @@ def train_loop_config(**overrides) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(dict(
         steps=1000,
         log_every=10,               # metrics to TensorBoard + metrics.jsonl every N steps
-        eval_every=0,               # 0: no periodic evaluation
+        eval_every=0,               # 0: no periodic evaluation (teacher-forced loss / accuracy / L1)
         eval_batches=8,
+        offline_eval_every=0,       # 0: none; else evaluate/offline.py (greedy decoding, per-dim L1/MSE)
         save_every=500,
         keep_last=2,
         keep_every=0,               # 0: none kept beyond the last K

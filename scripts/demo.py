@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -66,6 +66,7 @@ def main(argv):
     del argv
     import tensorflow_datasets as tfds
 
+    logging.set_verbosity(logging.WARNING)  # tfds logs every dataset it opens at INFO
     tfds.disable_progress_bar()
     from configs import train as train_configs
     from openvla_jax import OpenVLA

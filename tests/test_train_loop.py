@@ -51,6 +51,9 @@ def uninterrupted(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("runs") / "full"
     proc = run(data_dir, workdir)
     assert "SUMMARY" in proc.stdout
+    offline = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if "offline/" in l]
+    assert len(offline) == 1 and offline[0]["step"] == STEPS  # evaluate/offline.py ran from the loop
+    assert offline[0]["offline/frames"] == 16 and 0 <= offline[0]["offline/action_accuracy"] <= 1
     return workdir, losses(workdir)
 
 
@@ -145,6 +148,7 @@ def test_demo_model_learns_above_the_majority_baseline(data_dir, tmp_path):
 constant; chance is 1/256), and the loss must fall by 10x. A model that stops learning fails both."""
     run(data_dir, tmp_path / "learn", 150, "--learn", 1)
     rows = [json.loads(l) for l in (tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "train/loss" in r]
     acc = np.mean([r["train/action_accuracy"] for r in rows[-3:]])
     loss0, loss1 = rows[0]["train/loss"], np.mean([r["train/loss"] for r in rows[-3:]])
     baseline = _majority_accuracy(data_dir)

@@ -36,6 +36,8 @@ def small_config(data_dir: str, steps: int):
     c.train.save_every = 2
     c.train.keep_last = 3
     c.train.eval_every = 0
+    c.train.offline_eval_every = steps  # once, at the end: greedy decoding on the validation split
+    c.train.eval_batches = 2
     c.train.progress = False
     c.train.checksum = True
     return c

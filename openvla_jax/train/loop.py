@@ -239,6 +239,9 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
                     last = writer.write(step, metrics)
                 if eval_fn is not None and (step % tc.eval_every == 0 or step == tc.steps):
                     last.update(writer.write(step, eval_fn(state.params), prefix="eval"))
+                if tc.get("offline_eval_every") and (step % tc.offline_eval_every == 0 or step == tc.steps):
+                    last.update(writer.write(step, offline_eval(config, state.params, pipeline.statistics,
+                                                                tok_dir), prefix="offline"))
                 meta = dict(rng=np.asarray(jax.device_get(state.rng)).tolist())
                 ckpt.save(step, state.params, state.opt_state, meta, data_iterator=data)
                 if on_step is not None:
@@ -268,6 +271,23 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
         writer.close()
         ckpt.close()
     return summary
+
+
+def offline_eval(config, params, statistics, tok_dir) -> dict:
+    """`evaluate/offline.py` on the current params, where they are (sharded on the training mesh: the
+    jitted greedy decoder runs partitioned like them), over `train.eval_batches` validation batches.
+    Single process (the offline metrics are summed on one host)."""
+    from openvla_jax.evaluate.offline import evaluate_offline
+    from openvla_jax.policy import OpenVLA
+
+    if jax.process_count() > 1:
+        log.warning("offline evaluation runs single-process only; skipped")
+        return {}
+    vla = OpenVLA(config.model, params, statistics, tok_dir, dtype=config.model.dtype)
+    cfg = data_config(config, train=False, dataset_statistics=statistics)
+    cfg.progress = False
+    overall = evaluate_offline(vla, cfg, max_batches=config.train.eval_batches, episodes_to_plot=0)["metrics"]["overall"]
+    return {k: v for k, v in overall.items() if isinstance(v, (int, float))}
 
 
 def _restore(ckpt, step: int, module, optimizer, shardings, data):
