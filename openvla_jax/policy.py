@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from openvla_jax import quant
 from openvla_jax.data.normalize import action_stats, unnormalize
 from openvla_jax.models import vla as vla_lib
 from openvla_jax.models.common import as_dtype
@@ -38,17 +39,29 @@ def _bucket(n: int) -> int:
 
 class OpenVLA:
     def __init__(self, model_config: ml_collections.ConfigDict, params, norm_stats: Optional[dict] = None,
-                 tokenizer_dir: Optional[os.PathLike] = None, dtype="bfloat16"):
+                 tokenizer_dir: Optional[os.PathLike] = None, dtype="bfloat16", quantize: Optional[str] = None,
+                 group_size: Optional[int] = quant.DEFAULT_GROUP_SIZE):
+        """`quantize`: None, "int8" or "int4" (weight-only, see `openvla_jax.quant`); params that are
+        already quantized (from `quant.load_quantized`) are used as they are. Quantized kernels stay
+        int8 in memory and are dequantized to `dtype` inside the jitted calls."""
         dtype = as_dtype(dtype)
         self.config = model_config
         self.module = vla_lib.from_config(model_config, dtype=dtype, param_dtype=dtype, scan_layers=_is_scanned(params))
-        self.params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+        have = quant.quant_mode(params)
+        if quantize is not None and have is None:
+            params = quant.quantize_params(params, quantize, group_size)
+        elif quantize is not None and quantize != have:
+            raise ValueError(f"quantize={quantize!r}, but the params are already quantized as {have!r}")
+        self.quantization = quant.quant_mode(params)
+        self.params = quant.cast_floats(params, dtype)
         self.norm_stats = dict(norm_stats or {})
         self.tokenizer_dir = tokenizer_dir
         self._tokenizer = None
         self.action_tokenizer = ActionTokenizer.for_model(model_config)
         self.action_dim = model_config.get("action_dim", 7)
         module = self.module
+        if self.quantization is not None:
+            module = quant.DequantizingModule(module, dtype)  # dequantize in the trace, next to each use
         self._logits = jax.jit(lambda p, pv, ids, m: module.apply({"params": p}, pv, ids, m))
         self._decode = jax.jit(
             lambda p, pv, ids, m: vla_lib.greedy_decode(module, p, pv, ids, m, num_tokens=self.action_dim)
@@ -56,22 +69,26 @@ class OpenVLA:
 
     # ------------------------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: Union[str, os.PathLike], dtype="bfloat16") -> "OpenVLA":
-        """An HF OpenVLA directory (`config.json` + safetensors) or a `scripts/convert.py to-jax` one."""
+    def load(cls, path: Union[str, os.PathLike], dtype="bfloat16", quantize: Optional[str] = None,
+             group_size: Optional[int] = quant.DEFAULT_GROUP_SIZE) -> "OpenVLA":
+        """An HF OpenVLA directory (`config.json` + safetensors), a `scripts/convert.py to-jax` one, or
+        a `quant.save_quantized` one. `quantize` ("int8" / "int4") quantizes a float checkpoint on load."""
         from openvla_jax.convert import hf
 
         path = Path(path)
-        if (path / "model_config.json").exists():
+        if quant.is_quantized_dir(path):
+            model_config, params, extras = quant.load_quantized(path)
+        elif (path / "model_config.json").exists():
             model_config, params, extras = hf.load_converted(path)
         elif (path / "config.json").exists():
             model_config, params, extras = hf.load_hf(path)
         else:
             raise FileNotFoundError(
                 f"{path} is not an OpenVLA checkpoint: expected config.json (HF) or model_config.json "
-                "(converted with scripts/convert.py to-jax)"
+                "(converted with scripts/convert.py to-jax) or quant_config.json (quant.save_quantized)"
             )
         tok_dir = path if (path / "tokenizer.model").exists() else None
-        return cls(model_config, params, extras.get("norm_stats"), tok_dir, dtype)
+        return cls(model_config, params, extras.get("norm_stats"), tok_dir, dtype, quantize, group_size)
 
     @property
     def tokenizer(self):
