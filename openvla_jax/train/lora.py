@@ -1,0 +1,284 @@
+"""LoRA: low-rank adapters as a separate params tree, merged into the base functionally.
+
+    adapters = init_lora(base, LoraConfig(), rng)           # {path: {"A": [.., in, r], "B": [.., r, out]}}
+    logits = module.apply({"params": merge(base, adapters, cfg)}, ...)
+
+The original (OpenVLA's `vla-scripts/finetune.py`, PEFT): rank 32, alpha 16, dropout 0,
+`target_modules="all-linear"` (every nn.Linear of the vision towers, projector and LLM except
+`lm_head`; the patch embeddings are Conv2d, not linear), `init_lora_weights="gaussian"`:
+A ~ N(0, (1/r)^2), B = 0, so the adapted model starts equal to the base.
+
+Kernel layouts -> (input dims I, output dims O), A `[prod(I), r]`, B `[r, prod(O)]`:
+  nn.Dense `[in, out]`                                  I = in
+  q/k/v_proj `[D, H, Dh]`, ViT qkv `[D, 3, H, Dh]`,     I = D (first dim), O = the rest
+    attn_pool q `[D, H, Dh]` / kv `[D, 2, H, Dh]`
+  o_proj / ViT attn proj / attn_pool proj `[H, Dh, D]`  I = (H, Dh), O = D (last dim)
+i.e. output projections (module named `o_proj` or `proj`) contract every dim but the last, every
+other kernel contracts its first dim -- as torch's Linear sees them flattened. A stacked (nn.scan)
+kernel has a leading layer axis (path component `layers` / `blocks`), kept as a batch axis of A and B.
+
+  W' = W + (alpha / r) * (A @ B).reshape(W.shape)        computed in fp32, cast to W's dtype
+
+Merging every step materialises one merged copy of each adapted kernel (and its full-size gradient,
+then projected onto A and B); simple and exact, but it costs the memory of a merged copy of the
+linear weights on top of the base, which an unmerged `x W + s x A B` inside the model would not.
+Dropout > 0 cannot be expressed as a weight merge and is refused (the original recipe uses 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from openvla_jax.train.loss import loss_and_sums, summarize, supervised_positions
+from openvla_jax.train.optimizer import param_paths
+from openvla_jax.train.state import TrainState, key_data
+
+_STACKED = ("layers", "blocks")  # nn.scan stack names (models/llama.py, models/vit.py)
+_OUTPUT_PROJECTIONS = ("o_proj", "proj")  # contract all dims but the last (see the module docstring)
+ADAPTERS_FILE = "adapters.npz"
+CONFIG_FILE = "lora_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """`target` / `exclude`: regexes `re.fullmatch`ed against '/'-joined param paths; a kernel is
+    adapted when it matches `target` and not `exclude`. Defaults: every linear kernel but lm_head (and
+    the conv patch embeddings)."""
+    rank: int = 32
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target: str = r".*/kernel"
+    exclude: str = r".*(lm_head|patch_embed)/kernel"
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.dropout != 0.0:
+            raise ValueError(f"LoRA dropout {self.dropout} is not supported (adapters are merged into the "
+                             "weights; dropout on the adapter input has no merged form); use 0.0 as the original")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _split(path: str, shape) -> tuple[int, int, int]:
+    """-> (stack dims 0/1, number of input dims, number of output dims) of a kernel."""
+    names = path.split("/")
+    stack = int(any(n in _STACKED for n in names[:-1]))
+    dims = len(shape) - stack
+    if dims < 2:
+        raise ValueError(f"LoRA target {path} has shape {tuple(shape)}: not a linear kernel (needs >= 2 dims "
+                         "besides a scan axis); narrow LoraConfig.target")
+    n_in = dims - 1 if names[-2] in _OUTPUT_PROJECTIONS else 1
+    return stack, n_in, dims - n_in
+
+
+def targets(params, cfg: LoraConfig) -> dict:
+    """'/'-joined path -> kernel shape, for every adapted kernel (params boxed or not, arrays or shapes)."""
+    params = nn.meta.unbox(params)
+    target, exclude = re.compile(cfg.target), re.compile(cfg.exclude) if cfg.exclude else None
+    out = {p: tuple(x.shape) for p, x in zip(jax.tree.leaves(param_paths(params)), jax.tree.leaves(params))
+           if target.fullmatch(p) and not (exclude and exclude.fullmatch(p))}
+    if not out:
+        raise ValueError(f"LoRA target {cfg.target!r} (exclude {cfg.exclude!r}) matches no parameter; paths look "
+                         f"like {jax.tree.leaves(param_paths(params))[:3]}")
+    return out
+
+
+def adapter_shapes(path: str, shape, rank: int) -> tuple[tuple, tuple]:
+    """-> (A shape `[stack.., prod(in), r]`, B shape `[stack.., r, prod(out)]`)."""
+    stack, n_in, _ = _split(path, shape)
+    lead, body = tuple(shape[:stack]), tuple(shape[stack:])
+    return lead + (math.prod(body[:n_in]), rank), lead + (rank, math.prod(body[n_in:]))
+
+
+def init_lora(params, cfg: LoraConfig, rng) -> dict:
+    """-> adapters `{path: {"A": ..., "B": ...}}` (fp32): A ~ N(0, (1/r)^2) (PEFT "gaussian"), B = 0.
+    `params` only supplies shapes (works under `jax.eval_shape`)."""
+    out = {}
+    for i, (path, shape) in enumerate(sorted(targets(params, cfg).items())):
+        a_shape, b_shape = adapter_shapes(path, shape, cfg.rank)
+        a = jax.random.normal(jax.random.fold_in(rng, i), a_shape, jnp.float32) / cfg.rank
+        out[path] = {"A": a, "B": jnp.zeros(b_shape, jnp.float32)}
+    return out
+
+
+def abstract_adapters(params, cfg: LoraConfig) -> dict:
+    """The adapters' tree as ShapeDtypeStruct (no memory), e.g. for `train.optimizer.make_optimizer`."""
+    return jax.eval_shape(lambda key: init_lora(params, cfg, key), jax.random.key(0))
+
+
+def delta(shape, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """(alpha/r) * A @ B reshaped to the kernel's `shape` (fp32). A stack axis (if any) is a batch axis
+    of the matmul and leads the reshape alike."""
+    ab = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return (scale * ab).reshape(shape)
+
+
+def merge(params, adapters: dict, cfg: LoraConfig):
+    """-> params with every adapted kernel W replaced by W + (alpha/r) A @ B (W's dtype). Pure, jittable;
+    untargeted leaves are returned as they are (the same objects)."""
+    paths = param_paths(params)
+    known = set(jax.tree.leaves(paths))
+    missing = [p for p in adapters if p not in known]
+    if missing:
+        raise ValueError(f"adapters for parameters the model does not have: {missing[:3]}")
+
+    def one(path, w):
+        ad = adapters.get(path)
+        if ad is None:
+            return w
+        return (w.astype(jnp.float32) + delta(w.shape, ad["A"], ad["B"], cfg.scale)).astype(w.dtype)
+
+    return jax.tree.map(one, paths, params)
+
+
+def count(tree) -> int:
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def trainable_count(model_config, cfg: LoraConfig = LoraConfig()) -> tuple[int, int]:
+    """-> (adapter parameters, base parameters) of a `configs/model.py` config, from `jax.eval_shape`
+    (no memory: the 7B model's shapes only)."""
+    from openvla_jax.models import vla
+    from openvla_jax.train.step import abstract_params
+
+    base = nn.meta.unbox(abstract_params(vla.from_config(model_config, param_dtype="float32")))
+    return count(abstract_adapters(base, cfg)), count(base)
+
+
+# ------------------------------------------------------------------------------------- training
+def _forward_sums(module, params, batch, supervised_tokens):
+    labels = batch["labels"]
+    index, targets_, num_patches = None, labels, module.num_patches
+    if supervised_tokens:
+        index, targets_, _ = supervised_positions(labels, module.num_patches, supervised_tokens)
+        num_patches = None
+    logits = module.apply({"params": params}, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                          logits_index=index)
+    return loss_and_sums(logits, targets_, num_patches)
+
+
+def init_lora_state(base_params, cfg: LoraConfig, optimizer: optax.GradientTransformation, rng) -> TrainState:
+    """A TrainState whose params are the adapters only (the optimizer state covers them alone)."""
+    rng = key_data(rng)
+    adapters = init_lora(base_params, cfg, jax.random.wrap_key_data(rng))
+    return TrainState.create(adapters, optimizer, rng)
+
+
+def make_lora_train_step(module, optimizer: optax.GradientTransformation, lr_schedule: Callable, cfg: LoraConfig,
+                         *, supervised_tokens: Optional[int] = None, donate: bool = True,
+                         compiler_options: Optional[dict] = None) -> Callable:
+    """-> `step(state, base_params, batch) -> (state, metrics)`, jitted (single device / replicated).
+
+    `state.params` are the adapters; `base_params` are a frozen argument (no gradient, never donated,
+    any float dtype). batch: pixel_values `[B, S, S, 6]`, input_ids / attention_mask / labels `[B, T]`.
+    metrics: loss, action_accuracy, l1, tokens, ... (`train.loss.summarize`), grad_norm (of the
+    adapter gradients), lr, finite. A non-finite loss or gradient leaves the state unchanged."""
+
+    def loss_fn(adapters, base, batch):
+        return _forward_sums(module, merge(base, adapters, cfg), batch, supervised_tokens)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, base, batch):
+        base = jax.lax.stop_gradient(base)
+        (loss_sum, sums), grads = grad_fn(state.params, base, batch)
+        n = jnp.maximum(sums["tokens"].sum(), 1.0)
+        grads = jax.tree.map(lambda g: g / n, grads)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state)
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+        metrics = summarize(sums)
+        metrics.update(grad_norm=grad_norm, lr=jnp.asarray(lr_schedule(state.step), jnp.float32), finite=finite)
+        return new, metrics
+
+    jitted = jax.jit(train_step, donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
+    keys = ("pixel_values", "input_ids", "attention_mask", "labels")
+
+    def step(state, base_params, batch):
+        missing = [k for k in keys if k not in batch]
+        if missing:
+            raise ValueError(f"batch lacks {missing}; has {sorted(batch)}")
+        return jitted(state, base_params, {k: batch[k] for k in keys})
+
+    step.jitted = jitted
+    return step
+
+
+# ------------------------------------------------------------------------------------ save / export
+def save_adapters(path, adapters: dict, cfg: LoraConfig) -> Path:
+    """Adapters alone (a few MB at 7B x rank 32 in fp32: ~440 MB; the base is not copied):
+    `path/adapters.npz` ('<param path>/A', '<param path>/B') + `path/lora_config.json`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    flat = {f"{p}/{k}": np.asarray(jax.device_get(v)) for p, ad in adapters.items() for k, v in ad.items()}
+    tmp = path / (ADAPTERS_FILE + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **flat)
+    tmp.replace(path / ADAPTERS_FILE)
+    (path / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_adapters(path) -> tuple[dict, LoraConfig]:
+    """-> (adapters as NumPy fp32, LoraConfig) written by `save_adapters`."""
+    path = Path(path)
+    if not (path / ADAPTERS_FILE).exists() or not (path / CONFIG_FILE).exists():
+        raise FileNotFoundError(f"{path}: expected {ADAPTERS_FILE} and {CONFIG_FILE} written by save_adapters")
+    cfg = LoraConfig(**json.loads((path / CONFIG_FILE).read_text()))
+    adapters: dict = {}
+    with np.load(path / ADAPTERS_FILE) as z:
+        for key in z.files:
+            p, k = key.rsplit("/", 1)
+            adapters.setdefault(p, {})[k] = z[key]
+    bad = [p for p, ad in adapters.items() if set(ad) != {"A", "B"}]
+    if bad:
+        raise ValueError(f"{path}: adapters {bad[:3]} lack A or B")
+    return adapters, cfg
+
+
+def merge_and_export(base_dir, adapters: dict, cfg: LoraConfig, out_dir, norm_stats: Optional[dict] = None) -> Path:
+    """Base converted checkpoint + adapters -> a converted checkpoint with merged weights (the base's
+    dtype, its tokenizer and hf_config; `norm_stats` replaces its dataset statistics when given, e.g.
+    those of the fine-tuning dataset), which `OpenVLA.load` reads and `scripts/convert.py to-hf`
+    turns into PyTorch. Merged on the host in NumPy, one kernel at a time."""
+    from openvla_jax.convert.checkpoint import load_converted, save_converted
+
+    model_config, params, extras = load_converted(base_dir)
+    known = set(jax.tree.leaves(param_paths(params)))
+    unknown = [p for p in adapters if p not in known]
+    if unknown:
+        raise ValueError(f"adapters for parameters {base_dir} does not have: {unknown[:3]}")
+
+    def one(path, w):
+        ad = adapters.get(path)
+        if ad is None:
+            return w
+        w = np.asarray(w)
+        a, b = np.asarray(ad["A"], np.float32), np.asarray(ad["B"], np.float32)
+        d = (cfg.scale * np.matmul(a, b)).reshape(w.shape)
+        return (w.astype(np.float32) + d).astype(w.dtype)
+
+    merged = jax.tree.map(one, param_paths(params), params)
+    tok = Path(base_dir) if extras["tokenizer_files"] else None
+    return save_converted(out_dir, model_config, merged, norm_stats if norm_stats is not None else extras["norm_stats"],
+                          tok, extras["hf_config"] or None)
