@@ -1,0 +1,144 @@
+"""Fine-tune a converted OpenVLA checkpoint on an RLDS dataset: LoRA (default) or full.
+
+  python scripts/finetune.py --config=configs/finetune.py:lora --workdir=runs/lora \
+      --config.init_from=checkpoints/openvla-7b-jax --config.data.data_dir=/data/rlds \
+      --config.data.mixture=my_robot
+  python scripts/finetune.py --config=configs/finetune.py:full --workdir=runs/full ...
+
+LoRA writes to the work dir: adapters/ (`train.lora.save_adapters`, every `train.save_every` steps
+and at the end), dataset_statistics.json (the new dataset's, for unnormalizing), metrics.jsonl and
+export/ (the base with the adapters merged, a converted checkpoint: `OpenVLA.load` or
+`scripts/convert.py to-hf export/ OUT`). LoRA runs single-process on one device and does not resume
+(re-running starts over); `:full` is `train/loop.py` (sharded, resumable).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+config_flags.DEFINE_config_file("config", None, "e.g. configs/finetune.py:lora", lock_config=False)
+flags.DEFINE_string("workdir", None, "where adapters/, metrics.jsonl, dataset_statistics.json, export/ go")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def with_model_of_checkpoint(config):
+    """config with `model` replaced by init_from's model config (keeping the configured compute dtype)."""
+    from openvla_jax.convert.checkpoint import is_converted
+
+    import ml_collections
+
+    if not config.init_from or not is_converted(config.init_from):
+        raise FileNotFoundError(f"init_from={config.init_from!r} is not a converted checkpoint (model_config.json + "
+                                "params/): convert one with `scripts/convert.py to-jax`")
+    model = ml_collections.ConfigDict(json.loads((Path(config.init_from) / "model_config.json").read_text()))
+    model.dtype = config.model.dtype
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model = model
+    return config
+
+
+def finetune_lora(config, workdir) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from openvla_jax.convert.checkpoint import load_converted
+    from openvla_jax.data.iterator import CheckpointableIterator
+    from openvla_jax.data.rlds import RLDSPipeline
+    from openvla_jax.tokenizer.actions import ActionTokenizer
+    from openvla_jax.tokenizer.text import TextTokenizer
+    from openvla_jax.train import lora as L
+    from openvla_jax.train.loop import MetricsWriter, data_config, supervised_tokens, tokenizer_dir
+    from openvla_jax.train.optimizer import make_optimizer
+
+    from openvla_jax.models import vla
+
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    tok_dir = tokenizer_dir(config)
+    pipeline = RLDSPipeline(data_config(config, train=True), TextTokenizer(tok_dir),
+                            ActionTokenizer.for_model(config.model))
+    (workdir / "dataset_statistics.json").write_text(json.dumps(_jsonable(pipeline.statistics), indent=2) + "\n")
+    (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
+    data = CheckpointableIterator(pipeline)
+
+    cfg = L.LoraConfig(**config.lora.to_dict())
+    module = vla.from_config(config.model, dtype=config.model.dtype)
+    _, params, _ = load_converted(config.init_from)
+    base = jax.tree.map(lambda x: jnp.asarray(np.asarray(x), config.base_dtype), params)
+    del params
+    optimizer, schedule = make_optimizer(config.optimizer, L.abstract_adapters(base, cfg))
+    state = L.init_lora_state(base, cfg, optimizer, jax.random.key(config.seed))
+    n, total = L.count(state.params), L.count(base)
+    print(f"finetune: LoRA r={cfg.rank} on {config.model.get('variant', 'model')}: {n:,} trainable of {total:,} "
+          f"({100 * n / total:.2f}%)")
+    step_fn = L.make_lora_train_step(module, optimizer, schedule, cfg, supervised_tokens=supervised_tokens(config))
+    writer = MetricsWriter(workdir, [name for name, _ in pipeline.mixture], True)
+    tc, last, t0 = config.train, {}, time.perf_counter()
+    try:
+        for step in range(1, tc.steps + 1):
+            state, metrics = step_fn(state, base, next(data))
+            if step % tc.log_every == 0 or step == tc.steps:
+                metrics = jax.device_get(metrics)
+                if not bool(metrics["finite"]):
+                    raise FloatingPointError(f"step {step}: loss {float(metrics['loss'])} is not finite")
+                last = writer.write(step, dict(metrics, step_time=(time.perf_counter() - t0) / step))
+            if step % tc.save_every == 0 or step == tc.steps:
+                L.save_adapters(workdir / "adapters", state.params, cfg)
+    finally:
+        writer.close()
+    summary = dict(step=tc.steps, adapters=str(workdir / "adapters"), trainable=n, **last)
+    if config.export_merged:
+        export = workdir / "export"
+        if export.exists():
+            import shutil
+
+            shutil.rmtree(export)
+        L.merge_and_export(config.init_from, jax.device_get(state.params), cfg, export,
+                           norm_stats=_jsonable(pipeline.statistics))
+        summary["export"] = str(export)
+    return summary
+
+
+def _jsonable(x):
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    config = with_model_of_checkpoint(FLAGS.config)
+    if config.variant == "full":
+        from openvla_jax.train.loop import train
+
+        summary = train(config, FLAGS.workdir)
+    else:
+        summary = finetune_lora(config, FLAGS.workdir)
+    keys = ("train/loss", "train/action_accuracy", "train/l1")
+    print(f"finetune ({config.variant}): step {summary['step']} "
+          + json.dumps({k: round(summary[k], 4) for k in keys if k in summary})
+          + (f" export={summary['export']}" if "export" in summary else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
