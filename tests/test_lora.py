@@ -242,3 +242,15 @@ def test_save_load_merge_export_and_to_hf(tmp_path):
     key = [k for k in sd.keys() if k.endswith("layers.0.self_attn.q_proj.weight")]
     assert len(key) == 1, list(sd.keys())[:5]
     np.testing.assert_allclose(np.asarray(sd[key[0]]), q.reshape(q.shape[0], -1).T, atol=1e-6)
+
+
+def test_finetune_configs_hold_the_original_recipe():
+    from configs import finetune
+
+    c = finetune.get_config("lora")
+    assert LO.LoraConfig(**c.lora.to_dict()) == LO.LoraConfig()  # rank 32, alpha 16, dropout 0, all-linear
+    assert (c.optimizer.lr, c.optimizer.weight_decay, c.data.batch_size, c.data.augment) == (5e-4, 0.01, 16, True)
+    full = finetune.get_config("full")
+    assert "lora" not in full and full.optimizer.lr == 5e-4
+    with pytest.raises(ValueError, match="unknown finetune variant"):
+        finetune.get_config("qlora")
