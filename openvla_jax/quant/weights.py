@@ -173,8 +173,9 @@ def quant_mode(params) -> Optional[str]:
 
 
 def cast_floats(params, dtype):
-    """Non-quantized leaves -> `dtype`; QTensors kept as they are (int8 bytes + float32 scales)."""
-    return jax.tree.map(lambda x: x if is_qtensor(x) else jnp.asarray(x, dtype), params, is_leaf=is_qtensor)
+    """Device arrays: non-quantized leaves in `dtype`, QTensors as they are (int8 + float32 scales)."""
+    return jax.tree.map(lambda x: jax.tree.map(jnp.asarray, x) if is_qtensor(x) else jnp.asarray(x, dtype),
+                        params, is_leaf=is_qtensor)
 
 
 def _nbytes(x) -> int:
