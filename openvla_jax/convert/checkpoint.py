@@ -20,7 +20,6 @@ tensor at a time but restores the params tree whole (one copy of the model).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -30,7 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
-from openvla_jax.convert.hf import TOKENIZER_FILES, atomic_dir, commit_dir, copy_tokenizer, vla_specs
+from openvla_jax.convert.hf import TOKENIZER_FILES, atomic_output, copy_tokenizer, vla_specs
 from openvla_jax.convert.hf_config import OPENVLA_7B_FIELDS
 from openvla_jax.convert.mapping import check_flax_params, flatten_params, unflatten_params
 
@@ -62,8 +61,7 @@ def save_converted_stream(out_dir, model_config: ml_collections.ConfigDict,
     chunks of at most `chunk_bytes` (one array larger than that is a chunk alone) and dropped, so
     the whole tree is never in memory. The caller checks the leaves against the model's specs."""
     out_dir = Path(out_dir)
-    tmp = atomic_dir(out_dir)
-    try:
+    with atomic_output(out_dir) as tmp:
         _write_params(tmp / "params", leaves, chunk_bytes)
         (tmp / "model_config.json").write_text(model_config.to_json(indent=2, sort_keys=True) + "\n")
         if norm_stats is not None:
@@ -73,10 +71,6 @@ def save_converted_stream(out_dir, model_config: ml_collections.ConfigDict,
             (tmp / "hf_config.json").write_text(json.dumps(kept, indent=2, sort_keys=True) + "\n")
         copy_tokenizer(tokenizer_dir, tmp)
         (tmp / MARKER).write_text("ok\n")
-        commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

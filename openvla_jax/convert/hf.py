@@ -7,6 +7,7 @@ key names); writing streams one tensor at a time into shards `model-0000i-of-000
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -188,6 +189,19 @@ def atomic_dir(out_dir: Path):
     return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
 
 
+@contextlib.contextmanager
+def atomic_output(out_dir):
+    """`with atomic_output(out) as tmp:` write into `tmp`; renamed to `out` only if the block
+    completes, removed on any error or interrupt (a partial output never looks complete)."""
+    tmp = atomic_dir(out_dir)
+    try:
+        yield tmp
+        commit_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def commit_dir(tmp: Path, out_dir: Path) -> None:
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -214,17 +228,12 @@ def save_hf(out_dir, model_config: ml_collections.ConfigDict, params, norm_stats
     def get(key):
         return get_hf(key).astype(np_dtype, copy=False)
 
-    tmp = atomic_dir(out_dir)
-    try:
+    with atomic_output(out_dir) as tmp:
         write_shards(tmp, [(s.hf_key, s.hf_shape, np_dtype) for s in specs], get, max_shard_size)
         config = hf_config_from_model_config(model_config, norm_stats, dtype, config_extra)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(), indent=2) + "\n")
         copy_tokenizer(tokenizer_dir, tmp)
-        commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -12,7 +12,6 @@ Layout of a quantized directory (written under a temp name and renamed, so it is
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +19,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from openvla_jax.convert.hf import atomic_dir, commit_dir, copy_tokenizer
+from openvla_jax.convert.hf import atomic_output, copy_tokenizer
 from openvla_jax.convert.io import open_state_dict, save_state_dict
 from openvla_jax.quant.weights import QTensor, is_qtensor, quant_mode
 
@@ -62,18 +61,13 @@ def save_quantized(out_dir, qparams, model_config: ml_collections.ConfigDict, no
             tensors[key] = np.asarray(v)
     config = dict(format=FORMAT, mode=mode, group_size=group_size, quantized=leaves)
     out_dir = Path(out_dir)
-    tmp = atomic_dir(out_dir)
-    try:
+    with atomic_output(out_dir) as tmp:
         save_state_dict(tmp / WEIGHTS_NAME, tensors, {"format": FORMAT})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
         (tmp / "model_config.json").write_text(model_config.to_json(indent=2, sort_keys=True) + "\n")
         if norm_stats is not None:
             (tmp / "dataset_statistics.json").write_text(json.dumps(norm_stats, indent=2) + "\n")
         copy_tokenizer(tokenizer_dir, tmp)
-        commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
