@@ -40,9 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from openvla_jax.train.loss import loss_and_sums, summarize, supervised_positions
+from openvla_jax.train.loss import loss_and_sums, supervised_positions
 from openvla_jax.train.optimizer import param_paths
 from openvla_jax.train.state import TrainState, key_data
+from openvla_jax.train.step import guarded_update
 
 _STACKED = ("layers", "blocks")  # nn.scan stack names (models/llama.py, models/vit.py)
 _OUTPUT_PROJECTIONS = ("o_proj", "proj")  # contract all dims but the last (see the module docstring)
@@ -199,17 +200,7 @@ def make_lora_train_step(module, optimizer: optax.GradientTransformation, lr_sch
     def train_step(state: TrainState, base, batch):
         base = jax.lax.stop_gradient(base)
         (loss_sum, sums), grads = grad_fn(state.params, base, batch)
-        n = jnp.maximum(sums["tokens"].sum(), 1.0)
-        grads = jax.tree.map(lambda g: g / n, grads)
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state)
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-        metrics = summarize(sums)
-        metrics.update(grad_norm=grad_norm, lr=jnp.asarray(lr_schedule(state.step), jnp.float32), finite=finite)
-        return new, metrics
+        return guarded_update(state, grads, loss_sum, sums, optimizer, lr_schedule)
 
     jitted = jax.jit(train_step, donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
     keys = ("pixel_values", "input_ids", "attention_mask", "labels")

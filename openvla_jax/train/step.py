@@ -171,6 +171,23 @@ def _select(batch: dict) -> dict:
     return {k: batch[k] for k in BATCH_KEYS if k in batch}
 
 
+def guarded_update(state: TrainState, grads, loss_sum, sums: dict, optimizer: optax.GradientTransformation,
+                   lr_schedule: Callable):
+    """Gradients of the summed loss -> mean over supervised tokens -> one optimizer update, unless the
+    loss or gradient norm is not finite: then every leaf of the old state is kept (a select, so
+    shardings are unchanged) and `finite` is False. -> (new state, metrics)."""
+    count = jnp.maximum(sums["tokens"].sum(), 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    metrics = summarize(sums)
+    metrics.update(grad_norm=grad_norm, lr=jnp.asarray(lr_schedule(state.step), jnp.float32), finite=finite)
+    return new, metrics
+
+
 def make_train_step(module, optimizer: optax.GradientTransformation, lr_schedule: Callable, mesh: Mesh, rules=None,
                     *, num_datasets: int = 1, accumulate_steps: int = 1, freeze: Sequence[str] = (),
                     supervised_tokens: Optional[int] = None,
@@ -219,18 +236,7 @@ def make_train_step(module, optimizer: optax.GradientTransformation, lr_schedule
                                                                      "action_tokens", "l1_sum")
                   + (("dropped",) if supervised_tokens else ())}
             (grads, sums, loss_sum), _ = jax.lax.scan(body, (zeros, s0, jnp.zeros((), jnp.float32)), micro)
-        count = jnp.maximum(sums["tokens"].sum(), 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state)
-        # NaN/inf guard: keep every leaf of the old state (a select, so shardings are unchanged).
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-        metrics = summarize(sums)
-        metrics.update(grad_norm=grad_norm, lr=jnp.asarray(lr_schedule(state.step), jnp.float32), finite=finite)
-        return new, metrics
+        return guarded_update(state, grads, loss_sum, sums, optimizer, lr_schedule)
 
     jitted = jax.jit(train_step, in_shardings=(shardings, NamedSharding(mesh, P(R.BATCH_AXES))),
                      out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,) if donate else (),
