@@ -142,8 +142,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
     from openvla_jax.train import checkpoint as ckpt_lib
     from openvla_jax.train.optimizer import make_optimizer
     from openvla_jax.train.preemption import PreemptionWatcher
-    from openvla_jax.train.state import TrainState
-    from openvla_jax.train.step import abstract_params, init_train_state, make_eval_step, make_train_step
+    from openvla_jax.train.step import abstract_params, init_train_state, make_train_step
 
     distributed.maybe_initialize()
     main = jax.process_index() == 0
@@ -187,12 +186,14 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
         state = init_train_state(module, config.model, optimizer, mesh, rules, jax.random.key(config.seed),
                                  params=params)
     start = int(jax.device_get(state.step))
+    # The run's RNG key data never changes (per-step keys are fold_in(rng, step)): read it once for
+    # every checkpoint's meta instead of a device->host copy each step.
+    meta = dict(rng=np.asarray(jax.device_get(state.rng)).tolist())
 
     eval_fn = None
     if tc.eval_every and tc.eval_batches:
         eval_fn = _make_evaluator(config, module, mesh, rules, tokenizer, action_tokenizer, pipeline.statistics,
-                                  dataset_names,
-                                  shardings.params, make_eval_step)
+                                  dataset_names, shardings.params)
 
     writer = MetricsWriter(workdir, dataset_names, main)
     bar = None
@@ -242,7 +243,6 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
                 if tc.get("offline_eval_every") and (step % tc.offline_eval_every == 0 or step == tc.steps):
                     last.update(writer.write(step, offline_eval(config, state.params, pipeline.statistics,
                                                                 tok_dir), prefix="offline"))
-                meta = dict(rng=np.asarray(jax.device_get(state.rng)).tolist())
                 ckpt.save(step, state.params, state.opt_state, meta, data_iterator=data)
                 if on_step is not None:
                     on_step(step, metrics)
@@ -252,7 +252,6 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
                     log.warning("preemption signal: saved step %d, exiting", step)
                     break
             else:
-                meta = dict(rng=np.asarray(jax.device_get(state.rng)).tolist())
                 ckpt.save(step, state.params, state.opt_state, meta, force=True, data_iterator=data)
         ckpt.wait()
         summary = dict(step=step, stopped_by=stopped_by or "done", workdir=str(workdir), **last)
@@ -310,17 +309,17 @@ def _restore(ckpt, step: int, module, optimizer, shardings, data):
 
 
 def _make_evaluator(config, module, mesh, rules, tokenizer, action_tokenizer, statistics, dataset_names,
-                    params_shardings,
-                    make_eval_step):
+                    params_shardings):
     """-> fn(params) -> metrics over `eval_batches` batches of the validation split (a fresh,
     deterministic pass each time, so numbers are comparable across steps)."""
     from openvla_jax.data.rlds import RLDSPipeline
     from openvla_jax.parallel.batch import global_batch
     from openvla_jax.train.loss import summarize
+    from openvla_jax.train.step import make_eval_step
 
     eval_step = make_eval_step(module, mesh, rules, num_datasets=len(dataset_names),
                                params_shardings=params_shardings, supervised_tokens=supervised_tokens(config))
-    cfg = data_config(config, train=config.data.eval_split is False, dataset_statistics=statistics)
+    cfg = data_config(config, train=not config.data.eval_split, dataset_statistics=statistics)
 
     def evaluate(params):
         pipeline = RLDSPipeline(cfg, tokenizer, action_tokenizer)
