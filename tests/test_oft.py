@@ -148,7 +148,8 @@ def test_cameras_and_proprio_are_inserted_after_bos():
     sub = {k: params[k] for k in ("vision_backbone", "projector", "language_model")}
     for cam in range(2):
         e1 = np.asarray(single.apply({"params": sub}, pv[:, cam], ids, method=vla.VLA.embed_inputs))
-        np.testing.assert_allclose(e[:, 1 + 16 * cam: 17 + 16 * cam], e1[:, 1:17], atol=1e-6)
+        # a batch of B*N images vs one of B: other GEMM shapes, other summation order (float32)
+        np.testing.assert_allclose(e[:, 1 + 16 * cam: 17 + 16 * cam], e1[:, 1:17], rtol=1e-5, atol=1e-5)
     # The proprio token: fc2(gelu(fc1(p))).
     pp = params["proprio_projector"]
     h = jax.nn.gelu(proprio @ pp["fc1"]["kernel"] + pp["fc1"]["bias"], approximate=False)
@@ -312,8 +313,9 @@ def test_predict_action_returns_unnormalised_chunks(tmp_path):
         raw = vla.parallel_decode(module, params, pv, ids, np.ones_like(ids, bool), pr)
         want = unnormalize(np.asarray(raw, np.float64), stats["robot"]["action"])
         np.testing.assert_allclose(got[i], want[0], atol=1e-5)
+        # batch 1 vs batch 3 (bucket 4): continuous outputs agree to float32 summation order only
         np.testing.assert_allclose(policy.predict_action(images[i:i + 1], texts[i], proprio=state[i:i + 1])[0],
-                                   got[i], atol=1e-6)
+                                   got[i], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="proprio"):
         policy.predict_action(images, texts)
     with pytest.raises(ValueError, match="2 camera images per row"):
