@@ -68,6 +68,12 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     config.action_head = "tokens"       # or "l1": continuous actions from an MLP (needs "parallel")
     config.proprio_dim = 0              # > 0: one projected proprio token after the patches
     config.num_images = 1               # cameras per row, through the same fused backbone
+    # How OpenVLA.predict_action turns camera frames into pixels (models/preprocess.py): "processor"
+    # is the HF processor's bicubic resize (the original's predict_action). Exports of our training
+    # loop record "train" (the pipeline's lanczos3), or "train_jpeg", and center_crop 0.9 after
+    # random-crop augmentation, so a trained model sees frames as its training data showed them.
+    config.image_resize = "processor"
+    config.center_crop = 0.0
     # Numerics and memory: fp32 master params, bf16 compute for training by default.
     config.param_dtype = "float32"
     config.dtype = "bfloat16"

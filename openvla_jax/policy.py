@@ -29,7 +29,7 @@ from openvla_jax import quant
 from openvla_jax.data.normalize import action_stats, unnormalize
 from openvla_jax.models import vla as vla_lib
 from openvla_jax.models.common import as_dtype
-from openvla_jax.models.preprocess import preprocess_images
+from openvla_jax.models.preprocess import check_preprocessing, preprocess_images
 from openvla_jax.models.vision import to_nhwc
 from openvla_jax.tokenizer.actions import ActionTokenizer
 from openvla_jax.tokenizer.prompt import inference_prompt_ids
@@ -45,12 +45,22 @@ def _bucket(n: int) -> int:
 class OpenVLA:
     def __init__(self, model_config: ml_collections.ConfigDict, params, norm_stats: Optional[dict] = None,
                  tokenizer_dir: Optional[os.PathLike] = None, dtype="bfloat16", quantize: Optional[str] = None,
-                 group_size: Optional[int] = quant.DEFAULT_GROUP_SIZE):
+                 group_size: Optional[int] = quant.DEFAULT_GROUP_SIZE, image_resize: Optional[str] = None,
+                 center_crop: Optional[float] = None):
         """`quantize`: None, "int8" or "int4" (weight-only, see `openvla_jax.quant`); params that are
         already quantized (from `quant.load_quantized`) are used as they are. Quantized kernels stay
-        int8 in memory and are dequantized to `dtype` inside the jitted calls."""
+        int8 in memory and are dequantized to `dtype` inside the jitted calls.
+
+        `image_resize` ("processor", "train", "train_jpeg") and `center_crop` (area fraction, 0 =
+        none) say how `predict_action` turns camera frames into pixels (`models/preprocess.py`).
+        None takes the checkpoint's own: a model trained here records "train" and, when it was
+        trained with random crops, center_crop 0.9, so it sees frames as its training data showed
+        them; an HF checkpoint uses its processor ("processor", no crop)."""
         dtype = as_dtype(dtype)
         self.config = model_config
+        self.image_resize = image_resize or model_config.get("image_resize", "processor")
+        self.center_crop = float(model_config.get("center_crop", 0.0) if center_crop is None else center_crop)
+        check_preprocessing(self.image_resize, self.center_crop)
         self.module = vla_lib.from_config(model_config, dtype=dtype, param_dtype=dtype, scan_layers=_is_scanned(params))
         have = quant.quant_mode(params)
         if quantize is not None and have is None:
@@ -82,9 +92,11 @@ class OpenVLA:
     # ------------------------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: Union[str, os.PathLike], dtype="bfloat16", quantize: Optional[str] = None,
-             group_size: Optional[int] = quant.DEFAULT_GROUP_SIZE) -> "OpenVLA":
+             group_size: Optional[int] = quant.DEFAULT_GROUP_SIZE, image_resize: Optional[str] = None,
+             center_crop: Optional[float] = None) -> "OpenVLA":
         """An HF OpenVLA directory (`config.json` + safetensors), a `scripts/convert.py to-jax` one, or
-        a `quant.save_quantized` one. `quantize` ("int8" / "int4") quantizes a float checkpoint on load."""
+        a `quant.save_quantized` one. `quantize` ("int8" / "int4") quantizes a float checkpoint on load;
+        `image_resize` / `center_crop` override the checkpoint's image preprocessing (see `__init__`)."""
         from openvla_jax.convert import hf
 
         path = Path(path)
@@ -100,7 +112,8 @@ class OpenVLA:
                 "(converted with scripts/convert.py to-jax) or quant_config.json (quant.save_quantized)"
             )
         tok_dir = path if (path / "tokenizer.model").exists() else None
-        return cls(model_config, params, extras.get("norm_stats"), tok_dir, dtype, quantize, group_size)
+        return cls(model_config, params, extras.get("norm_stats"), tok_dir, dtype, quantize, group_size,
+                   image_resize, center_crop)
 
     @property
     def tokenizer(self):
@@ -174,14 +187,15 @@ class OpenVLA:
     def _preprocess(self, images) -> np.ndarray:
         """uint8 images -> pixel_values `[B, S, S, 6]` (`[B, N, S, S, 6]` for N cameras)."""
         size = self.config.vision.get("image_size", 224)
+        prep = lambda ims: preprocess_images(ims, size, self.image_resize, self.center_crop)  # noqa: E731
         if self.num_images == 1:
-            return preprocess_images(images, size)
+            return prep(images)
         shapes = {np.shape(row)[:1] for row in images}
         if shapes != {(self.num_images,)}:
             raise ValueError(f"this model takes {self.num_images} camera images per row ([B, "
                              f"{self.num_images}, H, W, 3]); got rows of {sorted(s[0] for s in shapes if s)} images")
         flat = [im for row in images for im in row]
-        pv = preprocess_images(flat, size)
+        pv = prep(flat)
         return pv.reshape(len(images), self.num_images, *pv.shape[1:])
 
     def _proprio_stats(self, unnorm_key):

@@ -64,7 +64,8 @@ def finetune_lora(config, workdir) -> dict:
     from openvla_jax.tokenizer.text import TextTokenizer
     from openvla_jax.train import lora as L
     from openvla_jax.train.checkpoint import TrainCheckpointer
-    from openvla_jax.train.loop import MetricsWriter, data_config, supervised_tokens, tokenizer_dir
+    from openvla_jax.train.loop import (MetricsWriter, data_config, supervised_tokens, tokenizer_dir,
+                                         trained_preprocessing)
     from openvla_jax.train.optimizer import make_optimizer
 
     workdir = Path(workdir).absolute()
@@ -121,7 +122,8 @@ def finetune_lora(config, workdir) -> dict:
 
             shutil.rmtree(export)
         L.merge_and_export(config.init_from, jax.device_get(state.params), cfg, export,
-                           norm_stats=_jsonable(pipeline.statistics))
+                           norm_stats=_jsonable(pipeline.statistics),
+                           model_config_updates=trained_preprocessing(config, pipeline))
         summary["export"] = str(export)
     return summary
 

@@ -118,3 +118,30 @@ def test_tf_eval_resize_jpeg_roundtrip():
     assert out.shape == (224, 224, 3) and np.array_equal(out, np.asarray(pp.tf_eval_resize(img)))
     # The JPEG round trip perturbs the image only slightly.
     assert np.abs(out.astype(int) - np.asarray(pp.tf_resize_uint8(img)).astype(int)).mean() < 4
+
+
+def test_resize_modes_give_each_pipelines_pixels():
+    """`resize_uint8_images` modes reproduce the function each names, per image and batched, and
+    differ from one another on a real-looking image; bad modes and crops are refused by name."""
+    ims = [smooth_image(181, 333, seed=s) for s in range(3)]
+    batch = np.stack(ims)
+    proc = pp.resize_uint8_images(batch, 56, "processor")
+    train = pp.resize_uint8_images(batch, 56, "train")
+    jpeg = pp.resize_uint8_images(ims, 56, "train_jpeg")
+    crop = pp.resize_uint8_images(batch, 56, "train", center_crop=0.9)
+    for i, im in enumerate(ims):
+        np.testing.assert_array_equal(proc[i], pp.resize_bicubic_uint8(im, (56, 56)))
+        np.testing.assert_array_equal(train[i], np.asarray(pp.tf_resize_uint8(im, (56, 56))))
+        np.testing.assert_array_equal(jpeg[i], np.asarray(pp.tf_eval_resize(im, (56, 56))))
+    np.testing.assert_array_equal(crop, np.asarray(pp.tf_center_crop(train, 0.9, (56, 56))))
+    # A list of different sizes goes image by image, with the same result as one at a time.
+    mixed = [ims[0], smooth_image(100, 37)]
+    np.testing.assert_array_equal(pp.resize_uint8_images(mixed, 56, "train")[1],
+                                  np.asarray(pp.tf_resize_uint8(mixed[1], (56, 56))))
+    for a, b in ((proc, train), (train, jpeg), (train, crop)):
+        assert (a != b).mean() > 0.05  # a fraction of all pixel values differs
+    np.testing.assert_allclose(pp.preprocess_images(batch, 56, "train"), pp.normalize_uint8(train))
+    with pytest.raises(ValueError, match="'bilinear' is not one of"):
+        pp.resize_uint8_images(batch, 56, "bilinear")
+    with pytest.raises(ValueError, match="center_crop"):
+        pp.resize_uint8_images(batch, 56, "train", center_crop=1.5)

@@ -106,6 +106,7 @@ def model_config_from_hf(config_json: dict) -> ml_collections.ConfigDict:
     config.projector = ml_collections.ConfigDict(dict(arch=projector_arch(c.get("arch_specifier", "no-align+fused-gelu-mlp"))))
     config.n_action_bins = int(c.get("n_action_bins", 256))
     config.pad_token_id = int(c.get("pad_token_id", 32000))
+    config.image_resize, config.center_crop = "processor", 0.0  # the HF processor (OpenVLA.predict_action)
     config.update(NUMERICS)
     return config
 

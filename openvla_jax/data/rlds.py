@@ -111,6 +111,7 @@ class RLDSPipeline:
         self.skipped = BadDataLog()
         self.statistics: dict[str, dict] = {}
         self.statistics_cache_hit: dict[str, bool] = {}
+        self.image_encodings: dict[str, str | None] = {}  # "jpeg" / "png" of each dataset's first camera
         per_dataset, weights = [], []
         for name, weight in self.mixture:
             frames, n_transitions = self._dataset(name)
@@ -132,6 +133,8 @@ class RLDSPipeline:
                                        pad_missing_views=cfg.pad_missing_views)
         stats = self._statistics(name, builder, ds_cfg, standardize)
         self.statistics[name] = stats
+        first_view = self.views[0] if self.views else cfg.image_view
+        self.image_encodings[name] = _image_encoding(builder, ds_cfg.image_keys.get(first_view))
 
         split = default_split(builder, cfg.train)
         ds = TrajDataset.from_rlds(
@@ -255,6 +258,14 @@ class RLDSPipeline:
             out[k] = batch[k][:, :length]
         return out
 
+    @property
+    def inference_resize(self) -> str:
+        """How a model trained on these batches should see camera frames (`models/preprocess.py`):
+        "train_jpeg" when every dataset stores its frames as JPEG (a raw frame gets the same JPEG
+        round trip, as OpenVLA's evaluation scripts do), else "train"."""
+        encodings = set(self.image_encodings.values())
+        return "train_jpeg" if encodings == {"jpeg"} else "train"
+
     def __iter__(self) -> Iterator[dict]:
         """NumPy batches; the iterator's position can be saved and restored (`data/iterator.py`)."""
         from openvla_jax.data.iterator import CheckpointableIterator
@@ -284,6 +295,16 @@ def _numpy(ds: tf.data.Dataset):
             return
         except tf.errors.OpError as e:
             raise _as_data_error(e) from None
+
+
+def _image_encoding(builder, key: str | None) -> str | None:
+    """The stored encoding ("jpeg", "png") of the raw image field `key`, None when unknown."""
+    try:
+        feature = builder.info.features["steps"]["observation"][key]
+    except (KeyError, TypeError):
+        return None
+    fmt = getattr(feature, "encoding_format", None)
+    return fmt if fmt is not None else ("png" if hasattr(feature, "encoding_format") else None)
 
 
 def _field_names(features, prefix="") -> list[str]:

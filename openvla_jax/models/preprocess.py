@@ -13,6 +13,14 @@ NumPy (bit-exact for 8-bit RGB), so no torch and no PIL is needed.
 Training (`tf_resize_uint8`): RLDS frames were resized with `tf.image.resize(lanczos3, antialias)`,
 rounded and clipped to uint8; evaluation adds a JPEG round trip (`tf_eval_resize`) and, for models
 trained with random crops, a center crop of area 0.9 resized back (`tf_center_crop`).
+
+`preprocess_images(images, size, resize=..., center_crop=...)` picks one of `RESIZE_MODES`:
+  "processor"   the HF processor (PIL bicubic): what the original `predict_action` sees
+  "train"       the RLDS training pipeline's TF lanczos3 resize: the pixels a model trained here saw
+                for the same frame (PNG or raw frames)
+  "train_jpeg"  a JPEG round trip first, as OpenVLA's evaluation scripts do for datasets stored as JPEG
+and, with `center_crop` > 0, OpenVLA's evaluation center crop of that area fraction (0.9 for models
+trained with random-resized-crop augmentation).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 FUSED_MEAN = np.array(DINOV2_MEAN + SIGLIP_MEAN, np.float32)
 FUSED_STD = np.array(DINOV2_STD + SIGLIP_STD, np.float32)
 IMAGE_SIZE = 224
+RESIZE_MODES = ("processor", "train", "train_jpeg")
 
 _PRECISION_BITS = 32 - 8 - 2  # PIL's fixed-point coefficient precision for 8-bit images
 
@@ -112,11 +121,41 @@ def preprocess_image(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     return normalize_uint8(resize_bicubic_uint8(image, (size, size)))
 
 
-def preprocess_images(images, size: int = IMAGE_SIZE) -> np.ndarray:
-    """A list of uint8 `[H_i, W_i, 3]` images or a uint8 `[B, H, W, 3]` batch -> `[B, size, size, 6]`."""
+def check_preprocessing(resize: str, center_crop: float) -> None:
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"image resize {resize!r} is not one of {RESIZE_MODES}")
+    if not 0.0 <= float(center_crop) <= 1.0:
+        raise ValueError(f"center_crop is an area fraction in [0, 1] (0: none), got {center_crop}")
+
+
+def resize_uint8_images(images, size: int = IMAGE_SIZE, resize: str = "processor",
+                        center_crop: float = 0.0) -> np.ndarray:
+    """A list of uint8 `[H_i, W_i, 3]` images or a uint8 `[B, H, W, 3]` batch -> uint8
+    `[B, size, size, 3]`, resized as `resize` says (see the module docstring), then center-cropped
+    when `center_crop` > 0."""
+    check_preprocessing(resize, center_crop)
     if isinstance(images, np.ndarray) and images.ndim != 4:
         raise ValueError(f"expected a batch of RGB images [B, H, W, 3], got shape {images.shape}")
-    return np.stack([preprocess_image(im, size) for im in images])
+    images = [_check_image(im, f"image {i}") for i, im in enumerate(images)]
+    if not images:
+        raise ValueError("expected at least one image")
+    if resize == "processor":
+        out = np.stack([resize_bicubic_uint8(im, (size, size)) for im in images])
+    elif resize == "train" and len({im.shape for im in images}) == 1:
+        out = np.asarray(tf_resize_uint8(np.stack(images), (size, size)))  # one batched TF call
+    else:
+        one = tf_resize_uint8 if resize == "train" else tf_eval_resize
+        out = np.stack([np.asarray(one(im, (size, size))) for im in images])
+    if center_crop and center_crop < 1.0:
+        out = np.asarray(tf_center_crop(out, center_crop, (size, size)))
+    return out
+
+
+def preprocess_images(images, size: int = IMAGE_SIZE, resize: str = "processor",
+                      center_crop: float = 0.0) -> np.ndarray:
+    """A list of uint8 `[H_i, W_i, 3]` images or a uint8 `[B, H, W, 3]` batch -> `[B, size, size, 6]`
+    (`resize_uint8_images`, then `normalize_uint8`)."""
+    return normalize_uint8(resize_uint8_images(images, size, resize, center_crop))
 
 
 # ---------------------------------------------------------------- TensorFlow (training / evaluation)

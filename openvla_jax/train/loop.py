@@ -70,6 +70,16 @@ def data_config(config: ml_collections.ConfigDict, train: bool, dataset_statisti
         progress=jax.process_index() == 0)
 
 
+def trained_preprocessing(config, pipeline) -> dict:
+    """The image preprocessing an export records (`OpenVLA.image_resize` / `center_crop`): frames are
+    resized as the training pipeline resized them, and center-cropped (area 0.9, as OpenVLA's
+    evaluation) when training used random crops, so `predict_action` sees what training saw."""
+    from openvla_jax.data.transforms import AUGMENT_DEFAULTS
+
+    crop = AUGMENT_DEFAULTS["crop_scale"] if config.data.augment else 0.0
+    return {"image_resize": pipeline.inference_resize, "center_crop": float(crop)}
+
+
 def tokenizer_dir(config) -> str:
     path = config.data.tokenizer_dir or config.init_from
     if not path or not (Path(path) / "tokenizer.model").exists():
@@ -290,6 +300,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
 
                 shutil.rmtree(export)
             model_config = ml_collections.ConfigDict(config.model.to_dict())
+            model_config.update(trained_preprocessing(config, pipeline))
             ckpt.export_for_inference(None, export, model_config, pipeline.statistics, tok_dir, params=state.params)
             summary["export"] = str(export)
     finally:

@@ -234,14 +234,17 @@ def load_adapters(path) -> tuple[dict, LoraConfig]:
     return adapters, cfg
 
 
-def merge_and_export(base_dir, adapters: dict, cfg: LoraConfig, out_dir, norm_stats: Optional[dict] = None) -> Path:
+def merge_and_export(base_dir, adapters: dict, cfg: LoraConfig, out_dir, norm_stats: Optional[dict] = None,
+                     model_config_updates: Optional[dict] = None) -> Path:
     """Base converted checkpoint + adapters -> a converted checkpoint with merged weights (the base's
     dtype, its tokenizer and hf_config; `norm_stats` replaces its dataset statistics when given, e.g.
-    those of the fine-tuning dataset), which `OpenVLA.load` reads and `scripts/convert.py to-hf`
-    turns into PyTorch. Merged on the host in NumPy, one kernel at a time."""
+    those of the fine-tuning dataset; `model_config_updates` are set on its model config, e.g. the
+    image preprocessing the fine-tuning data had), which `OpenVLA.load` reads and
+    `scripts/convert.py to-hf` turns into PyTorch. Merged on the host in NumPy, one kernel at a time."""
     from openvla_jax.convert.checkpoint import load_converted, save_converted
 
     model_config, params, extras = load_converted(base_dir)
+    model_config.update(model_config_updates or {})
     try:
         merged = merge(params, adapters, cfg, xp=np)
     except ValueError as e:
