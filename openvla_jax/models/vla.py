@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from openvla_jax.models import action_heads, llama, projector, vision
+from openvla_jax.tokenizer.actions import ActionTokenizer
 
 Array = jax.Array
 IGNORE_INDEX = -100
@@ -44,6 +45,8 @@ class VLA(nn.Module):
     action_dim: int = 7
     action_chunk: int = 1
     parallel: bool = False
+    action_vocab_size: int = 32000  # action tokens are the last n_action_bins ids below this (Llama: 31744..31999)
+    n_action_bins: int = 256
 
     @property
     def patches_per_image(self) -> int:
@@ -53,6 +56,11 @@ class VLA(nn.Module):
     def num_patches(self) -> int:
         """Tokens inserted after BOS: N x P patches (+ 1 proprio token). OpenVLA: P."""
         return self.num_images * self.patches_per_image + (self.proprio_projector is not None)
+
+    @property
+    def action_tokenizer(self):
+        """The `ActionTokenizer` of this model's vocabulary (the loss's metrics decode with it)."""
+        return ActionTokenizer(vocab_size=self.action_vocab_size, n_bins=self.n_action_bins)
 
     @property
     def num_action_positions(self) -> int:
@@ -268,4 +276,6 @@ def from_config(model_config: ml_collections.ConfigDict, **overrides) -> VLA:
         action_dim=opts["action_dim"],
         action_chunk=opts["action_chunk"],
         parallel=opts["decoding"] == "parallel",
+        action_vocab_size=ActionTokenizer.for_model(model_config).vocab_size,
+        n_action_bins=ActionTokenizer.for_model(model_config).n_bins,
     )

@@ -172,10 +172,16 @@ def forward_sums(module, params, batch, num_datasets: int = 1, mesh: Optional[Me
         spec = R.fit_spec(P(R.BATCH_AXES, None, "tensor"), logits.shape, dict(mesh.shape))
         logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, spec))
     loss, sums = loss_and_sums(logits, targets, None if supervised_tokens else module.num_patches,
-                               dataset_index=batch.get("dataset_index"), num_datasets=num_datasets)
+                               dataset_index=batch.get("dataset_index"), num_datasets=num_datasets,
+                               tokenizer=_action_tokenizer(module))
     if dropped is not None:
         sums = dict(sums, dropped=jnp.zeros((num_datasets,), jnp.float32).at[0].set(dropped.astype(jnp.float32)))
     return loss, sums
+
+
+def _action_tokenizer(module):
+    """The model's action tokens (modules without the attribute, e.g. test doubles: Llama's)."""
+    return getattr(module, "action_tokenizer", None)
 
 
 def _parallel_sums(module, params, batch, num_datasets):
@@ -186,7 +192,7 @@ def _parallel_sums(module, params, batch, num_datasets):
                        method=type(module).parallel_actions)
     if module.action_head is None:
         loss, sums = loss_and_sums(out, targets, None, dataset_index=batch.get("dataset_index"),
-                                   num_datasets=num_datasets)
+                                   num_datasets=num_datasets, tokenizer=_action_tokenizer(module))
     else:
         if "action" not in batch:
             raise ValueError("the continuous action head trains on batch['action'] [B, K, A]; the batch has none")
@@ -194,7 +200,8 @@ def _parallel_sums(module, params, batch, num_datasets):
         if action.shape[1:] != (module.action_chunk, module.action_dim):
             raise ValueError(f"batch['action'] is {action.shape}; the model predicts [B, {module.action_chunk}, "
                              f"{module.action_dim}] (data.future_action_window_size = action_chunk - 1)")
-        loss, sums = continuous_sums(out, action, dataset_index=batch.get("dataset_index"), num_datasets=num_datasets)
+        loss, sums = continuous_sums(out, action, dataset_index=batch.get("dataset_index"), num_datasets=num_datasets,
+                                     tokenizer=_action_tokenizer(module))
     dropped = jnp.zeros((num_datasets,), jnp.float32).at[0].set(bad.astype(jnp.float32))
     return loss, dict(sums, dropped=dropped)
 
