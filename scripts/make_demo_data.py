@@ -1,6 +1,6 @@
 """Build the bundled demo: an RLDS dataset of expert episodes and a small sentencepiece tokenizer.
 
-    python scripts/make_demo_data.py --out_dir data/demo --episodes 300
+    python scripts/make_demo_data.py --out_dir data/demo --episodes 6000
 
 Writes, atomically (a temp dir renamed into place; a finished build holds ``demo_manifest.json``):
   {out_dir}/demo_tabletop/1.0.0/   RLDS tfds dataset, splits train and val
@@ -24,11 +24,12 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from openvla_jax.data import demo  # noqa: E402
+from openvla_jax.envs import tabletop  # noqa: E402
 from openvla_jax.data.rlds_writer import write_rlds  # noqa: E402
 
-DATASET_NAME = "demo_tabletop"
+DATASET_NAME = tabletop.DATASET_NAME
 MANIFEST = "demo_manifest.json"
+DEMO_EPISODES = 6000  # about 1.5 min to build on 2 cores
 PROMPT = "In: What action should the robot take to {}?\nOut:"
 
 FLAGS = flags.FLAGS
@@ -37,7 +38,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """CLI flags; defined only when run as a script so importing this module (tests) adds none."""
   flags.DEFINE_string("out_dir", "data/demo", "Output directory.")
-  flags.DEFINE_integer("episodes", 300, "Total number of expert episodes (train + val).")
+  flags.DEFINE_integer("episodes", DEMO_EPISODES, "Total number of expert episodes (train + val).")
   flags.DEFINE_float("val_fraction", 0.1, "Fraction of episodes in the val split.")
   flags.DEFINE_integer("seed", 0, "Episode i of the dataset uses env seed (seed, 0, i).")
   flags.DEFINE_integer("vocab_size", 400, "Upper bound on the sentencepiece vocabulary size.")
@@ -71,32 +72,41 @@ def build(out_dir: str, episodes: int, val_fraction: float, seed: int, vocab_siz
 
   def gen(lo: int, hi: int):
     for i in range(lo, hi):
-      yield demo.expert_episode((seed, 0, i))
+      yield tabletop.expert_episode((seed, 0, i))
       bar.update(1)
 
   splits = {"train": gen(0, n_train)}
   if n_val:
     splits["val"] = gen(n_train, episodes)
   path = write_rlds(out_dir, DATASET_NAME, splits, image_format="png",
-                    description="Procedurally rendered tabletop demo task (openvla_jax.data.demo).")
+                    description="Procedurally rendered tabletop demo task (openvla_jax.envs.tabletop).")
   bar.close()
-  texts = [demo.instruction_for(t, c) for t in demo.TASKS for c in demo.COLORS]
+  texts = [tabletop.instruction_for(t, c) for t in tabletop.TASKS for c in tabletop.COLORS]
   with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
     f.write(train_tokenizer(texts, vocab_size))
   return {"dataset": DATASET_NAME, "version": "1.0.0", "path": os.path.relpath(path, out_dir),
           "episodes": episodes, "train_episodes": n_train, "val_episodes": n_val, "seed": seed,
-          "vocab_size": vocab_size, "image_size": demo.IMAGE_SIZE}
+          "val_fraction": val_fraction, "vocab_size": vocab_size, "image_size": tabletop.IMAGE_SIZE,
+          "scene_version": tabletop.SCENE_VERSION}
 
 
-def is_complete(out_dir: str) -> bool:
-  return os.path.isfile(os.path.join(out_dir, MANIFEST))
+def is_complete(out_dir: str, **settings) -> bool:
+  """A finished build (its manifest is written last) made with these settings and this scene."""
+  path = os.path.join(out_dir, MANIFEST)
+  if not os.path.isfile(path):
+    return False
+  with open(path) as f:
+    manifest = json.load(f)
+  want = dict(settings, scene_version=tabletop.SCENE_VERSION)
+  return all(manifest.get(k) == v for k, v in want.items())
 
 
-def make_demo_data(out_dir: str = "data/demo", episodes: int = 300, val_fraction: float = 0.1,
+def make_demo_data(out_dir: str = "data/demo", episodes: int = DEMO_EPISODES, val_fraction: float = 0.1,
                    seed: int = 0, vocab_size: int = 400, force: bool = False) -> str:
   """Build (or skip, when complete and not ``force``) the demo data; returns the output dir."""
   out_dir = os.path.abspath(out_dir)
-  if is_complete(out_dir) and not force:
+  settings = dict(episodes=episodes, val_fraction=val_fraction, seed=seed, vocab_size=vocab_size)
+  if not force and is_complete(out_dir, **settings):
     print(f"demo data already built in {out_dir}; pass --force to rebuild")
     return out_dir
   t0 = time.time()

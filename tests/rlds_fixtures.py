@@ -12,6 +12,19 @@ import shutil
 
 import numpy as np
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(name: str):
+    """`scripts/<name>.py` as a module (e.g. `load_script("make_demo_data").make_demo_data(...)`)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 INSTRUCTIONS = ["put the spoon in the pot", "Pick up the red block", "open the drawer",
                 "move the cup to the left", "close the microwave door"]
 

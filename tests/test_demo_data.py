@@ -1,4 +1,4 @@
-"""The RLDS writer, the demo tabletop task and the demo data build script."""
+"""The RLDS writer and the demo data build script (the task itself: tests/test_tabletop.py)."""
 
 import importlib.util
 import json
@@ -9,7 +9,7 @@ import pytest
 import sentencepiece as spm
 import tensorflow_datasets as tfds
 
-from openvla_jax.data import demo
+from openvla_jax.envs import tabletop
 from openvla_jax.data.rlds_writer import infer_features, write_rlds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,84 +101,6 @@ def test_writer_jpeg_val_episodes_and_errors(tmp_path):
     write_rlds(str(tmp_path), "toy_bad", [bad], features=infer_features(_toy_episode(rng, 0, 3)))
 
 
-def test_env_mechanics_by_hand():
-  env = demo.DemoTabletopEnv()
-  obs = env.reset(123)
-  x0 = env.gripper.copy()
-  np.testing.assert_array_equal(obs["state"], np.float32([*x0, 1.0]))
-  # A too-large action is clipped to one STEP per axis; rotations do nothing.
-  obs, r, done, info = env.step(np.array([-1.0, 0.01, 0.0, 3.0, 3.0, 3.0, 1.0]))
-  want = np.array([max(x0[0] - demo.STEP, -demo.XY_MAX), x0[1] + 0.01, x0[2]])
-  np.testing.assert_allclose(env.gripper, want, atol=1e-12)
-  assert info["instruction"] == env.instruction and info["steps"] == 1
-  # Grasp then lift a block by hand: put the gripper on block 0 at z=0, close, go up twice.
-  env.reset(7)
-  env.task, env.target = "pick", 0
-  env.gripper[:] = [*env.blocks[0], 0.0]
-  env.step(np.array([0, 0, 0, 0, 0, 0, 0.0]))
-  assert env.held == 0 and not env.gripper_open
-  env.step(np.array([0, 0, demo.STEP, 0, 0, 0, 0.0]))
-  assert not env.success()
-  _, r, done, info = env.step(np.array([0, 0, demo.STEP, 0, 0, 0, 0.0]))
-  assert info["success"] and done and r == 1.0
-  np.testing.assert_allclose(env.blocks[0], env.gripper[:2])
-  with pytest.raises(RuntimeError, match="reset"):
-    env.step(np.zeros(7))
-
-
-def test_expert_episode_actions_and_determinism():
-  ep = demo.expert_episode((0, 0, 3))
-  again = demo.expert_episode((0, 0, 3))
-  other = demo.expert_episode((0, 0, 4))
-  s = ep["steps"]
-  np.testing.assert_array_equal(s["observation"]["image"], again["steps"]["observation"]["image"])
-  np.testing.assert_array_equal(s["action"], again["steps"]["action"])
-  assert not np.array_equal(s["observation"]["image"][0], other["steps"]["observation"]["image"][0])
-  # Replaying the recorded actions in a fresh env reproduces the recorded frames and succeeds.
-  env = demo.DemoTabletopEnv()
-  obs = env.reset((0, 0, 3))
-  for t, a in enumerate(s["action"][:-1]):
-    np.testing.assert_array_equal(obs["image"], s["observation"]["image"][t])
-    np.testing.assert_array_equal(obs["state"], s["observation"]["state"][t])
-    obs, _, done, info = env.step(a)
-  assert done and info["success"]
-  # Each action dim takes values on {-STEP, 0, STEP} (xyz), 0 (rotation), {0, 1} (gripper).
-  acts = np.concatenate([demo.expert_episode((5, 0, i))["steps"]["action"] for i in range(40)])
-  step = np.float32(demo.STEP)
-  assert set(np.unique(acts[:, :3]).tolist()) == {-step, 0.0, step}
-  assert not acts[:, 3:6].any() and set(np.unique(acts[:, 6])) == {0.0, 1.0}
-
-
-def test_action_is_a_function_of_image_and_instruction():
-  """The pixel-reading expert reproduces the privileged expert on every frame."""
-  for i in range(25):
-    s = demo.expert_episode((1, 0, i))["steps"]
-    t = len(s["action"])
-    pred = demo.image_expert_policy(s["observation"]["image"], [s["language_instruction"]] * t)
-    np.testing.assert_allclose(pred, s["action"], atol=1e-6, err_msg=f"episode {i}")
-
-
-def test_closed_loop_expert_full_success_random_near_zero():
-  expert = demo.evaluate_policy(demo.image_expert_policy, n_episodes=40, seed=0, batch_size=16)
-  assert expert["success_rate"] == 1.0 and expert["n_episodes"] == 40
-  assert set(expert["success_rate_by_task"]) == {"move", "pick"}
-  assert max(expert["lengths"]) <= 14
-  calls = []
-
-  def random_recording(images, instructions):
-    calls.append(images.shape)
-    return demo.random_policy(0)(images, instructions)
-
-  rand = demo.evaluate_policy(random_recording, n_episodes=40, seed=0, batch_size=16)
-  assert rand["success_rate"] <= 0.1, rand["success_rate"]
-  assert set(calls) == {(16, 128, 128, 3)}  # one fixed batch shape for a jitted policy
-  a = demo.evaluate_policy(demo.random_policy(3), n_episodes=10, seed=2)
-  b = demo.evaluate_policy(demo.random_policy(3), n_episodes=10, seed=2)
-  assert a == b
-  with pytest.raises(ValueError, match="shape"):
-    demo.evaluate_policy(lambda im, ins: np.zeros((1, 7)), n_episodes=2)
-
-
 def _load_script():
   spec = importlib.util.spec_from_file_location(
       "make_demo_data", os.path.join(ROOT, "scripts", "make_demo_data.py"))
@@ -196,7 +118,7 @@ def test_make_demo_data_end_to_end(tmp_path, capsys):
   path = os.path.join(out, "demo_tabletop", "1.0.0")
   got = _read(path, "train") + _read(path, "val")
   for i, (steps, meta) in enumerate(got):  # the dataset holds exactly what the expert did
-    want = demo.expert_episode((4, 0, i))
+    want = tabletop.expert_episode((4, 0, i))
     np.testing.assert_array_equal(steps["action"], want["steps"]["action"])
     np.testing.assert_array_equal(steps["observation"]["image"],
                                   want["steps"]["observation"]["image"])
@@ -218,3 +140,13 @@ def test_make_demo_data_end_to_end(tmp_path, capsys):
   assert os.path.getmtime(os.path.join(out, "demo_manifest.json")) == mtime
   script.make_demo_data(out, episodes=3, val_fraction=0.34, seed=4, force=True)
   assert json.load(open(os.path.join(out, "demo_manifest.json")))["episodes"] == 3
+  # A build made with other settings, or of an older scene, is stale: rebuilt without --force.
+  capsys.readouterr()
+  script.make_demo_data(out, episodes=4, val_fraction=0.5, seed=4)
+  assert json.load(open(os.path.join(out, "demo_manifest.json")))["episodes"] == 4
+  manifest_path = os.path.join(out, "demo_manifest.json")
+  manifest = json.load(open(manifest_path))
+  json.dump(dict(manifest, scene_version=tabletop.SCENE_VERSION - 1), open(manifest_path, "w"))
+  script.make_demo_data(out, episodes=4, val_fraction=0.5, seed=4)
+  assert "already built" not in capsys.readouterr().out
+  assert json.load(open(manifest_path))["scene_version"] == tabletop.SCENE_VERSION

@@ -32,7 +32,7 @@ def small_config(data_dir: str, steps: int):
     c.data.shuffle_buffer = 64
     c.data.num_parallel_calls = 1
     c.data.num_parallel_reads = 1
-    c.optimizer.total_steps = 100
+    c.optimizer.total_steps, c.optimizer.warmup_steps = 100, 20
     c.train.steps = steps
     c.train.log_every = 1
     c.train.save_every = 2

@@ -1,0 +1,1 @@
+"""Environments for closed-loop evaluation: the bundled tabletop demo task (`tabletop.py`)."""
