@@ -140,9 +140,6 @@ def oft_config(variant: str) -> ml_collections.ConfigDict:
         c = get_config("demo")
         c.model.action_chunk = 4
         c.model.proprio_dim = 4              # the demo's state: x, y, z, gripper open
-        # Parallel placeholders are zero embeddings: their first layer attends uniformly (zero
-        # queries), so 2 layers leave one content-based hop, too few to find the named block.
-        c.model.llm.num_hidden_layers = 4
     c.variant = variant
     c.model.decoding = "parallel"
     c.model.action_head = "tokens" if variant == "oft_demo_tokens" else "l1"

@@ -73,10 +73,10 @@ def write_filmstrip(recorded: Sequence[dict], path, frames_per_episode: int = 6,
         verdict = f"success in {ep['steps']} steps" if ep["success"] else f"failed ({ep['steps']} steps)"
         row[0].text(0.0, 1.2, f"\"{ep['instruction']}\": {verdict}", transform=row[0].transAxes, fontsize=9,
                     fontweight="bold", color="green" if ep["success"] else "red")
-    if title:
-        fig.suptitle(title, fontsize=11)
     height = fig.get_size_inches()[1]
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.55 / height, top=1 - 0.75 / height, wspace=0.08,
+    if title:  # above the first episode's heading, not over it
+        fig.suptitle(title, fontsize=11, y=1 - 0.15 / height, va="top")
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.55 / height, top=1 - 1.05 / height, wspace=0.08,
                         hspace=0.9 / 2.75 * 2.2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
