@@ -1,6 +1,5 @@
 """CheckpointableIterator: exact resume from a saved position, the skip fallback, bad states."""
 
-import importlib.util
 import os
 
 import numpy as np
@@ -8,21 +7,16 @@ import pytest
 
 from openvla_jax.data.iterator import CheckpointableIterator, IteratorStateError
 from openvla_jax.data.rlds import DataConfig, RLDSPipeline
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from rlds_fixtures import load_script
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location(
-        "make_demo_data", os.path.join(ROOT, "scripts", "make_demo_data.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("make_demo_data")
     out = mod.make_demo_data(str(tmp_path_factory.mktemp("demo") / "demo"), episodes=12, seed=3)
     from openvla_jax.tokenizer.text import TextTokenizer
 
     return out, TextTokenizer(out)
-
 
 def pipeline(demo, **kw):
     out, tok = demo
@@ -32,10 +26,8 @@ def pipeline(demo, **kw):
     args.update(kw)
     return RLDSPipeline(DataConfig(**args), tok)
 
-
 def take(it, n):
     return [next(it) for _ in range(n)]
-
 
 def assert_same(got, want):
     assert len(got) == len(want)
@@ -43,7 +35,6 @@ def assert_same(got, want):
         assert sorted(g) == sorted(w)
         for k in w:
             np.testing.assert_array_equal(g[k], w[k], err_msg=k)
-
 
 def test_restored_iterator_continues_with_the_same_batches(demo, tmp_path):
     it = iter(pipeline(demo))
@@ -63,7 +54,6 @@ def test_restored_iterator_continues_with_the_same_batches(demo, tmp_path):
     assert not np.array_equal(fresh[0]["input_ids"], want[0]["input_ids"]) or \
         not np.array_equal(fresh[0]["pixel_values"], want[0]["pixel_values"])
 
-
 def test_skip_fallback_gives_the_same_batches(demo):
     it = iter(pipeline(demo))
     take(it, 5)
@@ -71,7 +61,6 @@ def test_skip_fallback_gives_the_same_batches(demo):
     skipped = CheckpointableIterator(pipeline(demo)).skip(5)
     assert skipped.position == 5
     assert_same(take(skipped, 3), want)
-
 
 def test_state_holds_the_shuffle_buffer(demo, tmp_path):
     sizes = {}
@@ -84,7 +73,6 @@ def test_state_holds_the_shuffle_buffer(demo, tmp_path):
     # 504 more buffered frames, each ~1 kB as stored (its PNG frame, input_ids/labels/mask of 104
     # tokens): the shuffle buffer is part of the state, so its size grows with the buffer.
     assert sizes[512] - sizes[8] > 504 * 500, sizes
-
 
 def test_bad_states_raise(demo, tmp_path):
     it = iter(pipeline(demo))
@@ -105,7 +93,6 @@ def test_bad_states_raise(demo, tmp_path):
     with pytest.raises(IteratorStateError, match=f"{data} is 100 bytes, expected"):
         CheckpointableIterator(pipeline(demo)).restore(tmp_path / "s")
 
-
 def test_resume_through_train_checkpointer(demo, tmp_path):
     """The loop's path: the data position saved with a training checkpoint, restored from it, or
     (fallback) a fresh pipeline skipped by the recorded position."""
@@ -125,7 +112,6 @@ def test_resume_through_train_checkpointer(demo, tmp_path):
     assert_same(take(resumed, 2), want)
     assert_same(take(CheckpointableIterator(pipeline(demo)).skip(meta["data_position"]), 2), want)
     ckpt.close()
-
 
 def test_state_from_before_a_new_config_field_restores_at_its_default(demo, tmp_path):
     """A run saved before DataConfig grew a field (e.g. `proprio`, `image_views`) resumes when the

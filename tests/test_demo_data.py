@@ -1,6 +1,5 @@
 """The RLDS writer and the demo data build script (the task itself: tests/test_tabletop.py)."""
 
-import importlib.util
 import json
 import os
 
@@ -11,8 +10,7 @@ import tensorflow_datasets as tfds
 
 from openvla_jax.envs import tabletop
 from openvla_jax.data.rlds_writer import infer_features, write_rlds
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from rlds_fixtures import load_script
 
 
 def _toy_episode(rng, i, t):
@@ -28,7 +26,6 @@ def _toy_episode(rng, i, t):
       "episode_metadata": {"episode_id": i, "file_path": f"/raw/ep{i}.npy"},
   }
 
-
 def _read(path, split):
   """All episodes of a split as numpy, steps stacked: list of (steps dict, metadata dict)."""
   out = []
@@ -39,7 +36,6 @@ def _read(path, split):
                               for k in steps[0]["observation"]}
     out.append((stacked, ep["episode_metadata"]))
   return out
-
 
 def test_writer_round_trip_png(tmp_path):
   rng = np.random.default_rng(0)
@@ -76,7 +72,6 @@ def test_writer_round_trip_png(tmp_path):
   first = next(iter(raw["steps"]))["observation"]["image_0"].numpy()
   assert first[:8] == b"\x89PNG\r\n\x1a\n"
 
-
 def test_writer_jpeg_val_episodes_and_errors(tmp_path):
   rng = np.random.default_rng(1)
   eps = [_toy_episode(rng, i, 2) for i in range(5)]
@@ -100,17 +95,8 @@ def test_writer_jpeg_val_episodes_and_errors(tmp_path):
   with pytest.raises(ValueError, match=r"episode 0.*steps/action.*length 2.*T=3"):
     write_rlds(str(tmp_path), "toy_bad", [bad], features=infer_features(_toy_episode(rng, 0, 3)))
 
-
-def _load_script():
-  spec = importlib.util.spec_from_file_location(
-      "make_demo_data", os.path.join(ROOT, "scripts", "make_demo_data.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
 def test_make_demo_data_end_to_end(tmp_path, capsys):
-  script = _load_script()
+  script = load_script("make_demo_data")
   out = script.make_demo_data(str(tmp_path / "demo"), episodes=6, val_fraction=0.34, seed=4)
   manifest = json.load(open(os.path.join(out, "demo_manifest.json")))
   assert (manifest["train_episodes"], manifest["val_episodes"]) == (4, 2)

@@ -5,7 +5,6 @@ writes the new dataset's dataset_statistics.json and an export that OpenVLA.load
 with (unnormalised with those statistics). Measured: loss 10.43 -> 9.60 in 8 steps; ~70 s on 2 shared
 cores, most of it the subprocess's imports and the compile."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from rlds_fixtures import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -29,9 +29,7 @@ def inputs(tmp_path_factory):
     from openvla_jax.models import vla
 
     tmp = tmp_path_factory.mktemp("ft_full")
-    spec = importlib.util.spec_from_file_location("make_demo_data", ROOT / "scripts" / "make_demo_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("make_demo_data")
     data_dir = mod.make_demo_data(str(tmp / "demo"), episodes=12, val_fraction=0.25, seed=5)
 
     sys.path.insert(0, str(ROOT / "tests"))

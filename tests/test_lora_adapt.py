@@ -12,7 +12,6 @@ Measured (2 shared CPU cores, ~40 s): base 0.68 on the original task and 0.00 on
 40 LoRA steps 0.68 on the variant (and 0.02 on the original: it adapted, not just learned more).
 """
 
-import importlib.util
 import sys
 from functools import partial
 from pathlib import Path
@@ -30,6 +29,7 @@ from openvla_jax.train import lora as LO
 from openvla_jax.train import loss as LS
 from openvla_jax.train import optimizer as O
 from openvla_jax.train import step as ST
+from rlds_fixtures import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("pixel_values", "input_ids", "attention_mask", "labels")
@@ -52,9 +52,7 @@ def demo(tmp_path_factory):
     from openvla_jax.tokenizer.text import TextTokenizer
     from openvla_jax.train.loop import data_config
 
-    spec = importlib.util.spec_from_file_location("make_demo_data", ROOT / "scripts" / "make_demo_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("make_demo_data")
     data_dir = mod.make_demo_data(str(tmp_path_factory.mktemp("adapt") / "demo"), episodes=24, val_fraction=0.25,
                                   seed=3)
     config = _small_config(data_dir)

@@ -2,7 +2,6 @@
 on a two-dataset mixture with known predictions; end to end with a random tiny model and the
 evaluate script (results.json consistent, report.png a real PNG)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from openvla_jax.models.preprocess import tf_resize_uint8
 from openvla_jax.tokenizer.actions import ActionTokenizer
 from openvla_jax.tokenizer.prompt import prompt_prefix_ids
 from openvla_jax.tokenizer.text import TextTokenizer
-from rlds_fixtures import write_libero
+from rlds_fixtures import load_script, write_libero
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO, LIBERO = "demo_tabletop", "libero_spatial_no_noops"
@@ -94,9 +93,7 @@ def raw_val(data_dir, name, split, images=False):
 # --- fixtures -------------------------------------------------------------------------------------
 
 def _make_demo(out_dir, episodes, val_fraction, seed):
-    spec = importlib.util.spec_from_file_location("make_demo_data", ROOT / "scripts" / "make_demo_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("make_demo_data")
     return mod.make_demo_data(str(out_dir), episodes=episodes, val_fraction=val_fraction, seed=seed)
 
 

@@ -2,7 +2,6 @@
 kill after a completed save) gives the same losses as an uninterrupted run; a damaged checkpoint
 fails to resume with a clear error instead of starting over; the export loads with OpenVLA.load."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rlds_fixtures import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "tests" / "train_runner.py"
@@ -21,9 +21,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("make_demo_data", ROOT / "scripts" / "make_demo_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("make_demo_data")
     return mod.make_demo_data(str(tmp_path_factory.mktemp("data") / "demo"), episodes=12, val_fraction=0.25, seed=3)
 
 
