@@ -105,6 +105,31 @@ def test_round_trip_fp32_hf_jax_hf_is_bitwise(hf_dir, tmp_path, scanned):
     assert json.loads((tmp_path / "jax" / "dataset_statistics.json").read_text()) == NORM_STATS
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_scanned_checkpoint_quantizes_like_the_unscanned_one(hf_dir, tmp_path, mode):
+    """Quantization takes a kernel's input axes from `models.kernels`, as LoRA and conversion do: a
+    `--scanned` checkpoint (stacked `layers` and ViT `blocks`) gets the same scales and the same
+    greedy actions as the unscanned one, not scales taken along the layer axis."""
+    from openvla_jax import OpenVLA, quant
+
+    src, _ = hf_dir
+    loaded = {}
+    for scanned in (False, True):
+        out = tmp_path / f"jax_{scanned}"
+        assert convert_cli.main(["to-jax", str(src), str(out)] + (["--scanned"] if scanned else [])) == 0
+        loaded[scanned] = OpenVLA.load(out, dtype="float32", quantize=mode, group_size=32)
+    flat, stacked = loaded[False].params, loaded[True].params
+    q0 = flat["vision_backbone"]["featurizer"]["blocks_1"]["attn"]["qkv"]["kernel"]
+    qs = stacked["vision_backbone"]["featurizer"]["blocks"]["attn"]["qkv"]["kernel"]
+    assert isinstance(qs, quant.QTensor) and qs.lead == 1 and qs.scale.shape[1:] == q0.scale.shape
+    np.testing.assert_array_equal(np.asarray(qs.scale)[1], np.asarray(q0.scale))
+    rng = np.random.default_rng(0)
+    pv = rng.normal(size=(6, TINY.vision.image_size, TINY.vision.image_size, 6)).astype(np.float32)
+    ids = rng.integers(2, 31000, size=(6, 9)).astype(np.int32)
+    ids[:, 0] = 1
+    np.testing.assert_array_equal(loaded[True].action_token_ids(pv, ids), loaded[False].action_token_ids(pv, ids))
+
+
 def test_round_trip_bf16_shards_is_bitwise(hf_dir, tmp_path):
     src, _ = hf_dir
     cfg, params, _ = load_hf(src)

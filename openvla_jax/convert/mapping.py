@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from openvla_jax.convert.io import StateDictError, check_state_dict
+from openvla_jax.models import kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +40,22 @@ class ParamSpec:
         return self.flax_shape if self.layer is None else (self.num_layers, *self.flax_shape)
 
 
+def linear_matrix(spec: ParamSpec) -> tuple[int, int]:
+    """`(K, N)` of a "linear" spec's Flax kernel, from `models.kernels` (the layout LoRA and
+    quantization use); it must be the transpose of the PyTorch weight `[N, K]`."""
+    shape = spec.stacked_shape
+    k, n = kernels.kernel_layout(spec.path, shape).matrix_shape(shape)[-2:]
+    if (n, k) != tuple(spec.hf_shape):
+        raise ValueError(f"{spec.hf_key}: the Flax kernel {spec.path} {spec.flax_shape} contracts {k} inputs to "
+                         f"{n} outputs, but the PyTorch weight is {spec.hf_shape} [out, in]")
+    return k, n
+
+
 def to_flax(w: np.ndarray, spec: ParamSpec) -> np.ndarray:
     w = np.asarray(w)
     if spec.kind == "linear":
-        return np.ascontiguousarray(w.T).reshape(spec.flax_shape)
+        k, n = linear_matrix(spec)
+        return np.ascontiguousarray(w.reshape(n, k).T).reshape(spec.flax_shape)
     if spec.kind == "conv":
         return np.ascontiguousarray(w.transpose(2, 3, 1, 0)).reshape(spec.flax_shape)
     if spec.kind == "copy":
@@ -53,8 +66,8 @@ def to_flax(w: np.ndarray, spec: ParamSpec) -> np.ndarray:
 def to_hf(x: np.ndarray, spec: ParamSpec) -> np.ndarray:
     x = np.asarray(x)
     if spec.kind == "linear":
-        out, inp = spec.hf_shape
-        return np.ascontiguousarray(x.reshape(inp, out).T)
+        k, n = linear_matrix(spec)
+        return np.ascontiguousarray(x.reshape(k, n).T)
     if spec.kind == "conv":
         out, inp, kh, kw = spec.hf_shape
         return np.ascontiguousarray(x.reshape(kh, kw, inp, out).transpose(3, 2, 0, 1))

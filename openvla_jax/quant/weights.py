@@ -6,7 +6,7 @@ norms, biases, LayerScale, pos/cls/register tokens or the patch-embed conv: they
 embedding table) a gather, not a matmul.
 
 Layout. A kernel is `[*lead, *in_dims, *out_dims]`: `lead` is the stacked layer axis of a scanned
-Llama (`language_model/layers/...`), `in_dims` the contracted input axes (two for o_proj / ViT proj,
+Llama or ViT (`language_model/layers/...`, `.../blocks/...`), `in_dims` the contracted input axes (two for o_proj / ViT proj,
 which contract `(heads, head_dim)`; one otherwise). It is viewed as `[*lead, K, N]` with K the
 product of the input dims and N of the output dims, and K split into G groups of g = K / G rows:
   int8: symmetric per output channel (G = 1): scale = max|w| / 127 over the K input rows.
@@ -32,11 +32,11 @@ import numpy as np
 from flax import linen as nn
 from flax import struct
 
+from openvla_jax.models import kernels
+
 MODES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 128
 _QMAX = {8: 127, 4: 7}
-# kernels that contract two input axes (heads, head_dim): Llama o_proj, ViT attn / attn-pool proj
-_TWO_INPUT_AXES = ("o_proj", "proj")
 
 
 @struct.dataclass
@@ -129,12 +129,15 @@ def _path_names(path) -> list[str]:
 
 
 def linear_layout(names: list[str], ndim: int) -> Optional[tuple[int, int]]:
-    """`(lead, in_dims)` when the leaf at `names` is a linear kernel to quantize, else None."""
+    """`(lead, in_dims)` when the leaf at `names` is a linear kernel to quantize, else None (the axes
+    come from `models.kernels`, as LoRA's and conversion's do)."""
     if not names or names[-1] != "kernel" or "patch_embed" in names or ndim < 2:
         return None
-    lead = 1 if "layers" in names else 0  # nn.scan's stacked Llama layers
-    in_dims = 2 if names[-2] in _TWO_INPUT_AXES and ndim - lead == 3 else 1
-    return lead, in_dims
+    stack = int(any(n in kernels.STACK_NAMES for n in names[:-1]))
+    if ndim - stack < 2:
+        return None
+    layout = kernels.kernel_layout(names, (1,) * ndim)
+    return layout.stack, layout.n_in
 
 
 def quantize_params(params, mode: str = "int8", group_size: Optional[int] = DEFAULT_GROUP_SIZE):

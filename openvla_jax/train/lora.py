@@ -40,12 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from openvla_jax.models import kernels
 from openvla_jax.train.optimizer import param_paths
 from openvla_jax.train.state import TrainState, key_data
 from openvla_jax.train.step import forward_sums, guarded_update, select_batch
 
-_STACKED = ("layers", "blocks")  # nn.scan stack names (models/llama.py, models/vit.py)
-_OUTPUT_PROJECTIONS = ("o_proj", "proj")  # contract all dims but the last (see the module docstring)
 ADAPTERS_FILE = "adapters.npz"
 CONFIG_FILE = "lora_config.json"
 
@@ -77,15 +76,12 @@ class LoraConfig:
 
 
 def _split(path: str, shape) -> tuple[int, int, int]:
-    """-> (stack dims 0/1, number of input dims, number of output dims) of a kernel."""
-    names = path.split("/")
-    stack = int(any(n in _STACKED for n in names[:-1]))
-    dims = len(shape) - stack
-    if dims < 2:
-        raise ValueError(f"LoRA target {path} has shape {tuple(shape)}: not a linear kernel (needs >= 2 dims "
-                         "besides a scan axis); narrow LoraConfig.target")
-    n_in = dims - 1 if names[-2] in _OUTPUT_PROJECTIONS else 1
-    return stack, n_in, dims - n_in
+    """-> (stack dims 0/1, number of input dims, number of output dims) of a kernel (`models.kernels`)."""
+    try:
+        layout = kernels.kernel_layout(path.split("/"), shape)
+    except ValueError as e:
+        raise ValueError(f"LoRA target {e}; narrow LoraConfig.target") from None
+    return layout.stack, layout.n_in, layout.n_out
 
 
 def targets(params, cfg: LoraConfig) -> dict:
