@@ -97,13 +97,13 @@ class OpenVLA:
         """An HF OpenVLA directory (`config.json` + safetensors), a `scripts/convert.py to-jax` one, or
         a `quant.save_quantized` one. `quantize` ("int8" / "int4") quantizes a float checkpoint on load;
         `image_resize` / `center_crop` override the checkpoint's image preprocessing (see `__init__`)."""
-        from openvla_jax.convert import hf
+        from openvla_jax.convert import checkpoint, hf
 
         path = Path(path)
         if quant.is_quantized_dir(path):
             model_config, params, extras = quant.load_quantized(path)
         elif (path / "model_config.json").exists():
-            model_config, params, extras = hf.load_converted(path)
+            model_config, params, extras = checkpoint.load_converted(path)
         elif (path / "config.json").exists():
             model_config, params, extras = hf.load_hf(path)
         else:

@@ -39,7 +39,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from openvla_jax.utils.bench_suite import Options, case_names, device_info, machine, run_suite
+    from benchmarks.suite import Options, case_names, device_info, machine, run_suite
 
     try:
         names = case_names(FLAGS.case)

@@ -18,7 +18,7 @@ GLOBAL_BATCH, LENGTH = 4, 14
 
 
 def global_rows(step: int):
-    from openvla_jax.train.synthetic import synthetic_batch
+    from openvla_jax.testing.synthetic import synthetic_batch
 
     return synthetic_batch(GLOBAL_BATCH, LENGTH, 28, seed=100 + step)
 

@@ -2,11 +2,11 @@
 
 import numpy as np
 
-from openvla_jax.utils.torch_compat import import_torch
+from openvla_jax.testing.torch_compat import import_torch
 
 
 def torch():
-    """torch, importable together with timm/transformers (see openvla_jax.utils.torch_compat)."""
+    """torch, importable together with timm/transformers (see openvla_jax.testing.torch_compat)."""
     return import_torch(2)
 
 

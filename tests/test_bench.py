@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from openvla_jax.train.flops import bandwidth_bound_rate, hbm_bandwidth, peak_flops, predict_flops, step_flops
-from openvla_jax.utils import bench_suite as S
+from benchmarks import suite as S
 from openvla_jax.utils.profiling import trace_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,8 +113,8 @@ def test_unknown_and_missing_cases():
     with pytest.raises(ValueError, match="unknown case.*'nope'.*expected some of"):
         S.case_names("train,nope")
     assert "convert" not in S.case_names("all")
-    missing = S._external("openvla_jax.no_such_bench", "case_x", "issue 0")
-    with pytest.raises(S.CaseUnavailable, match="no_such_bench.case_x.*issue 0"):
+    missing = S._external("benchmarks.no_such_bench", "case_x")
+    with pytest.raises(S.CaseUnavailable, match="no_such_bench.case_x.*cannot be imported"):
         missing("tiny", S.Options())
     S.CASES["_missing"] = (missing, True)
     try:

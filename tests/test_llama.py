@@ -10,7 +10,7 @@ from flax import linen as nn
 
 from configs import model as model_configs
 from helpers import max_abs, torch
-from openvla_jax.utils.torch_compat import transformers_llama
+from openvla_jax.testing.torch_compat import transformers_llama
 from openvla_jax.convert.io import StateDictError, open_state_dict, save_state_dict
 from openvla_jax.convert.llama import llama_specs, load_hf_llama, save_hf_llama
 from openvla_jax.convert.mapping import hf_to_flax

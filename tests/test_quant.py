@@ -206,9 +206,9 @@ def test_memory_report_tiny_counts_every_leaf(tiny):
 
 # ------------------------------------------------------------------------------ the benchmark
 def test_bench_7b_memory_table():
-    """`quant.bench.memory_rows` against the published parameter count of openvla-7b
+    """`benchmarks.quant.memory_rows` against the published parameter count of openvla-7b
     (7,541,237,184: 2 bytes each in bf16)."""
-    from openvla_jax.quant import bench
+    from benchmarks import quant as bench
 
     mem = {r["variant"]: r for r in bench.memory_rows("7b")}
     assert mem["bf16"]["total_gib"] * 2**30 == 2 * 7_541_237_184
@@ -219,8 +219,8 @@ def test_bench_7b_memory_table():
 
 @pytest.mark.slow  # three decode compiles: ~30 s on 2 shared cores
 def test_bench_latency_rows_tiny(tiny):
-    """`quant.bench.case_quant` (scripts/bench.py --case quant) on the 56 px tiny model, one batch, one repeat."""
-    from openvla_jax.quant import bench
+    """`benchmarks.quant.case_quant` (scripts/bench.py --case quant) on the 56 px tiny model, one batch, one repeat."""
+    from benchmarks import quant as bench
 
     rows = bench.case_quant("tiny", repeats=1, batch_sizes=(2,), model_config=tiny[0])
     assert [(r["variant"], r["batch"]) for r in rows] == [("bf16", 2), ("int8", 2), ("int4", 2)]

@@ -20,7 +20,7 @@ import pytest
 from openvla_jax import OpenVLA
 from openvla_jax.evaluate import jsonnp
 from openvla_jax.evaluate.client import ActionClient, ServerError
-from openvla_jax.evaluate.serve_bench import bench_server
+from benchmarks.serve import bench_server
 from openvla_jax.evaluate.server import ActionServer
 from rlds_fixtures import INSTRUCTIONS, train_tiny_sentencepiece
 from vla_refs import NORM_STATS, build_torch_vla, write_hf_dir

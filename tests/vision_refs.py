@@ -7,7 +7,7 @@ from helpers import torch
 from openvla_jax.convert.mapping import hf_to_flax
 from openvla_jax.convert.vision import vit_specs
 from openvla_jax.models import vit
-from openvla_jax.utils import torch_reference
+from openvla_jax.testing import torch_reference
 
 TINY = model_configs.get_config("tiny")
 DINO, SIGLIP = TINY.vision.featurizer, TINY.vision.fused_featurizer

@@ -10,8 +10,8 @@ import numpy as np
 
 from helpers import torch
 from openvla_jax.convert.hf_config import hf_config_from_model_config
-from openvla_jax.utils import torch_reference
-from openvla_jax.utils.torch_reference import hf_state_dict
+from openvla_jax.testing import torch_reference
+from openvla_jax.testing.torch_reference import hf_state_dict
 from vision_refs import TINY
 
 NORM_STATS = {

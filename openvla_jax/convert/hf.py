@@ -31,7 +31,6 @@ from openvla_jax.convert.vision import prismatic_to_hf, vision_specs
 from openvla_jax.models.llama import LlamaConfig
 
 __all__ = ["model_config_from_hf", "hf_config_from_model_config", "vla_specs", "load_hf", "save_hf",
-           "save_converted", "load_converted",
            "TOKENIZER_FILES", "parse_size"]
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -270,17 +269,3 @@ def save_hf(out_dir, model_config: ml_collections.ConfigDict, params, norm_stats
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(), indent=2) + "\n")
         copy_tokenizer(tokenizer_dir, tmp)
     return out_dir
-
-
-def save_converted(out_dir, model_config, params, norm_stats=None, tokenizer_dir=None, hf_config=None) -> Path:
-    """Our JAX format (orbax params + JSON side files); see `openvla_jax.convert.checkpoint`."""
-    from openvla_jax.convert import checkpoint
-
-    return checkpoint.save_converted(out_dir, model_config, params, norm_stats, tokenizer_dir, hf_config)
-
-
-def load_converted(path):
-    """`(model_config, params, extras)` of a directory written by `save_converted`."""
-    from openvla_jax.convert import checkpoint
-
-    return checkpoint.load_converted(path)

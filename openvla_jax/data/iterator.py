@@ -32,6 +32,8 @@ from typing import Callable, Optional
 
 import tensorflow as tf
 
+from openvla_jax.data.prepare import as_data_error
+
 STATE = "state.json"
 PREFIX = "iterator"
 # DataConfig fields that may change between save and restore without changing the data order.
@@ -90,12 +92,10 @@ class CheckpointableIterator:
         return self
 
     def _next_tf(self):
-        from openvla_jax.data.rlds import _as_data_error
-
         try:
             batch = next(self._it)
         except tf.errors.OpError as e:
-            raise _as_data_error(e) from None
+            raise as_data_error(e) from None
         self.position += 1
         return batch
 

@@ -26,6 +26,17 @@ class DataError(ValueError):
     """Bad input data; the message names the dataset, the episode and the field."""
 
 
+def as_data_error(e: Exception) -> Exception:
+    """A tf.data error raised by one of our checks (its message holds MARK) -> that DataError; others as they are."""
+    msg = getattr(e, "message", str(e))
+    if MARK not in msg:
+        return e
+    text = msg[msg.index(MARK):].split("\n")[0]
+    for junk in ("[", "]", "b'", "\\", "'"):
+        text = text.replace(junk, "")
+    return DataError(text)
+
+
 class BadDataLog:
     """Thread-safe count of skipped episodes by (dataset, field), with a few examples."""
 

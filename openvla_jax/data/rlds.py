@@ -29,7 +29,7 @@ from openvla_jax.data import transforms as X
 from openvla_jax.data.oxe import get_dataset_config, get_mixture
 from openvla_jax.data.traj import AUTOTUNE, TrajDataset, default_split, open_builder
 from openvla_jax.models.preprocess import FUSED_MEAN, FUSED_STD
-from openvla_jax.data.prepare import (MARK, BadDataLog, DataError, frame_fields, image_field,
+from openvla_jax.data.prepare import (MARK, BadDataLog, DataError, as_data_error, frame_fields, image_field,
                                       make_standardize, make_tokenize, make_validator)
 from openvla_jax.tokenizer.actions import ActionTokenizer
 from openvla_jax.tokenizer.text import TextTokenizer
@@ -276,16 +276,6 @@ class RLDSPipeline:
         return iter(self)
 
 
-def _as_data_error(e: Exception) -> Exception:
-    msg = getattr(e, "message", str(e))
-    if MARK not in msg:
-        return e
-    text = msg[msg.index(MARK):].split("\n")[0]
-    for junk in ("[", "]", "b'", "\\", "'"):
-        text = text.replace(junk, "")
-    return DataError(text)
-
-
 def _numpy(ds: tf.data.Dataset):
     it = iter(ds)
     while True:
@@ -294,7 +284,7 @@ def _numpy(ds: tf.data.Dataset):
         except StopIteration:
             return
         except tf.errors.OpError as e:
-            raise _as_data_error(e) from None
+            raise as_data_error(e) from None
 
 
 def _image_encoding(builder, key: str | None) -> str | None:

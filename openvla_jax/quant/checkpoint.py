@@ -72,7 +72,7 @@ def save_quantized(out_dir, qparams, model_config: ml_collections.ConfigDict, no
 
 
 def load_quantized(path):
-    """-> `(model_config, qparams, extras)` (like `convert.hf.load_converted`); extras: norm_stats,
+    """-> `(model_config, qparams, extras)` (like `convert.checkpoint.load_converted`); extras: norm_stats,
     mode, group_size. QTensor arrays come back as NumPy int8 / float32."""
     path = Path(path)
     cfg_path = path / CONFIG_NAME

@@ -1,6 +1,6 @@
 """Server throughput and latency: closed-loop clients against `ActionServer` on loopback.
 
-    python -m openvla_jax.evaluate.serve_bench            # tiny random model, prints a table
+    python -m benchmarks.serve            # tiny random model, prints a table
 
 `bench_server(vla)` starts the server in-process once per (batching, clients) setting; each of
 `clients` threads sends `requests_per_client` requests back to back (a robot waits for its action

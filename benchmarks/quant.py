@@ -1,7 +1,7 @@
 """Benchmarks of weight-only quantization: greedy action latency in bf16 / int8 / int4 on the tiny and
 small models, and the 7B model's parameter memory from shapes.
 
-    from openvla_jax.quant.bench import case_quant, memory_rows
+    from benchmarks.quant import case_quant, memory_rows
     rows = case_quant("tiny", repeats=5, batch_sizes=(1, 8))   # = scripts/bench.py --case quant
     rows = memory_rows("7b")                                   # nothing allocated: shapes only
 
@@ -64,7 +64,7 @@ def case_quant(variant: str, *, repeats: int = 5, batch_sizes: Sequence[int] = (
         for b in batch_sizes:
             pv, x = pixels[:b], ids[:b]
             got = vla.action_token_ids(pv, x)  # also the compile
-            ms = 1e3 * median_seconds(lambda: vla.action_token_ids(pv, x), warmup=1, repeats=repeats)
+            ms = 1e3 * median_seconds(lambda v=vla, pv=pv, x=x: v.action_token_ids(pv, x), warmup=1, repeats=repeats)
             if mode == "bf16":
                 ref[b] = dict(ms=ms, ids=got, linear=linear)
             rows.append(dict(case="quant", config=variant, variant=mode, batch=b, ms=ms, ms_vs_bf16=ms / ref[b]["ms"],

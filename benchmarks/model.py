@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from openvla_jax.utils.bench_suite import Options, pair_row
+from benchmarks.suite import Options, pair_row
 from openvla_jax.utils.profiling import trace
 from openvla_jax.utils.timing import interleaved_medians
 
@@ -27,7 +27,7 @@ INSTRUCTIONS = ["pick up the red block", "open the top drawer", "put the green c
 
 
 def _torch():
-    from openvla_jax.utils.torch_compat import import_torch
+    from openvla_jax.testing.torch_compat import import_torch
 
     return import_torch(os.cpu_count() or 1)
 
@@ -91,7 +91,7 @@ def case_llama(variant: str, opts: Options) -> list[dict]:
     from openvla_jax.convert.llama import llama_specs
     from openvla_jax.convert.mapping import hf_to_flax
     from openvla_jax.models import llama
-    from openvla_jax.utils.torch_compat import transformers_llama
+    from openvla_jax.testing.torch_compat import transformers_llama
 
     torch = _torch()
     config = llama.LlamaConfig.from_dict(model_configs.get_config(variant).llm)
@@ -131,7 +131,7 @@ def case_predict(variant: str, opts: Options) -> list[dict]:
     from openvla_jax.tokenizer.prompt import inference_prompt_ids
     from openvla_jax.tokenizer.train import write_sentencepiece
     from openvla_jax.train.flops import predict_flops
-    from openvla_jax.utils.torch_reference import build_torch_vla, hf_state_dict
+    from openvla_jax.testing.torch_reference import build_torch_vla, hf_state_dict
 
     torch = _torch() if opts.torch else None
     cfg = model_configs.get_config(variant)
@@ -193,8 +193,8 @@ def case_train(variant: str, opts: Options) -> list[dict]:
     from openvla_jax.parallel.mesh import make_mesh
     from openvla_jax.train.optimizer import default_optimizer_config, make_optimizer
     from openvla_jax.train.step import abstract_params, init_train_state, make_train_step
-    from openvla_jax.train.synthetic import synthetic_batch
-    from openvla_jax.utils.torch_reference import build_torch_vla, hf_state_dict
+    from openvla_jax.testing.synthetic import synthetic_batch
+    from openvla_jax.testing.torch_reference import build_torch_vla, hf_state_dict
 
     torch = _torch() if opts.torch else None
     cfg = model_configs.get_config(variant)

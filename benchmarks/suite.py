@@ -1,11 +1,11 @@
 """The benchmark suite behind `scripts/bench.py`: named cases, common row fields, machine metadata.
 
-    from openvla_jax.utils.bench_suite import Options, run_suite
+    from benchmarks.suite import Options, run_suite
     out = run_suite(["train", "predict"], ["tiny", "small"], Options(repeats=5))
 
-Cases (`CASES`): llama, predict, train (utils/bench_model.py: JAX vs the PyTorch reference), data,
-convert, serve (their owners' bench modules), quant and actions (imported lazily from
-`openvla_jax.quant.bench` / `openvla_jax.evaluate.chunk_bench`). Model rows carry `pair_row`'s fields;
+Cases (`CASES`): llama, predict, train (`benchmarks/model.py`: JAX vs the PyTorch reference), data,
+convert, serve, quant and actions (`benchmarks/{data,convert,serve,quant,actions}.py`, imported when
+run). Model rows carry `pair_row`'s fields;
 on a known accelerator also MFU against its peak and, for predict, the bandwidth-bound rate.
 """
 
@@ -79,7 +79,7 @@ def pair_row(opts: Options, case: str, config: str, unit: str, units: int, jax_s
 
 def _model_case(name: str) -> Callable:
     def case(variant: str, opts: Options) -> list[dict]:
-        from openvla_jax.utils import bench_model
+        from benchmarks import model as bench_model
 
         return getattr(bench_model, name)(variant, opts)
 
@@ -89,14 +89,14 @@ def _model_case(name: str) -> Callable:
 def case_data(variant: str, opts: Options) -> list[dict]:
     """Frames/s to model-ready batches (augmentation off / on) vs a plain tf.data decode + resize."""
     del variant  # the data pipeline does not depend on the model size
-    from openvla_jax.data.bench import bench_data
+    from benchmarks.data import bench_data
 
     return [dict(case="data", **bench_data(batch_size=16))]
 
 
 def case_serve(variant: str, opts: Options) -> list[dict]:
     """The HTTP action server on loopback: throughput, p50/p99 latency at 1, 8, 32 clients, batching on/off."""
-    from openvla_jax.evaluate.serve_bench import bench_server, tiny_random_vla
+    from benchmarks.serve import bench_server, tiny_random_vla
 
     rows = bench_server(tiny_random_vla(variant), clients=(1, 8, 32), batching=(True, False), requests_per_client=16)
     return [dict(case="serve", config=variant, **r) for r in rows]
@@ -104,20 +104,19 @@ def case_serve(variant: str, opts: Options) -> list[dict]:
 
 def case_convert(variant: str, opts: Options) -> list[dict]:
     """Synthetic full-size checkpoint (random bf16, real names and shapes) -> to-jax: time and peak RSS."""
-    from openvla_jax.convert.bench import bench_convert
+    from benchmarks.convert import bench_convert
 
     return [dict(case="convert", config=variant, **bench_convert(variant, work_dir=opts.work_dir))]
 
 
-def _external(module: str, function: str, owner: str, **kwargs: Callable[[Options], object]) -> Callable:
-    """A case living in another package, imported only when run (it may not exist yet)."""
+def _external(module: str, function: str, **kwargs: Callable[[Options], object]) -> Callable:
+    """A case of another benchmarks module, imported only when run."""
 
     def case(variant: str, opts: Options) -> list[dict]:
         try:
             fn = getattr(importlib.import_module(module), function)
         except (ImportError, AttributeError) as e:
-            raise CaseUnavailable(f"this case runs {module}.{function} ({owner}), which is not in this tree "
-                                  f"yet: {e}") from e
+            raise CaseUnavailable(f"this case runs {module}.{function}, which cannot be imported: {e}") from e
         rows = fn(variant, **{k: get(opts) for k, get in kwargs.items()})
         return [dict({"case": function.removeprefix("case_"), "config": variant}, **r) for r in rows]
 
@@ -132,9 +131,9 @@ CASES: dict[str, tuple[Callable, bool]] = {
     "data": (case_data, False),
     "convert": (case_convert, True),
     "serve": (case_serve, True),
-    "quant": (_external("openvla_jax.quant.bench", "case_quant", "issue 8",
+    "quant": (_external("benchmarks.quant", "case_quant",
                         repeats=lambda o: o.repeats, batch_sizes=lambda o: tuple(o.predict_batches)), True),
-    "actions": (_external("openvla_jax.evaluate.chunk_bench", "case_actions", "issue 9",
+    "actions": (_external("benchmarks.actions", "case_actions",
                           repeats=lambda o: o.repeats, batch=lambda o: o.batch), True),
 }
 # "all": everything but convert, which writes a 15 GB checkpoint when run at 7b.

@@ -10,7 +10,7 @@ Any `configs/model.py` variant builds (timm ids with the config's width/depth/he
 
 from __future__ import annotations
 
-from openvla_jax.utils.torch_compat import import_torch, transformers_llama
+from openvla_jax.testing.torch_compat import import_torch, transformers_llama
 
 
 def timm_tower(tower, seed: int, img_size: int = 224, randomize: bool = True, **kw):
