@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo demo-oft test test-slow bench install install-dev clean
+.PHONY: demo demo-oft test test-slow lint format bench install install-dev clean
 
 $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ demo: $(VENV)/.runtime
 
 demo-oft: $(VENV)/.runtime
 	$(PY) scripts/demo.py --variant=oft_demo
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.dev
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q

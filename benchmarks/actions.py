@@ -67,10 +67,17 @@ def case_actions(variant: str, *, repeats: int = 5, batch: int = 8) -> list[dict
         seconds = interleaved_medians(calls, warmup=1, repeats=repeats, block=jax.block_until_ready)
         rate = {name: per_call[name] / s for name, s in seconds.items()}
         for name in DECODERS:
-            rows.append(dict(decoder=name, batch=b, chunk=DECODERS[name]["action_chunk"],
-                             ms_per_call=seconds[name] * 1e3, actions_per_s=rate[name],
-                             vs_tokens_autoreg=rate[name] / rate["tokens_autoreg"],
-                             vs_openvla=rate[name] / rate["openvla"]))
+            rows.append(
+                dict(
+                    decoder=name,
+                    batch=b,
+                    chunk=DECODERS[name]["action_chunk"],
+                    ms_per_call=seconds[name] * 1e3,
+                    actions_per_s=rate[name],
+                    vs_tokens_autoreg=rate[name] / rate["tokens_autoreg"],
+                    vs_openvla=rate[name] / rate["openvla"],
+                )
+            )
     return rows
 
 
@@ -78,6 +85,6 @@ if __name__ == "__main__":
     import json
     import sys
 
-    for v in (sys.argv[1:] or ["tiny"]):
+    for v in sys.argv[1:] or ["tiny"]:
         for row in case_actions(v, repeats=3):
             print(json.dumps(dict(config=v, **row)))

@@ -11,7 +11,6 @@ Called from `scripts/bench.py --case convert`.
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -88,11 +87,20 @@ def bench_convert(variant: str = "7b", work_dir=None, scanned: bool = False, kee
         conv = _child(True, src, out, scanned)
         out_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
         largest = _largest_tensor_bytes(src)
-        return dict(case="convert_to_jax", config=variant, scanned=scanned, checkpoint_gb=written["bytes"] / 1e9,
-                    largest_tensor_gb=largest / 1e9, write_synthetic_s=written["seconds"],
-                    seconds=conv["seconds"], gb_per_s=written["bytes"] / 1e9 / conv["seconds"],
-                    peak_rss_gb=conv["peak_rss_gb"], baseline_rss_gb=base["peak_rss_gb"],
-                    conversion_rss_gb=conv["peak_rss_gb"] - base["peak_rss_gb"], output_gb=out_bytes / 1e9)
+        return dict(
+            case="convert_to_jax",
+            config=variant,
+            scanned=scanned,
+            checkpoint_gb=written["bytes"] / 1e9,
+            largest_tensor_gb=largest / 1e9,
+            write_synthetic_s=written["seconds"],
+            seconds=conv["seconds"],
+            gb_per_s=written["bytes"] / 1e9 / conv["seconds"],
+            peak_rss_gb=conv["peak_rss_gb"],
+            baseline_rss_gb=base["peak_rss_gb"],
+            conversion_rss_gb=conv["peak_rss_gb"] - base["peak_rss_gb"],
+            output_gb=out_bytes / 1e9,
+        )
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)

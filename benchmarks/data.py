@@ -25,17 +25,28 @@ def _write_synthetic(data_dir: str, n_episodes: int, steps: int, seed: int = 0) 
     yy, xx = np.mgrid[0:256, 0:256]
 
     def episode(e):
-        imgs = np.stack([np.stack([(xx + 3 * t + e) % 256, (yy * 2 + e) % 256, (xx + yy + t) % 256], -1)
-                         for t in range(steps)]).astype(np.uint8)
+        imgs = np.stack(
+            [np.stack([(xx + 3 * t + e) % 256, (yy * 2 + e) % 256, (xx + yy + t) % 256], -1) for t in range(steps)]
+        ).astype(np.uint8)
         noise = rng.integers(0, 24, imgs.shape, dtype=np.uint8)  # JPEG-realistic texture
         act = rng.uniform(-1, 1, (steps, 7)).astype(np.float32)
-        return {"steps": {"observation": {"image": imgs + noise, "wrist_image": imgs,
-                                          "state": rng.normal(size=(steps, 8)).astype(np.float32)},
-                          "action": act, "language_instruction": "put the bowl on the plate",
-                          "is_first": np.arange(steps) == 0, "is_last": np.arange(steps) == steps - 1,
-                          "is_terminal": np.arange(steps) == steps - 1,
-                          "reward": np.zeros(steps, np.float32), "discount": np.ones(steps, np.float32)},
-                "episode_metadata": {"file_path": f"/synthetic/{e}"}}
+        return {
+            "steps": {
+                "observation": {
+                    "image": imgs + noise,
+                    "wrist_image": imgs,
+                    "state": rng.normal(size=(steps, 8)).astype(np.float32),
+                },
+                "action": act,
+                "language_instruction": "put the bowl on the plate",
+                "is_first": np.arange(steps) == 0,
+                "is_last": np.arange(steps) == steps - 1,
+                "is_terminal": np.arange(steps) == steps - 1,
+                "reward": np.zeros(steps, np.float32),
+                "discount": np.ones(steps, np.float32),
+            },
+            "episode_metadata": {"file_path": f"/synthetic/{e}"},
+        }
 
     write_rlds(data_dir, DATASET, (episode(e) for e in range(n_episodes)), image_format="jpeg")
 
@@ -62,15 +73,37 @@ def _baseline(data_dir: str, batch_size: int, size: int):
 
     ds = TrajDataset.from_rlds(open_builder(DATASET, data_dir), "train").repeat()
     ds = ds.traj_map(lambda t: {"image": t["observation"]["image"]}).flatten()
-    img = ds.ds.map(lambda f: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
-        tf.io.decode_image(f["image"], channels=3, expand_animations=False), (size, size),
-        "lanczos3", antialias=True)), 0, 255), tf.uint8), num_parallel_calls=tf.data.AUTOTUNE)
+    img = ds.ds.map(
+        lambda f: tf.cast(
+            tf.clip_by_value(
+                tf.round(
+                    tf.image.resize(
+                        tf.io.decode_image(f["image"], channels=3, expand_animations=False),
+                        (size, size),
+                        "lanczos3",
+                        antialias=True,
+                    )
+                ),
+                0,
+                255,
+            ),
+            tf.uint8,
+        ),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
     return iter(img.batch(batch_size).prefetch(2).as_numpy_iterator())
 
 
-def bench_data(data_dir: str | None = None, n_batches: int = 20, batch_size: int = 16,
-               image_size: int = 224, n_episodes: int = 40, steps: int = 20, warmup: int = 3,
-               shuffle_buffer: int = 2000) -> dict:
+def bench_data(
+    data_dir: str | None = None,
+    n_batches: int = 20,
+    batch_size: int = 16,
+    image_size: int = 224,
+    n_episodes: int = 40,
+    steps: int = 20,
+    warmup: int = 3,
+    shuffle_buffer: int = 2000,
+) -> dict:
     """Frames/s of the baseline and of our pipeline (augment off / on) on this machine."""
     from openvla_jax.data.rlds import DataConfig, RLDSPipeline
     from openvla_jax.tokenizer.text import TextTokenizer
@@ -80,13 +113,21 @@ def bench_data(data_dir: str | None = None, n_batches: int = 20, batch_size: int
         data_dir = os.path.join(tmp, "data")
         _write_synthetic(data_dir, n_episodes, steps)
     tok = TextTokenizer(_tiny_tokenizer(tmp))
-    result = {"batch_size": batch_size, "image_size": image_size, "n_batches": n_batches,
-              "cpu_count": os.cpu_count()}
+    result = {"batch_size": batch_size, "image_size": image_size, "n_batches": n_batches, "cpu_count": os.cpu_count()}
     result["baseline_fps"] = _time(_baseline(data_dir, batch_size, image_size), n_batches, batch_size, warmup)
     for augment in (False, True):
-        cfg = DataConfig(data_dir=data_dir, mixture=DATASET, batch_size=batch_size, image_size=image_size,
-                         augment=augment, shuffle_buffer=shuffle_buffer, process_index=0,
-                         process_count=1, statistics_dir=os.path.join(tmp, "stats"), progress=False)
+        cfg = DataConfig(
+            data_dir=data_dir,
+            mixture=DATASET,
+            batch_size=batch_size,
+            image_size=image_size,
+            augment=augment,
+            shuffle_buffer=shuffle_buffer,
+            process_index=0,
+            process_count=1,
+            statistics_dir=os.path.join(tmp, "stats"),
+            progress=False,
+        )
         fps = _time(iter(RLDSPipeline(cfg, tok)), n_batches, batch_size, warmup)
         result["pipeline_aug_fps" if augment else "pipeline_fps"] = fps
     result["overhead_ratio"] = result["baseline_fps"] / result["pipeline_fps"]

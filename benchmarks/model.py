@@ -2,10 +2,11 @@
 
 Every case returns rows (dicts) with the same core fields (see `pair_row`): `jax_s` / `torch_s`
 (median seconds of one unit: each function in its own block, or with `opts.interleave` in rounds
-of one call each; see `utils.timing.interleaved_medians`), `jax_per_s` / `torch_per_s` (units per second), `ratio` = jax_per_s /
-torch_per_s (> 1: JAX faster), `torch_setting` (the faster of fp32 and bf16 autocast, both timed and
-kept as `torch_fp32_s` / `torch_bf16_s`), `flops` per unit, `jax_flops_per_s` and `mfu` ("n/a"
-without a known or given peak). PyTorch always runs with sdpa attention ("at its best settings").
+of one call each; see `utils.timing.interleaved_medians`), `jax_per_s` / `torch_per_s` (units per
+second), `ratio` = jax_per_s / torch_per_s (> 1: JAX faster), `torch_setting` (the faster of fp32
+and bf16 autocast, both timed and kept as `torch_fp32_s` / `torch_bf16_s`), `flops` per unit,
+`jax_flops_per_s` and `mfu` ("n/a" without a known or given peak). PyTorch always runs with sdpa
+attention ("at its best settings").
 Same random weights on both sides. JAX is timed likewise in each of `opts.jax_dtypes` (fp32: results
 identical to the fp32 reference; bf16 compute) and its faster one is `jax_s` / `jax_setting`.
 """
@@ -22,8 +23,12 @@ from benchmarks.suite import Options, pair_row
 from openvla_jax.utils.profiling import trace
 from openvla_jax.utils.timing import interleaved_medians
 
-INSTRUCTIONS = ["pick up the red block", "open the top drawer", "put the green cup to the left of the big bowl",
-                "push the blue button"]
+INSTRUCTIONS = [
+    "pick up the red block",
+    "open the top drawer",
+    "put the green cup to the left of the big bowl",
+    "push the blue button",
+]
 
 
 def _torch():
@@ -71,9 +76,15 @@ def random_params(model_config, seed: int = 0) -> dict:
 
     rng = np.random.default_rng(seed)
     shapes = nn.meta.unbox(abstract_params(vla.from_config(model_config)))
-    return jax.tree.map(lambda x, path: (np.ones(x.shape, np.float32) if path.endswith("scale")
-                                         else (0.02 * rng.standard_normal(x.shape, np.float32))),
-                        shapes, param_paths(shapes))
+    return jax.tree.map(
+        lambda x, path: (
+            np.ones(x.shape, np.float32)
+            if path.endswith("scale")
+            else (0.02 * rng.standard_normal(x.shape, np.float32))
+        ),
+        shapes,
+        param_paths(shapes),
+    )
 
 
 def jax_best(times: dict, key: Callable[[str], str], dtypes) -> dict:
@@ -105,8 +116,11 @@ def case_llama(variant: str, opts: Options) -> list[dict]:
     tt = torch.tensor(tokens, dtype=torch.long)
     run = lambda: jax.block_until_ready(fwd(params, tokens))  # noqa: E731
     with torch.inference_mode():
-        times = interleaved_medians(dict(jax=run, **torch_settings(lambda: hf(input_ids=tt).logits)),
-                                    repeats=opts.repeats, rounds=opts.interleave)
+        times = interleaved_medians(
+            dict(jax=run, **torch_settings(lambda: hf(input_ids=tt).logits)),
+            repeats=opts.repeats,
+            rounds=opts.interleave,
+        )
     profile_once(opts, f"llama_{variant}", run)
     jax_s, ref = times["jax"], torch_best(times)
     n_params = sum(x.size for x in jax.tree.leaves(params)) - config.vocab_size * config.hidden_size
@@ -128,16 +142,19 @@ def case_predict(variant: str, opts: Options) -> list[dict]:
     from openvla_jax.data.normalize import action_stats, unnormalize
     from openvla_jax.models.preprocess import preprocess_images
     from openvla_jax.policy import OpenVLA
+    from openvla_jax.testing.torch_reference import build_torch_vla, hf_state_dict
     from openvla_jax.tokenizer.prompt import inference_prompt_ids
     from openvla_jax.tokenizer.train import write_sentencepiece
     from openvla_jax.train.flops import predict_flops
-    from openvla_jax.testing.torch_reference import build_torch_vla, hf_state_dict
 
     torch = _torch() if opts.torch else None
     cfg = model_configs.get_config(variant)
     ref = build_torch_vla(cfg, seed=0, attn_implementation="sdpa", randomize=False) if opts.torch else None
-    params = (hf_to_flax(vla_specs(cfg, False), {k: v.numpy() for k, v in hf_state_dict(ref).items()})
-              if opts.torch else random_params(cfg))
+    params = (
+        hf_to_flax(vla_specs(cfg, False), {k: v.numpy() for k, v in hf_state_dict(ref).items()})
+        if opts.torch
+        else random_params(cfg)
+    )
     stats = {"demo": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]}}}
     tok = write_sentencepiece(tempfile.mkdtemp(), INSTRUCTIONS)
     models = {d: OpenVLA(cfg, params, stats, tok, dtype=d) for d in opts.jax_dtypes}
@@ -151,8 +168,9 @@ def case_predict(variant: str, opts: Options) -> list[dict]:
                 pv = torch.from_numpy(preprocess_images(image[None]).transpose(0, 3, 1, 2).copy())
                 ids = torch.tensor([inference_prompt_ids(vla.tokenizer, text)], dtype=torch.long)
                 tokens = ref.greedy_ids(pv, ids, vla.action_dim).numpy()
-                out.append(unnormalize(vla.action_tokenizer.decode(tokens).astype(np.float64),
-                                       action_stats(stats, "demo"))[0])
+                out.append(
+                    unnormalize(vla.action_tokenizer.decode(tokens).astype(np.float64), action_stats(stats, "demo"))[0]
+                )
         return np.stack(out)
 
     n = opts.torch_calls
@@ -160,10 +178,21 @@ def case_predict(variant: str, opts: Options) -> list[dict]:
     texts = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(len(images))]
     weights = 2 * sum(x.size for x in jax.tree.leaves(params))  # what batch-1 decoding reads per token in bf16
     prompt = max(len(inference_prompt_ids(vla.tokenizer, t)) for t in INSTRUCTIONS)
-    diffs = {b: float(np.abs(vla.predict_action(images[:b], texts[:b], "demo")
-                             - torch_predict(images[:b], texts[:b])).max()) for b in opts.predict_batches} if ref else {}
-    fns = {f"jax_{d}_{b}": (lambda m=m, b=b: m.predict_action(images[:b], texts[:b], "demo"))
-           for d, m in models.items() for b in opts.predict_batches}
+    diffs = (
+        {
+            b: float(
+                np.abs(vla.predict_action(images[:b], texts[:b], "demo") - torch_predict(images[:b], texts[:b])).max()
+            )
+            for b in opts.predict_batches
+        }
+        if ref
+        else {}
+    )
+    fns = {
+        f"jax_{d}_{b}": (lambda m=m, b=b: m.predict_action(images[:b], texts[:b], "demo"))
+        for d, m in models.items()
+        for b in opts.predict_batches
+    }
     if ref is not None:
         fns.update(torch_settings(lambda: torch_predict(images[:n], texts[:n])))
     times = interleaved_medians(fns, repeats=opts.repeats, rounds=opts.interleave)
@@ -172,9 +201,22 @@ def case_predict(variant: str, opts: Options) -> list[dict]:
         jax_t = jax_best(times, lambda d: f"jax_{d}_{b}", opts.jax_dtypes)
         profile_once(opts, f"predict_{variant}_b{b}", fns[f"jax_{jax_t['jax_setting'].split()[0]}_{b}"])
         extra = dict(max_action_diff_fp32=diffs[b]) if ref is not None else {}
-        rows.append(pair_row(opts, "predict_action", variant, "actions", b, jax_t.pop("jax_s"),
-                             torch_best(times, b / n) if ref is not None else None, predict_flops(cfg, b, prompt),
-                             batch=b, weights_bytes_bf16=weights, **extra, **jax_t))
+        rows.append(
+            pair_row(
+                opts,
+                "predict_action",
+                variant,
+                "actions",
+                b,
+                jax_t.pop("jax_s"),
+                torch_best(times, b / n) if ref is not None else None,
+                predict_flops(cfg, b, prompt),
+                batch=b,
+                weights_bytes_bf16=weights,
+                **extra,
+                **jax_t,
+            )
+        )
     return rows
 
 
@@ -191,10 +233,10 @@ def case_train(variant: str, opts: Options) -> list[dict]:
     from openvla_jax.models import vla
     from openvla_jax.parallel.batch import global_batch
     from openvla_jax.parallel.mesh import make_mesh
-    from openvla_jax.train.optimizer import default_optimizer_config, make_optimizer
-    from openvla_jax.train.step import abstract_params, init_train_state, make_train_step
     from openvla_jax.testing.synthetic import synthetic_batch
     from openvla_jax.testing.torch_reference import build_torch_vla, hf_state_dict
+    from openvla_jax.train.optimizer import default_optimizer_config, make_optimizer
+    from openvla_jax.train.step import abstract_params, init_train_state, make_train_step
 
     torch = _torch() if opts.torch else None
     cfg = model_configs.get_config(variant)
@@ -216,7 +258,8 @@ def case_train(variant: str, opts: Options) -> list[dict]:
     # Compute in each dtype, as the train config's model.dtype does. Full logits (as the original
     # computes them) in the first dtype only: a comparison, not a setting.
     for name, dtype, k in [(f"jax_{d}", d, 8) for d in opts.jax_dtypes] + [
-            ("jax_full_logits", opts.jax_dtypes[0], None)]:
+        ("jax_full_logits", opts.jax_dtypes[0], None)
+    ]:
         step = make_train_step(vla.from_config(cfg, dtype=dtype), tx, schedule, mesh, supervised_tokens=k)
 
         def run(step=step):
@@ -237,8 +280,9 @@ def case_train(variant: str, opts: Options) -> list[dict]:
     def torch_step():
         opt.zero_grad(set_to_none=True)
         logits = ref(pv, ids, mask)
-        loss = torch.nn.functional.cross_entropy(logits[:, p:-1].reshape(-1, logits.shape[-1]).float(),
-                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, p:-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
         opt.step()
@@ -255,8 +299,31 @@ def _train_rows(opts: Options, variant: str, cfg, times: dict, fns, b: int, t: i
     if fns is not None:
         profile_once(opts, f"train_{variant}", fns[f"jax_{jax_t['jax_setting'].split()[0]}"])
     common = dict(batch=b, seq_len=t, tokens_per_step=b * (t + p))
-    return [pair_row(opts, "train_step", variant, "samples", b, jax_t.pop("jax_s"), ref_t, step_flops(cfg, b, t, 8),
-                     jax_impl="logits at 8 supervised positions", **jax_t, **common),
-            pair_row(opts, "train_step", variant, "samples", b, times["jax_full_logits"], ref_t,
-                     step_flops(cfg, b, t, None), jax_impl="logits at every position",
-                     jax_setting=f"{opts.jax_dtypes[0]} compute", **common)]
+    return [
+        pair_row(
+            opts,
+            "train_step",
+            variant,
+            "samples",
+            b,
+            jax_t.pop("jax_s"),
+            ref_t,
+            step_flops(cfg, b, t, 8),
+            jax_impl="logits at 8 supervised positions",
+            **jax_t,
+            **common,
+        ),
+        pair_row(
+            opts,
+            "train_step",
+            variant,
+            "samples",
+            b,
+            times["jax_full_logits"],
+            ref_t,
+            step_flops(cfg, b, t, None),
+            jax_impl="logits at every position",
+            jax_setting=f"{opts.jax_dtypes[0]} compute",
+            **common,
+        ),
+    ]

@@ -35,14 +35,21 @@ def random_params(model_config, seed: int = 0) -> dict:
 
     module = vla_lib.from_config(model_config, dtype=jnp.float32, param_dtype=jnp.float32)
     size = model_config.vision.image_size
-    init = jax.jit(lambda k: nn.meta.unbox(module.init(k, jnp.zeros((1, size, size, 6)),
-                                                       jnp.zeros((1, 4), jnp.int32))["params"]))
+    init = jax.jit(
+        lambda k: nn.meta.unbox(module.init(k, jnp.zeros((1, size, size, 6)), jnp.zeros((1, 4), jnp.int32))["params"])
+    )
     return jax.tree.map(np.asarray, init(jax.random.key(seed)))
 
 
-def case_quant(variant: str, *, repeats: int = 5, batch_sizes: Sequence[int] = (1, 8),
-               group_size: Optional[int] = DEFAULT_GROUP_SIZE, dtype: str = "bfloat16",
-               model_config=None) -> list[dict]:
+def case_quant(
+    variant: str,
+    *,
+    repeats: int = 5,
+    batch_sizes: Sequence[int] = (1, 8),
+    group_size: Optional[int] = DEFAULT_GROUP_SIZE,
+    dtype: str = "bfloat16",
+    model_config=None,
+) -> list[dict]:
     """-> one row per (mode, batch): case, config, variant (bf16 / int8 / int4), batch, ms (median
     per call), ms_vs_bf16 (ms / bf16's ms at that batch), linear_bytes / total_bytes (params on device),
     linear_ratio (vs bf16), agree (fraction of greedy action ids equal to bf16's)."""
@@ -67,10 +74,23 @@ def case_quant(variant: str, *, repeats: int = 5, batch_sizes: Sequence[int] = (
             ms = 1e3 * median_seconds(lambda v=vla, pv=pv, x=x: v.action_token_ids(pv, x), warmup=1, repeats=repeats)
             if mode == "bf16":
                 ref[b] = dict(ms=ms, ids=got, linear=linear)
-            rows.append(dict(case="quant", config=variant, variant=mode, batch=b, ms=ms, ms_vs_bf16=ms / ref[b]["ms"],
-                             linear_bytes=linear, total_bytes=total, linear_ratio=linear / ref[b]["linear"],
-                             agree=float(np.mean(got == ref[b]["ids"])), dtype=dtype, group_size=group_size,
-                             repeats=repeats))
+            rows.append(
+                dict(
+                    case="quant",
+                    config=variant,
+                    variant=mode,
+                    batch=b,
+                    ms=ms,
+                    ms_vs_bf16=ms / ref[b]["ms"],
+                    linear_bytes=linear,
+                    total_bytes=total,
+                    linear_ratio=linear / ref[b]["linear"],
+                    agree=float(np.mean(got == ref[b]["ids"])),
+                    dtype=dtype,
+                    group_size=group_size,
+                    repeats=repeats,
+                )
+            )
         del vla
     return rows
 
@@ -82,10 +102,20 @@ def memory_rows(variant: str = "7b", group_size: Optional[int] = DEFAULT_GROUP_S
 
     report = memory_report(model_configs.get_config(variant), group_size)
     bf16 = report["bf16"]["total_bytes"]
-    return [dict(case="quant_memory", config=variant, variant=mode, linear_gib=r["linear_bytes"] / GIB,
-                 other_gib=r["other_bytes"] / GIB, total_gib=r["total_gib"], linear_ratio=r["linear_ratio"],
-                 total_ratio=r["total_bytes"] / bf16, group_size=group_size)
-            for mode, r in report.items()]
+    return [
+        dict(
+            case="quant_memory",
+            config=variant,
+            variant=mode,
+            linear_gib=r["linear_bytes"] / GIB,
+            other_gib=r["other_bytes"] / GIB,
+            total_gib=r["total_gib"],
+            linear_ratio=r["linear_ratio"],
+            total_ratio=r["total_bytes"] / bf16,
+            group_size=group_size,
+        )
+        for mode, r in report.items()
+    ]
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -94,17 +124,27 @@ def format_rows(rows: list[dict]) -> str:
     mem = [r for r in rows if r["case"] == "quant_memory"]
     out = []
     if lat:
-        out += ["| config | weights | batch | ms / call | vs bf16 | linear MB | total MB | linear vs bf16 | ids = bf16 |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        out += [f"| {r['config']} | {r['variant']} | {r['batch']} | {r['ms']:.1f} | {r['ms_vs_bf16']:.2f}x | "
-                f"{r['linear_bytes'] / 1e6:.1f} | {r['total_bytes'] / 1e6:.1f} | {r['linear_ratio']:.3f} | "
-                f"{r['agree']:.2f} |" for r in lat]
+        out += [
+            "| config | weights | batch | ms / call | vs bf16 | linear MB | total MB | linear vs bf16 | ids = bf16 |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {r['config']} | {r['variant']} | {r['batch']} | {r['ms']:.1f} | {r['ms_vs_bf16']:.2f}x | "
+            f"{r['linear_bytes'] / 1e6:.1f} | {r['total_bytes'] / 1e6:.1f} | {r['linear_ratio']:.3f} | "
+            f"{r['agree']:.2f} |"
+            for r in lat
+        ]
     if mem:
         out += [""] if out else []
-        out += ["| config | weights | linear GiB | other GiB | total GiB | linear vs bf16 | total vs bf16 |",
-                "|---|---|---|---|---|---|---|"]
-        out += [f"| {r['config']} | {r['variant']} | {r['linear_gib']:.2f} | {r['other_gib']:.2f} | "
-                f"{r['total_gib']:.2f} | {r['linear_ratio']:.3f} | {r['total_ratio']:.3f} |" for r in mem]
+        out += [
+            "| config | weights | linear GiB | other GiB | total GiB | linear vs bf16 | total vs bf16 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {r['config']} | {r['variant']} | {r['linear_gib']:.2f} | {r['other_gib']:.2f} | "
+            f"{r['total_gib']:.2f} | {r['linear_ratio']:.3f} | {r['total_ratio']:.3f} |"
+            for r in mem
+        ]
     return "\n".join(out)
 
 
@@ -120,7 +160,9 @@ if __name__ == "__main__":
     args = ap.parse_args()
     rows = memory_rows("7b")
     for variant in args.configs.split(","):
-        rows += case_quant(variant, repeats=args.repeats, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")))
+        rows += case_quant(
+            variant, repeats=args.repeats, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(","))
+        )
     print(format_rows(rows))
     if args.out:
         with open(args.out, "w") as f:

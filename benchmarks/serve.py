@@ -24,9 +24,17 @@ from openvla_jax.evaluate.server import ActionServer
 INSTRUCTIONS = ("pick up the red block", "open the drawer", "put the cup on the plate", "push the button")
 
 
-def bench_server(vla, clients: Sequence[int] = (1, 8, 32), batching: Sequence[bool] = (True, False),
-                 requests_per_client: int = 8, max_batch: int = 32, max_wait_ms: float = 5.0,
-                 image_hw=(224, 224), encoding: str = "json_numpy", unnorm_key=None) -> list[dict]:
+def bench_server(
+    vla,
+    clients: Sequence[int] = (1, 8, 32),
+    batching: Sequence[bool] = (True, False),
+    requests_per_client: int = 8,
+    max_batch: int = 32,
+    max_wait_ms: float = 5.0,
+    image_hw=(224, 224),
+    encoding: str = "json_numpy",
+    unnorm_key=None,
+) -> list[dict]:
     """-> one row per (batching, clients): throughput_rps, p50_ms, p99_ms, mean_ms, model_calls,
     mean_batch (requests per model call). Batching off means `max_batch=1`."""
     rng = np.random.default_rng(0)
@@ -66,21 +74,31 @@ def bench_server(vla, clients: Sequence[int] = (1, 8, 32), batching: Sequence[bo
                     raise RuntimeError(f"{len(errors)} client(s) failed, first: {errors[0]!r}")
                 lat_ms = 1e3 * np.concatenate(latencies)
                 calls = server.stats()["model_calls"] - before
-                rows.append({
-                    "batching": bool(on), "clients": n, "requests": int(lat_ms.size),
-                    "throughput_rps": lat_ms.size / wall, "p50_ms": float(np.percentile(lat_ms, 50)),
-                    "p99_ms": float(np.percentile(lat_ms, 99)), "mean_ms": float(lat_ms.mean()),
-                    "model_calls": int(calls), "mean_batch": lat_ms.size / max(calls, 1),
-                    "max_batch": server.max_batch, "max_wait_ms": server.max_wait_ms,
-                })
+                rows.append(
+                    {
+                        "batching": bool(on),
+                        "clients": n,
+                        "requests": int(lat_ms.size),
+                        "throughput_rps": lat_ms.size / wall,
+                        "p50_ms": float(np.percentile(lat_ms, 50)),
+                        "p99_ms": float(np.percentile(lat_ms, 99)),
+                        "mean_ms": float(lat_ms.mean()),
+                        "model_calls": int(calls),
+                        "mean_batch": lat_ms.size / max(calls, 1),
+                        "max_batch": server.max_batch,
+                        "max_wait_ms": server.max_wait_ms,
+                    }
+                )
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     lines = [f"{'batching':>8} {'clients':>7} {'req':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}"]
     for r in rows:
-        lines.append(f"{'on' if r['batching'] else 'off':>8} {r['clients']:>7} {r['requests']:>5} "
-                     f"{r['throughput_rps']:>8.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['mean_batch']:>6.1f}")
+        lines.append(
+            f"{'on' if r['batching'] else 'off':>8} {r['clients']:>7} {r['requests']:>5} "
+            f"{r['throughput_rps']:>8.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['mean_batch']:>6.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -99,7 +117,8 @@ def tiny_random_vla(variant: str = "tiny", dtype: str = "float32", seed: int = 0
     config = model_configs.get_config(variant)
     module = vla_lib.from_config(config, dtype=jnp.float32, param_dtype=jnp.float32)
     params = jax.jit(lambda k: nn.unbox(module.init(k, jnp.zeros((1, 224, 224, 6)), jnp.ones((1, 8), jnp.int32))))(
-        jax.random.key(seed))["params"]
+        jax.random.key(seed)
+    )["params"]
     stats = {"bench": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]}}}
     from openvla_jax.tokenizer.train import write_sentencepiece
 
@@ -118,9 +137,13 @@ def main() -> None:
     p.add_argument("--max_wait_ms", type=float, default=5.0)
     args = p.parse_args()
     vla = tiny_random_vla(args.variant)
-    rows = bench_server(vla, clients=tuple(int(c) for c in args.clients.split(",")),
-                        requests_per_client=args.requests_per_client, max_batch=args.max_batch,
-                        max_wait_ms=args.max_wait_ms)
+    rows = bench_server(
+        vla,
+        clients=tuple(int(c) for c in args.clients.split(",")),
+        requests_per_client=args.requests_per_client,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+    )
     print(format_table(rows))
 
 

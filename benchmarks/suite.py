@@ -21,18 +21,18 @@ from typing import Callable, Optional, Sequence
 
 @dataclasses.dataclass
 class Options:
-    repeats: int = 5                      # timed repeats; medians reported
-    batch: int = 8                        # rows for llama / train
-    seq_len: int = 128                    # llama forward tokens per row
-    train_len: int = 48                   # text tokens per train row (+ the image patches)
+    repeats: int = 5  # timed repeats; medians reported
+    batch: int = 8  # rows for llama / train
+    seq_len: int = 128  # llama forward tokens per row
+    train_len: int = 48  # text tokens per train row (+ the image patches)
     predict_batches: Sequence[int] = (1, 8, 32)
     jax_dtypes: Sequence[str] = ("float32", "bfloat16")  # JAX compute dtypes timed; the faster is its best
-    torch_calls: int = 8                  # single PyTorch predict calls timed for its per-call rate
-    interleave: bool = False             # time in rounds (noisy machine) instead of one block per function
-    torch: bool = True                    # time the PyTorch reference too (off: JAX only, e.g. 7B on a GPU host)
-    peak_tflops: Optional[float] = None   # MFU peak of one device; default: known accelerators
-    profile_dir: Optional[str] = None     # jax.profiler traces of each case's JAX side
-    work_dir: Optional[str] = None        # scratch for convert
+    torch_calls: int = 8  # single PyTorch predict calls timed for its per-call rate
+    interleave: bool = False  # time in rounds (noisy machine) instead of one block per function
+    torch: bool = True  # time the PyTorch reference too (off: JAX only, e.g. 7B on a GPU host)
+    peak_tflops: Optional[float] = None  # MFU peak of one device; default: known accelerators
+    profile_dir: Optional[str] = None  # jax.profiler traces of each case's JAX side
+    work_dir: Optional[str] = None  # scratch for convert
 
 
 class CaseUnavailable(RuntimeError):
@@ -47,12 +47,26 @@ def device_info(opts: Optional[Options] = None) -> dict:
 
     kind = str(jax.devices()[0].device_kind)
     given = opts.peak_tflops * 1e12 if opts is not None and opts.peak_tflops else None
-    return dict(device_kind=kind, backend=jax.default_backend(), device_count=jax.device_count(),
-                peak_flops=peak_flops(kind, given), hbm_bytes_per_s=hbm_bandwidth(kind))
+    return dict(
+        device_kind=kind,
+        backend=jax.default_backend(),
+        device_count=jax.device_count(),
+        peak_flops=peak_flops(kind, given),
+        hbm_bytes_per_s=hbm_bandwidth(kind),
+    )
 
 
-def pair_row(opts: Options, case: str, config: str, unit: str, units: int, jax_s: float,
-             torch: Optional[dict], flops: Optional[float], **extra) -> dict:
+def pair_row(
+    opts: Options,
+    case: str,
+    config: str,
+    unit: str,
+    units: int,
+    jax_s: float,
+    torch: Optional[dict],
+    flops: Optional[float],
+    **extra,
+) -> dict:
     """One measurement: `units` of `unit` done in `jax_s` seconds by JAX and `torch["torch_s"]` by PyTorch.
     ratio = jax_per_s / torch_per_s. mfu = flops / jax_s / peak, "n/a" without a peak (CPU)."""
     from openvla_jax.train.flops import bandwidth_bound_rate
@@ -64,8 +78,11 @@ def pair_row(opts: Options, case: str, config: str, unit: str, units: int, jax_s
         row["torch_per_s"] = units / torch["torch_s"]
         row["ratio"] = row["jax_per_s"] / row["torch_per_s"]
     if flops is not None:
-        row.update(flops=flops, jax_flops_per_s=flops / jax_s,
-                   mfu=flops / jax_s / dev["peak_flops"] if dev["peak_flops"] else "n/a")
+        row.update(
+            flops=flops,
+            jax_flops_per_s=flops / jax_s,
+            mfu=flops / jax_s / dev["peak_flops"] if dev["peak_flops"] else "n/a",
+        )
     weights = extra.get("weights_bytes_bf16")
     if weights:
         # Batch-b decoding still reads every weight once per token: the bound scales with b while
@@ -131,10 +148,19 @@ CASES: dict[str, tuple[Callable, bool]] = {
     "data": (case_data, False),
     "convert": (case_convert, True),
     "serve": (case_serve, True),
-    "quant": (_external("benchmarks.quant", "case_quant",
-                        repeats=lambda o: o.repeats, batch_sizes=lambda o: tuple(o.predict_batches)), True),
-    "actions": (_external("benchmarks.actions", "case_actions",
-                          repeats=lambda o: o.repeats, batch=lambda o: o.batch), True),
+    "quant": (
+        _external(
+            "benchmarks.quant",
+            "case_quant",
+            repeats=lambda o: o.repeats,
+            batch_sizes=lambda o: tuple(o.predict_batches),
+        ),
+        True,
+    ),
+    "actions": (
+        _external("benchmarks.actions", "case_actions", repeats=lambda o: o.repeats, batch=lambda o: o.batch),
+        True,
+    ),
 }
 # "all": everything but convert, which writes a 15 GB checkpoint when run at 7b.
 ALL = ("train", "predict", "llama", "data", "serve", "quant", "actions")
@@ -164,20 +190,31 @@ def machine() -> dict:
         torch_version = torch.__version__
     except ImportError:
         torch_version = None
-    return dict(date=datetime.date.today().isoformat(), cpu=platform.machine(), cores=os.cpu_count(), mem_gib=mem,
-                load_avg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None, jax=jax.__version__,
-                torch=torch_version)
+    return dict(
+        date=datetime.date.today().isoformat(),
+        cpu=platform.machine(),
+        cores=os.cpu_count(),
+        mem_gib=mem,
+        load_avg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        jax=jax.__version__,
+        torch=torch_version,
+    )
 
 
-def run_suite(names: Sequence[str], variants: Sequence[str], opts: Options,
-              emit: Callable[[dict], None] = lambda row: None, skip_unavailable: bool = False) -> dict:
+def run_suite(
+    names: Sequence[str],
+    variants: Sequence[str],
+    opts: Options,
+    emit: Callable[[dict], None] = lambda row: None,
+    skip_unavailable: bool = False,
+) -> dict:
     """Run `names` x `variants`; `emit(row)` as each row arrives. -> {"meta": ..., "results": [rows]}.
     With `skip_unavailable` (used for 'all'), a case whose code is missing gives a row with `skipped`."""
     meta = dict(machine(), **device_info(opts))
     results = []
     for name in names:
         fn, per_variant = CASES[name]
-        for variant in (variants if per_variant else ["-"]):
+        for variant in variants if per_variant else ["-"]:
             try:
                 rows = fn(variant, opts)
             except CaseUnavailable as e:

@@ -22,11 +22,15 @@ VARIANTS = ("lora", "full")
 
 def lora_config() -> ml_collections.ConfigDict:
     """Fields of `openvla_jax.train.lora.LoraConfig`."""
-    return ml_collections.ConfigDict(dict(
-        rank=32, alpha=16.0, dropout=0.0,
-        target=r".*/kernel",                           # re.fullmatch over '/'-joined param paths
-        exclude=r".*(lm_head|patch_embed)/kernel",     # not lm_head; patch embeddings are convolutions
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            rank=32,
+            alpha=16.0,
+            dropout=0.0,
+            target=r".*/kernel",  # re.fullmatch over '/'-joined param paths
+            exclude=r".*(lm_head|patch_embed)/kernel",  # not lm_head; patch embeddings are convolutions
+        )
+    )
 
 
 def get_config(variant: str = "lora") -> ml_collections.ConfigDict:
@@ -34,12 +38,12 @@ def get_config(variant: str = "lora") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown finetune variant {variant!r}; expected one of {VARIANTS}")
     c = train_configs.get_config("openvla_7b_finetune")
     c.variant = variant
-    c.model = model_configs.get_config("7b")          # replaced by init_from's model_config.json
+    c.model = model_configs.get_config("7b")  # replaced by init_from's model_config.json
     c.model.dtype = "bfloat16"
     c.optimizer.lr = 5e-4
     c.optimizer.weight_decay = 0.01
     c.optimizer.schedule = "constant"
-    c.data.mixture = "demo_tabletop"                 # your dataset: --config.data.mixture=<name>
+    c.data.mixture = "demo_tabletop"  # your dataset: --config.data.mixture=<name>
     c.data.data_dir = "data/demo"
     c.data.batch_size = 16
     c.data.augment = True
@@ -50,8 +54,8 @@ def get_config(variant: str = "lora") -> ml_collections.ConfigDict:
     c.train.eval_every = 0
     if variant == "lora":
         c.lora = lora_config()
-        c.base_dtype = "bfloat16"                    # the frozen base's dtype on device ("float32" on CPU)
-        c.export_merged = True                       # write workdir/export (merged, OpenVLA.load / to-hf)
+        c.base_dtype = "bfloat16"  # the frozen base's dtype on device ("float32" on CPU)
+        c.export_merged = True  # write workdir/export (merged, OpenVLA.load / to-hf)
     else:
         c.model.remat_policy = "full"
         c.model.scan_layers = True

@@ -63,11 +63,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     config.pad_token_id = 32000
     # Actions. The defaults are OpenVLA; the rest are the OFT options (openvla_jax/models/vla.py).
     config.action_dim = 7
-    config.action_chunk = 1             # K actions per prediction
+    config.action_chunk = 1  # K actions per prediction
     config.decoding = "autoregressive"  # or "parallel": the K x A positions in one forward pass
-    config.action_head = "tokens"       # or "l1": continuous actions from an MLP (needs "parallel")
-    config.proprio_dim = 0              # > 0: one projected proprio token after the patches
-    config.num_images = 1               # cameras per row, through the same fused backbone
+    config.action_head = "tokens"  # or "l1": continuous actions from an MLP (needs "parallel")
+    config.proprio_dim = 0  # > 0: one projected proprio token after the patches
+    config.num_images = 1  # cameras per row, through the same fused backbone
     # How OpenVLA.predict_action turns camera frames into pixels (models/preprocess.py): "processor"
     # is the HF processor's bicubic resize (the original's predict_action). Exports of our training
     # loop record "train" (the pipeline's lanczos3), or "train_jpeg", and center_crop 0.9 after

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -43,10 +42,18 @@ def _bucket(n: int) -> int:
 
 
 class OpenVLA:
-    def __init__(self, model_config: ml_collections.ConfigDict, params, norm_stats: Optional[dict] = None,
-                 tokenizer_dir: Optional[os.PathLike] = None, dtype="bfloat16", quantize: Optional[str] = None,
-                 group_size: Optional[int] = quant.DEFAULT_GROUP_SIZE, image_resize: Optional[str] = None,
-                 center_crop: Optional[float] = None):
+    def __init__(
+        self,
+        model_config: ml_collections.ConfigDict,
+        params,
+        norm_stats: Optional[dict] = None,
+        tokenizer_dir: Optional[os.PathLike] = None,
+        dtype="bfloat16",
+        quantize: Optional[str] = None,
+        group_size: Optional[int] = quant.DEFAULT_GROUP_SIZE,
+        image_resize: Optional[str] = None,
+        center_crop: Optional[float] = None,
+    ):
         """`quantize`: None, "int8" or "int4" (weight-only, see `openvla_jax.quant`); params that are
         already quantized (from `quant.load_quantized`) are used as they are. Quantized kernels stay
         int8 in memory and are dequantized to `dtype` inside the jitted calls.
@@ -91,9 +98,15 @@ class OpenVLA:
 
     # ------------------------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: Union[str, os.PathLike], dtype="bfloat16", quantize: Optional[str] = None,
-             group_size: Optional[int] = quant.DEFAULT_GROUP_SIZE, image_resize: Optional[str] = None,
-             center_crop: Optional[float] = None) -> "OpenVLA":
+    def load(
+        cls,
+        path: Union[str, os.PathLike],
+        dtype="bfloat16",
+        quantize: Optional[str] = None,
+        group_size: Optional[int] = quant.DEFAULT_GROUP_SIZE,
+        image_resize: Optional[str] = None,
+        center_crop: Optional[float] = None,
+    ) -> "OpenVLA":
         """An HF OpenVLA directory (`config.json` + safetensors), a `scripts/convert.py to-jax` one, or
         a `quant.save_quantized` one. `quantize` ("int8" / "int4") quantizes a float checkpoint on load;
         `image_resize` / `center_crop` override the checkpoint's image preprocessing (see `__init__`)."""
@@ -112,8 +125,17 @@ class OpenVLA:
                 "(converted with scripts/convert.py to-jax) or quant_config.json (quant.save_quantized)"
             )
         tok_dir = path if (path / "tokenizer.model").exists() else None
-        return cls(model_config, params, extras.get("norm_stats"), tok_dir, dtype, quantize, group_size,
-                   image_resize, center_crop)
+        return cls(
+            model_config,
+            params,
+            extras.get("norm_stats"),
+            tok_dir,
+            dtype,
+            quantize,
+            group_size,
+            image_resize,
+            center_crop,
+        )
 
     @property
     def tokenizer(self):
@@ -152,8 +174,9 @@ class OpenVLA:
             rows.append(row if row and row[-1] == space else row + [space])
         return self.decode_rows(self._pixels(pixel_values), rows, self._proprio(proprio, len(rows)))
 
-    def predict_action(self, images, instructions: Union[str, Sequence[str]], unnorm_key: Optional[str] = None,
-                       proprio=None) -> np.ndarray:
+    def predict_action(
+        self, images, instructions: Union[str, Sequence[str]], unnorm_key: Optional[str] = None, proprio=None
+    ) -> np.ndarray:
         """images: uint8 `[B, H, W, 3]` or a list of `[H, W, 3]` (N cameras: `[B, N, H, W, 3]`);
         instructions: one string per row; proprio: raw `[B, P]` for a model with a proprio token.
         Returns un-normalised actions (float64, as the original computes them): `[B, A]` for
@@ -192,8 +215,10 @@ class OpenVLA:
             return prep(images)
         shapes = {np.shape(row)[:1] for row in images}
         if shapes != {(self.num_images,)}:
-            raise ValueError(f"this model takes {self.num_images} camera images per row ([B, "
-                             f"{self.num_images}, H, W, 3]); got rows of {sorted(s[0] for s in shapes if s)} images")
+            raise ValueError(
+                f"this model takes {self.num_images} camera images per row ([B, "
+                f"{self.num_images}, H, W, 3]); got rows of {sorted(s[0] for s in shapes if s)} images"
+            )
         flat = [im for row in images for im in row]
         pv = prep(flat)
         return pv.reshape(len(images), self.num_images, *pv.shape[1:])
@@ -215,8 +240,10 @@ class OpenVLA:
             raise ValueError(f"this model takes proprio [B, {self.proprio_dim}] (the robot state); none given")
         p = np.asarray(proprio, np.float64)
         if p.ndim == 0 or p.size != batch * self.proprio_dim:  # (a single row's [P] is fine for B = 1)
-            raise ValueError(f"proprio must be [B, {self.proprio_dim}] = [{batch}, {self.proprio_dim}], "
-                             f"got shape {np.shape(proprio)}")
+            raise ValueError(
+                f"proprio must be [B, {self.proprio_dim}] = [{batch}, {self.proprio_dim}], "
+                f"got shape {np.shape(proprio)}"
+            )
         p = p.reshape(batch, self.proprio_dim)
         if stats is not None:
             from openvla_jax.data.normalize import normalize

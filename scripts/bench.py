@@ -30,9 +30,15 @@ flags.DEFINE_integer("batch", 8, "rows for the llama and train cases")
 flags.DEFINE_integer("seq_len", 128, "tokens per row for the llama forward case")
 flags.DEFINE_integer("train_len", 48, "text tokens per row for the train case (plus the image patches)")
 flags.DEFINE_list("predict_batches", ["1", "8", "32"], "batch sizes for predict (and quant)")
-flags.DEFINE_bool("interleave", False, "time in rounds of one call per side (fairer under changing load; "
-                  "but a PyTorch step slows the XLA step after it on CPU)")
-flags.DEFINE_bool("torch", True, "time the PyTorch reference too (--notorch: JAX only in train and predict, e.g. 7B on a GPU host)")
+flags.DEFINE_bool(
+    "interleave",
+    False,
+    "time in rounds of one call per side (fairer under changing load; "
+    "but a PyTorch step slows the XLA step after it on CPU)",
+)
+flags.DEFINE_bool(
+    "torch", True, "time the PyTorch reference too (--notorch: JAX only in train and predict, e.g. 7B on a GPU host)"
+)
 flags.DEFINE_string("work_dir", None, "scratch directory for the convert case (default: a temp dir)")
 FLAGS = flags.FLAGS
 
@@ -45,13 +51,26 @@ def main(argv):
         names = case_names(FLAGS.case)
     except ValueError as e:
         raise app.UsageError(str(e))
-    opts = Options(repeats=FLAGS.repeats, batch=FLAGS.batch, seq_len=FLAGS.seq_len, train_len=FLAGS.train_len,
-                   predict_batches=tuple(int(b) for b in FLAGS.predict_batches), peak_tflops=FLAGS.peak_tflops,
-                   profile_dir=FLAGS.profile, work_dir=FLAGS.work_dir, torch=FLAGS.torch,
-                   interleave=FLAGS.interleave)
+    opts = Options(
+        repeats=FLAGS.repeats,
+        batch=FLAGS.batch,
+        seq_len=FLAGS.seq_len,
+        train_len=FLAGS.train_len,
+        predict_batches=tuple(int(b) for b in FLAGS.predict_batches),
+        peak_tflops=FLAGS.peak_tflops,
+        profile_dir=FLAGS.profile,
+        work_dir=FLAGS.work_dir,
+        torch=FLAGS.torch,
+        interleave=FLAGS.interleave,
+    )
     print(json.dumps(dict(machine(), **device_info(opts))), flush=True)
-    out = run_suite(names, FLAGS.config.split(","), opts, emit=lambda row: print(json.dumps(row), flush=True),
-                    skip_unavailable=FLAGS.case == "all")
+    out = run_suite(
+        names,
+        FLAGS.config.split(","),
+        opts,
+        emit=lambda row: print(json.dumps(row), flush=True),
+        skip_unavailable=FLAGS.case == "all",
+    )
     if FLAGS.out:
         Path(FLAGS.out).write_text(json.dumps(out, indent=1))
 

@@ -62,13 +62,21 @@ def evaluate(export: str, out: Path, episodes: int, execute=None) -> dict:
     expert = closed_loop(tabletop.image_expert_policy, n_episodes=episodes, seed=0)
     rand = closed_loop(tabletop.random_policy(0), n_episodes=episodes, seed=0)
     out.mkdir(parents=True, exist_ok=True)
-    film = write_filmstrip(policy.pop("recorded"), out / "filmstrip.png",
-                           title=f"{FLAGS.variant}: closed-loop success {policy['success_rate']:.0%} "
-                                 f"over {episodes} held-out episodes")
+    film = write_filmstrip(
+        policy.pop("recorded"),
+        out / "filmstrip.png",
+        title=f"{FLAGS.variant}: closed-loop success {policy['success_rate']:.0%} over {episodes} held-out episodes",
+    )
     for r in (expert, rand):
         r.pop("recorded")
-    results = {"policy": policy, "expert": expert, "random": rand, "filmstrip": str(film),
-               "image_resize": vla.image_resize, "center_crop": vla.center_crop}
+    results = {
+        "policy": policy,
+        "expert": expert,
+        "random": rand,
+        "filmstrip": str(film),
+        "image_resize": vla.image_resize,
+        "center_crop": vla.center_crop,
+    }
     (out / "closed_loop.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
 
@@ -101,19 +109,37 @@ def main(argv):
     p, lo_hi = r["policy"], r["policy"]["ci95"]
     agree = " ".join(f"{k} {v:.2f}" for k, v in p["agreement"].items())
     total = time.time() - t0
-    print(f"demo: closed-loop success {p['success_rate']:.2f} (95% CI {lo_hi[0]:.2f}-{lo_hi[1]:.2f}) over "
-          f"{p['episodes']} held-out episodes; expert {r['expert']['success_rate']:.2f}, random policy "
-          f"{r['random']['success_rate']:.2f}; {p['calls_per_episode']:.1f} policy calls per episode "
-          f"({p['mean_steps']:.1f} steps); agreement with the expert per action: {agree}")
-    print(f"demo: {total / 60:.1f} min in all (data {t_data / 60:.1f}, training {t_train / 60:.1f} for "
-          f"{summary['step']} steps, evaluation {t_eval / 60:.1f}); filmstrip: {r['filmstrip']}")
-    line = dict(variant=FLAGS.variant, steps=summary["step"], success=p["success_rate"], ci95=p["ci95"],
-                episodes=p["episodes"], expert=r["expert"]["success_rate"], random=r["random"]["success_rate"],
-                calls_per_episode=round(p["calls_per_episode"], 2), mean_steps=round(p["mean_steps"], 2),
-                agreement={k: round(v, 3) for k, v in p["agreement"].items()},
-                by_task=p["success_rate_by_task"], minutes=dict(total=round(total / 60, 2), data=round(t_data / 60, 2),
-                                                                train=round(t_train / 60, 2), eval=round(t_eval / 60, 2)),
-                export=summary["export"], filmstrip=r["filmstrip"])
+    print(
+        f"demo: closed-loop success {p['success_rate']:.2f} (95% CI {lo_hi[0]:.2f}-{lo_hi[1]:.2f}) over "
+        f"{p['episodes']} held-out episodes; expert {r['expert']['success_rate']:.2f}, random policy "
+        f"{r['random']['success_rate']:.2f}; {p['calls_per_episode']:.1f} policy calls per episode "
+        f"({p['mean_steps']:.1f} steps); agreement with the expert per action: {agree}"
+    )
+    print(
+        f"demo: {total / 60:.1f} min in all (data {t_data / 60:.1f}, training {t_train / 60:.1f} for "
+        f"{summary['step']} steps, evaluation {t_eval / 60:.1f}); filmstrip: {r['filmstrip']}"
+    )
+    line = dict(
+        variant=FLAGS.variant,
+        steps=summary["step"],
+        success=p["success_rate"],
+        ci95=p["ci95"],
+        episodes=p["episodes"],
+        expert=r["expert"]["success_rate"],
+        random=r["random"]["success_rate"],
+        calls_per_episode=round(p["calls_per_episode"], 2),
+        mean_steps=round(p["mean_steps"], 2),
+        agreement={k: round(v, 3) for k, v in p["agreement"].items()},
+        by_task=p["success_rate_by_task"],
+        minutes=dict(
+            total=round(total / 60, 2),
+            data=round(t_data / 60, 2),
+            train=round(t_train / 60, 2),
+            eval=round(t_eval / 60, 2),
+        ),
+        export=summary["export"],
+        filmstrip=r["filmstrip"],
+    )
     print("demo: " + json.dumps(line))
 
 

@@ -28,8 +28,12 @@ flags.DEFINE_integer("closed_loop_seed", 0, "seed of the closed-loop episodes")
 flags.DEFINE_string("unnorm_key", "demo_tabletop", "statistics for closed-loop actions")
 flags.DEFINE_string("dtype", "float32", "compute dtype: float32 or bfloat16")
 flags.mark_flags_as_required(["checkpoint", "data_dir"])
-flags.DEFINE_enum("image_resize", None, ["processor", "train", "train_jpeg"],
-                  "how frames become pixels (default: what the checkpoint records; models/preprocess.py)")
+flags.DEFINE_enum(
+    "image_resize",
+    None,
+    ["processor", "train", "train_jpeg"],
+    "how frames become pixels (default: what the checkpoint records; models/preprocess.py)",
+)
 flags.DEFINE_float("center_crop", None, "center crop area fraction at inference (default: the checkpoint's)")
 FLAGS = flags.FLAGS
 
@@ -44,28 +48,39 @@ def main(argv):
     from openvla_jax.evaluate.offline import evaluate_offline
     from openvla_jax.evaluate.report import write_report
 
-    vla = OpenVLA.load(FLAGS.checkpoint, dtype=FLAGS.dtype, image_resize=FLAGS.image_resize,
-                       center_crop=FLAGS.center_crop)
-    cfg = DataConfig(data_dir=FLAGS.data_dir, mixture=FLAGS.mixture, train=False,
-                     batch_size=FLAGS.batch_size, progress=False)
+    vla = OpenVLA.load(
+        FLAGS.checkpoint, dtype=FLAGS.dtype, image_resize=FLAGS.image_resize, center_crop=FLAGS.center_crop
+    )
+    cfg = DataConfig(
+        data_dir=FLAGS.data_dir, mixture=FLAGS.mixture, train=False, batch_size=FLAGS.batch_size, progress=False
+    )
     results = evaluate_offline(vla, cfg, max_batches=FLAGS.max_batches, episodes_to_plot=FLAGS.episodes_to_plot)
     results["checkpoint"] = str(FLAGS.checkpoint)
     out = FLAGS.out or str(Path(FLAGS.checkpoint) / "eval")
     film = None
     if FLAGS.closed_loop_episodes:
-        cl = closed_loop(vla, FLAGS.closed_loop_episodes, seed=FLAGS.closed_loop_seed, unnorm_key=FLAGS.unnorm_key,
-                         record=6, progress=True)
+        cl = closed_loop(
+            vla,
+            FLAGS.closed_loop_episodes,
+            seed=FLAGS.closed_loop_seed,
+            unnorm_key=FLAGS.unnorm_key,
+            record=6,
+            progress=True,
+        )
         film = write_filmstrip(cl.pop("recorded"), Path(out) / "filmstrip.png", title=str(FLAGS.checkpoint))
         results["closed_loop"] = cl
     paths = write_report(results, out)
     m = results["metrics"]["overall"]
-    line = (f"evaluate: {m['frames']} frames, action_accuracy={m['action_accuracy']:.4f} l1={m['l1']:.4f} "
-            f"mse={m['mse']:.4f} l1_unnorm={m['l1_unnorm']:.4f} ({results['frames_per_second']:.1f} frames/s)")
+    line = (
+        f"evaluate: {m['frames']} frames, action_accuracy={m['action_accuracy']:.4f} l1={m['l1']:.4f} "
+        f"mse={m['mse']:.4f} l1_unnorm={m['l1_unnorm']:.4f} ({results['frames_per_second']:.1f} frames/s)"
+    )
     if "closed_loop" in results:
         cl = results["closed_loop"]
         lo, hi = cl["ci95"]
-        line += (f" closed_loop_success={cl['success_rate']:.3f} (95% CI {lo:.2f}-{hi:.2f}) over "
-                 f"{cl['episodes']} episodes")
+        line += (
+            f" closed_loop_success={cl['success_rate']:.3f} (95% CI {lo:.2f}-{hi:.2f}) over {cl['episodes']} episodes"
+        )
     print(line + f" -> {paths['json']}, {paths['png']}" + (f", {film}" if film else ""))
     return 0
 

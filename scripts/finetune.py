@@ -34,13 +34,15 @@ FLAGS = flags.FLAGS
 def with_model_of_checkpoint(config):
     """config with `model` replaced by init_from's model config, keeping the configured compute dtype
     and remat policy (they do not change the params; the checkpoint's scan_layers does: kept as saved)."""
-    from openvla_jax.convert.checkpoint import is_converted
-
     import ml_collections
 
+    from openvla_jax.convert.checkpoint import is_converted
+
     if not config.init_from or not is_converted(config.init_from):
-        raise FileNotFoundError(f"init_from={config.init_from!r} is not a converted checkpoint (model_config.json + "
-                                "params/): convert one with `scripts/convert.py to-jax`")
+        raise FileNotFoundError(
+            f"init_from={config.init_from!r} is not a converted checkpoint (model_config.json + "
+            "params/): convert one with `scripts/convert.py to-jax`"
+        )
     model = ml_collections.ConfigDict(json.loads((Path(config.init_from) / "model_config.json").read_text()))
     model.dtype = config.model.dtype
     model.remat_policy = config.model.get("remat_policy", model.get("remat_policy", "none"))
@@ -64,21 +66,30 @@ def finetune_lora(config, workdir) -> dict:
     from openvla_jax.tokenizer.text import TextTokenizer
     from openvla_jax.train import lora as L
     from openvla_jax.train.checkpoint import TrainCheckpointer
-    from openvla_jax.train.loop import (MetricsWriter, data_config, supervised_tokens, tokenizer_dir,
-                                         trained_preprocessing)
+    from openvla_jax.train.loop import (
+        MetricsWriter,
+        data_config,
+        supervised_tokens,
+        tokenizer_dir,
+        trained_preprocessing,
+    )
     from openvla_jax.train.optimizer import make_optimizer
 
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     tc = config.train
-    ckpt = TrainCheckpointer(workdir, save_every=tc.save_every, keep_last=tc.keep_last, async_save=tc.async_save,
-                             checksum=tc.checksum)
+    ckpt = TrainCheckpointer(
+        workdir, save_every=tc.save_every, keep_last=tc.keep_last, async_save=tc.async_save, checksum=tc.checksum
+    )
     latest = ckpt.latest_step()
     # a resumed run normalises with the statistics it started with
     stats = ckpt.read_dataset_statistics() if latest is not None else None
     tok_dir = tokenizer_dir(config)
-    pipeline = RLDSPipeline(data_config(config, train=True, dataset_statistics=stats), TextTokenizer(tok_dir),
-                            ActionTokenizer.for_model(config.model))
+    pipeline = RLDSPipeline(
+        data_config(config, train=True, dataset_statistics=stats),
+        TextTokenizer(tok_dir),
+        ActionTokenizer.for_model(config.model),
+    )
     ckpt.write_config(config)
     ckpt.write_dataset_statistics(pipeline.statistics)
     data = CheckpointableIterator(pipeline)
@@ -94,8 +105,10 @@ def finetune_lora(config, workdir) -> dict:
         state = _restore_lora(ckpt, latest, state, cfg, data)
     meta = dict(rng=np.asarray(jax.device_get(state.rng)).tolist(), lora=cfg.to_dict())
     n, total = L.count(state.params), L.count(base)
-    print(f"finetune: LoRA r={cfg.rank} on {config.model.get('variant', 'model')}: {n:,} trainable of {total:,} "
-          f"({100 * n / total:.2f}%)" + (f"; resumed at step {latest}" if latest is not None else ""))
+    print(
+        f"finetune: LoRA r={cfg.rank} on {config.model.get('variant', 'model')}: {n:,} trainable of {total:,} "
+        f"({100 * n / total:.2f}%)" + (f"; resumed at step {latest}" if latest is not None else "")
+    )
     step_fn = L.make_lora_train_step(module, optimizer, schedule, cfg, supervised_tokens=supervised_tokens(config))
     writer = MetricsWriter(workdir, [name for name, _ in pipeline.mixture], True)
     first = (latest or 0) + 1
@@ -121,9 +134,14 @@ def finetune_lora(config, workdir) -> dict:
             import shutil
 
             shutil.rmtree(export)
-        L.merge_and_export(config.init_from, jax.device_get(state.params), cfg, export,
-                           norm_stats=_jsonable(pipeline.statistics),
-                           model_config_updates=trained_preprocessing(config, pipeline))
+        L.merge_and_export(
+            config.init_from,
+            jax.device_get(state.params),
+            cfg,
+            export,
+            norm_stats=_jsonable(pipeline.statistics),
+            model_config_updates=trained_preprocessing(config, pipeline),
+        )
         summary["export"] = str(export)
     return summary
 
@@ -136,15 +154,22 @@ def _restore_lora(ckpt, step: int, state, cfg, data):
 
     saved = ckpt.restore_meta(step).get("lora")
     if saved != cfg.to_dict():
-        raise ValueError(f"{ckpt.directory}/{step} was trained with LoRA {saved}, this run asks for {cfg.to_dict()}: "
-                         "use another --workdir or the same config.lora")
+        raise ValueError(
+            f"{ckpt.directory}/{step} was trained with LoRA {saved}, this run asks for {cfg.to_dict()}: "
+            "use another --workdir or the same config.lora"
+        )
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     like = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), tree)  # noqa: E731
-    adapters, opt_state, meta = ckpt.restore(step, abstract_params=like(state.params),
-                                             abstract_opt_state=like(state.opt_state))
+    adapters, opt_state, meta = ckpt.restore(
+        step, abstract_params=like(state.params), abstract_opt_state=like(state.opt_state)
+    )
     ckpt.restore_data_iterator(step, data)
-    return state.replace(step=jnp.asarray(step, jnp.int32), params=adapters, opt_state=opt_state,
-                         rng=jnp.asarray(np.asarray(meta["rng"], np.uint32)))
+    return state.replace(
+        step=jnp.asarray(step, jnp.int32),
+        params=adapters,
+        opt_state=opt_state,
+        rng=jnp.asarray(np.asarray(meta["rng"], np.uint32)),
+    )
 
 
 def _jsonable(x):
@@ -172,9 +197,11 @@ def main(argv):
     else:
         summary = finetune_lora(config, FLAGS.workdir)
     keys = ("train/loss", "train/action_accuracy", "train/l1")
-    print(f"finetune ({config.variant}): step {summary['step']} "
-          + json.dumps({k: round(summary[k], 4) for k in keys if k in summary})
-          + (f" export={summary['export']}" if "export" in summary else ""))
+    print(
+        f"finetune ({config.variant}): step {summary['step']} "
+        + json.dumps({k: round(summary[k], 4) for k in keys if k in summary})
+        + (f" export={summary['export']}" if "export" in summary else "")
+    )
     return 0
 
 

@@ -26,8 +26,12 @@ flags.DEFINE_string("dtype", "bfloat16", "parameter and compute dtype (bfloat16,
 flags.DEFINE_integer("max_body_mb", 32, "largest request body accepted (413 above)")
 flags.DEFINE_bool("warmup", True, "compile every batch bucket before accepting requests")
 flags.DEFINE_bool("access_log", False, "log every request")
-flags.DEFINE_enum("image_resize", None, ["processor", "train", "train_jpeg"],
-                  "how frames become pixels (default: what the checkpoint records; models/preprocess.py)")
+flags.DEFINE_enum(
+    "image_resize",
+    None,
+    ["processor", "train", "train_jpeg"],
+    "how frames become pixels (default: what the checkpoint records; models/preprocess.py)",
+)
 flags.DEFINE_float("center_crop", None, "center crop area fraction at inference (default: the checkpoint's)")
 FLAGS = flags.FLAGS
 
@@ -38,15 +42,25 @@ def main(argv):
     from openvla_jax.policy import OpenVLA
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    vla = OpenVLA.load(FLAGS.checkpoint, dtype=FLAGS.dtype, image_resize=FLAGS.image_resize,
-                       center_crop=FLAGS.center_crop)
-    server = ActionServer(vla, host=FLAGS.host, port=FLAGS.port, max_batch=FLAGS.max_batch,
-                          max_wait_ms=FLAGS.max_wait_ms, max_body_bytes=FLAGS.max_body_mb << 20,
-                          access_log=FLAGS.access_log)
+    vla = OpenVLA.load(
+        FLAGS.checkpoint, dtype=FLAGS.dtype, image_resize=FLAGS.image_resize, center_crop=FLAGS.center_crop
+    )
+    server = ActionServer(
+        vla,
+        host=FLAGS.host,
+        port=FLAGS.port,
+        max_batch=FLAGS.max_batch,
+        max_wait_ms=FLAGS.max_wait_ms,
+        max_body_bytes=FLAGS.max_body_mb << 20,
+        access_log=FLAGS.access_log,
+    )
     if FLAGS.warmup:
         server.warmup()
-    print(f"serving on {server.url} (max_batch={server.max_batch}, max_wait_ms={server.max_wait_ms}, "
-          f"datasets={sorted(vla.norm_stats)})", flush=True)
+    print(
+        f"serving on {server.url} (max_batch={server.max_batch}, max_wait_ms={server.max_wait_ms}, "
+        f"datasets={sorted(vla.norm_stats)})",
+        flush=True,
+    )
     server.serve_forever()
 
 

@@ -41,8 +41,11 @@ def main(argv):
     if jax.process_index() == 0:
         keys = ("train/loss", "train/action_accuracy", "train/l1", "eval/loss", "eval/action_accuracy", "eval/l1")
         short = {k: round(summary[k], 4) for k in keys if k in summary}
-        print(f"train: {summary['stopped_by']} at step {summary['step']} " + json.dumps(short)
-              + (f" export={summary['export']}" if "export" in summary else ""))
+        print(
+            f"train: {summary['stopped_by']} at step {summary['step']} "
+            + json.dumps(short)
+            + (f" export={summary['export']}" if "export" in summary else "")
+        )
     return 0
 
 

@@ -30,7 +30,6 @@ def main(argv):
     distributed.maybe_initialize(coordinator, n, pid)
     import jax
     import ml_collections
-    import numpy as np
 
     from configs import model as model_configs
     from openvla_jax.models import vla
@@ -51,14 +50,26 @@ def main(argv):
     step_fn = make_train_step(module, tx, schedule, mesh, supervised_tokens=8, compiler_options=FAST_COMPILE)
     per = GLOBAL_BATCH // jax.process_count()
     for s in range(steps):
-        rows = {k: v[jax.process_index() * per:(jax.process_index() + 1) * per] for k, v in global_rows(s).items()}
+        rows = {k: v[jax.process_index() * per : (jax.process_index() + 1) * per] for k, v in global_rows(s).items()}
         state, metrics = step_fn(state, global_batch(rows, mesh))
         m = jax.device_get(metrics)
-        norm = float(jax.device_get(jax.jit(lambda p: sum(jax.numpy.sum(x * x) for x in jax.tree.leaves(p)))(state.params)))
+        norm = float(
+            jax.device_get(jax.jit(lambda p: sum(jax.numpy.sum(x * x) for x in jax.tree.leaves(p)))(state.params))
+        )
         if jax.process_index() == 0:
-            print(json.dumps(dict(step=s + 1, loss=float(m["loss"]), grad_norm=float(m["grad_norm"]),
-                                  param_sq=norm, devices=jax.device_count(), processes=jax.process_count())),
-                  flush=True)
+            print(
+                json.dumps(
+                    dict(
+                        step=s + 1,
+                        loss=float(m["loss"]),
+                        grad_norm=float(m["grad_norm"]),
+                        param_sq=norm,
+                        devices=jax.device_count(),
+                        processes=jax.process_count(),
+                    )
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

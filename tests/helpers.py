@@ -32,6 +32,10 @@ def random_params(module, seed: int = 0) -> dict:
 
     rng = np.random.default_rng(seed)
     shapes = nn.meta.unbox(abstract_params(module))
-    return jax.tree.map(lambda s, p: (1.0 + 0.1 * rng.normal(size=s.shape) if p.endswith("scale")
-                                      else 0.05 * rng.normal(size=s.shape)).astype(np.float32),
-                        shapes, param_paths(shapes))
+    return jax.tree.map(
+        lambda s, p: (
+            1.0 + 0.1 * rng.normal(size=s.shape) if p.endswith("scale") else 0.05 * rng.normal(size=s.shape)
+        ).astype(np.float32),
+        shapes,
+        param_paths(shapes),
+    )

@@ -25,8 +25,13 @@ def load_script(name: str):
     return mod
 
 
-INSTRUCTIONS = ["put the spoon in the pot", "Pick up the red block", "open the drawer",
-                "move the cup to the left", "close the microwave door"]
+INSTRUCTIONS = [
+    "put the spoon in the pot",
+    "Pick up the red block",
+    "open the drawer",
+    "move the cup to the left",
+    "close the microwave door",
+]
 
 
 def train_tiny_sentencepiece(out_dir: str, vocab_size: int = 400) -> str:
@@ -40,10 +45,22 @@ def train_tiny_sentencepiece(out_dir: str, vocab_size: int = 400) -> str:
             for s in INSTRUCTIONS:
                 f.write(f"In: What action should the robot take to {s.lower()}?\nOut: {i}\n")
     spm.SentencePieceTrainer.train(
-        input=text, model_prefix=os.path.join(out_dir, "tokenizer"), vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, split_digits=True, remove_extra_whitespaces=False,
-        add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
-        minloglevel=2, num_threads=1)
+        input=text,
+        model_prefix=os.path.join(out_dir, "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+        num_threads=1,
+    )
     return out_dir
 
 
@@ -52,8 +69,7 @@ def _image(rng, hw, t):
     h, w = hw
     yy, xx = np.mgrid[0:h, 0:w]
     base = rng.integers(0, 255, 3)
-    img = np.stack([(xx * 4 + t * 9 + base[0]) % 256, (yy * 4 + base[1]) % 256,
-                    ((xx + yy) * 2 + base[2]) % 256], -1)
+    img = np.stack([(xx * 4 + t * 9 + base[0]) % 256, (yy * 4 + base[1]) % 256, ((xx + yy) * 2 + base[2]) % 256], -1)
     return img.astype(np.uint8)
 
 
@@ -64,34 +80,58 @@ def _store(name, version, features, episodes, data_dir):
 
 
 def _steps_common(T):
-    return dict(discount=np.ones(T, np.float32), reward=np.zeros(T, np.float32),
-                is_first=np.arange(T) == 0, is_last=np.arange(T) == T - 1,
-                is_terminal=np.arange(T) == T - 1)
+    return dict(
+        discount=np.ones(T, np.float32),
+        reward=np.zeros(T, np.float32),
+        is_first=np.arange(T) == 0,
+        is_last=np.arange(T) == T - 1,
+        is_terminal=np.arange(T) == T - 1,
+    )
 
 
 def _as_steps(d):
     return d  # write_rlds takes step fields stacked over time
 
 
-def write_bridge(data_dir: str, n_episodes=4, T=(6, 9), hw=(32, 40), seed=0, instructions=None,
-                 override=None) -> list[dict]:
+def write_bridge(
+    data_dir: str, n_episodes=4, T=(6, 9), hw=(32, 40), seed=0, instructions=None, override=None
+) -> list[dict]:
     """`bridge_orig/1.0.0/bridge_dataset-train.tfrecord*`. Returns raw per-episode arrays."""
     import tensorflow_datasets as tfds
 
     F = tfds.features
     img = lambda: F.Image(shape=(*hw, 3), dtype=np.uint8, encoding_format="jpeg")  # noqa: E731
-    features = F.FeaturesDict({
-        "steps": F.Dataset({
-            "observation": F.FeaturesDict({"image_0": img(), "image_1": img(), "image_2": img(),
-                                           "image_3": img(), "state": F.Tensor(shape=(7,), dtype=np.float32)}),
-            "action": F.Tensor(shape=(7,), dtype=np.float32),
-            "discount": F.Scalar(dtype=np.float32), "reward": F.Scalar(dtype=np.float32),
-            "is_first": F.Scalar(dtype=np.bool_), "is_last": F.Scalar(dtype=np.bool_),
-            "is_terminal": F.Scalar(dtype=np.bool_), "language_instruction": F.Text(),
-        }),
-        "episode_metadata": F.FeaturesDict({"file_path": F.Text(), "episode_id": F.Scalar(dtype=np.int32),
-                                            "has_language": F.Scalar(dtype=np.bool_)}),
-    })
+    features = F.FeaturesDict(
+        {
+            "steps": F.Dataset(
+                {
+                    "observation": F.FeaturesDict(
+                        {
+                            "image_0": img(),
+                            "image_1": img(),
+                            "image_2": img(),
+                            "image_3": img(),
+                            "state": F.Tensor(shape=(7,), dtype=np.float32),
+                        }
+                    ),
+                    "action": F.Tensor(shape=(7,), dtype=np.float32),
+                    "discount": F.Scalar(dtype=np.float32),
+                    "reward": F.Scalar(dtype=np.float32),
+                    "is_first": F.Scalar(dtype=np.bool_),
+                    "is_last": F.Scalar(dtype=np.bool_),
+                    "is_terminal": F.Scalar(dtype=np.bool_),
+                    "language_instruction": F.Text(),
+                }
+            ),
+            "episode_metadata": F.FeaturesDict(
+                {
+                    "file_path": F.Text(),
+                    "episode_id": F.Scalar(dtype=np.int32),
+                    "has_language": F.Scalar(dtype=np.bool_),
+                }
+            ),
+        }
+    )
     rng = np.random.default_rng(seed)
     raw, episodes = [], []
     for e in range(n_episodes):
@@ -105,13 +145,15 @@ def write_bridge(data_dir: str, n_episodes=4, T=(6, 9), hw=(32, 40), seed=0, ins
         imgs = [_image(rng, hw, t) for t in range(t_len)]
         obs = {f"image_{k}": np.stack(imgs) for k in range(4)}
         obs["state"] = state
-        steps = dict(observation=obs, action=action, language_instruction=[inst] * t_len,
-                     **_steps_common(t_len))
+        steps = dict(observation=obs, action=action, language_instruction=[inst] * t_len, **_steps_common(t_len))
         if override:
             override(e, steps)
-        episodes.append({"steps": _as_steps(steps),
-                         "episode_metadata": {"file_path": f"/bridge/{e}", "episode_id": e,
-                                              "has_language": bool(inst)}})
+        episodes.append(
+            {
+                "steps": _as_steps(steps),
+                "episode_metadata": {"file_path": f"/bridge/{e}", "episode_id": e, "has_language": bool(inst)},
+            }
+        )
         raw.append(dict(state=state, action=action, instruction=inst, images=imgs))
     tmp = os.path.join(data_dir, "_tmp_bridge")
     _store("bridge_dataset", "1.0.0", features, episodes, tmp)
@@ -125,26 +167,38 @@ def write_fractal(data_dir: str, n_episodes=3, T=(5, 8), hw=(32, 40), seed=1) ->
     import tensorflow_datasets as tfds
 
     F = tfds.features
-    features = F.FeaturesDict({"steps": F.Dataset({
-        "observation": F.FeaturesDict({
-            "image": F.Image(shape=(*hw, 3), dtype=np.uint8, encoding_format="jpeg"),
-            "natural_language_instruction": F.Text(),
-            "natural_language_embedding": F.Tensor(shape=(4,), dtype=np.float32),
-            "base_pose_tool_reached": F.Tensor(shape=(7,), dtype=np.float32),
-            "gripper_closed": F.Tensor(shape=(1,), dtype=np.float32),
-        }),
-        "action": F.FeaturesDict({
-            "world_vector": F.Tensor(shape=(3,), dtype=np.float32),
-            "rotation_delta": F.Tensor(shape=(3,), dtype=np.float32),
-            "gripper_closedness_action": F.Tensor(shape=(1,), dtype=np.float32),
-            "base_displacement_vector": F.Tensor(shape=(2,), dtype=np.float32),
-            "base_displacement_vertical_rotation": F.Tensor(shape=(1,), dtype=np.float32),
-            "terminate_episode": F.Tensor(shape=(3,), dtype=np.int32),
-        }),
-        "discount": F.Scalar(dtype=np.float32), "reward": F.Scalar(dtype=np.float32),
-        "is_first": F.Scalar(dtype=np.bool_), "is_last": F.Scalar(dtype=np.bool_),
-        "is_terminal": F.Scalar(dtype=np.bool_),
-    })})
+    features = F.FeaturesDict(
+        {
+            "steps": F.Dataset(
+                {
+                    "observation": F.FeaturesDict(
+                        {
+                            "image": F.Image(shape=(*hw, 3), dtype=np.uint8, encoding_format="jpeg"),
+                            "natural_language_instruction": F.Text(),
+                            "natural_language_embedding": F.Tensor(shape=(4,), dtype=np.float32),
+                            "base_pose_tool_reached": F.Tensor(shape=(7,), dtype=np.float32),
+                            "gripper_closed": F.Tensor(shape=(1,), dtype=np.float32),
+                        }
+                    ),
+                    "action": F.FeaturesDict(
+                        {
+                            "world_vector": F.Tensor(shape=(3,), dtype=np.float32),
+                            "rotation_delta": F.Tensor(shape=(3,), dtype=np.float32),
+                            "gripper_closedness_action": F.Tensor(shape=(1,), dtype=np.float32),
+                            "base_displacement_vector": F.Tensor(shape=(2,), dtype=np.float32),
+                            "base_displacement_vertical_rotation": F.Tensor(shape=(1,), dtype=np.float32),
+                            "terminate_episode": F.Tensor(shape=(3,), dtype=np.int32),
+                        }
+                    ),
+                    "discount": F.Scalar(dtype=np.float32),
+                    "reward": F.Scalar(dtype=np.float32),
+                    "is_first": F.Scalar(dtype=np.bool_),
+                    "is_last": F.Scalar(dtype=np.bool_),
+                    "is_terminal": F.Scalar(dtype=np.bool_),
+                }
+            )
+        }
+    )
     rng = np.random.default_rng(seed)
     raw, episodes = [], []
     for e in range(n_episodes):
@@ -157,23 +211,50 @@ def write_fractal(data_dir: str, n_episodes=3, T=(5, 8), hw=(32, 40), seed=1) ->
         inst = INSTRUCTIONS[(e + 1) % len(INSTRUCTIONS)]
         imgs = [_image(rng, hw, t) for t in range(t_len)]
         steps = dict(
-            observation=dict(image=np.stack(imgs), natural_language_instruction=[inst] * t_len,
-                             natural_language_embedding=np.zeros((t_len, 4), np.float32),
-                             base_pose_tool_reached=pose, gripper_closed=closed),
-            action=dict(world_vector=wv, rotation_delta=rd, gripper_closedness_action=g,
-                        base_displacement_vector=np.zeros((t_len, 2), np.float32),
-                        base_displacement_vertical_rotation=np.zeros((t_len, 1), np.float32),
-                        terminate_episode=np.zeros((t_len, 3), np.int32)),
-            **_steps_common(t_len))
+            observation=dict(
+                image=np.stack(imgs),
+                natural_language_instruction=[inst] * t_len,
+                natural_language_embedding=np.zeros((t_len, 4), np.float32),
+                base_pose_tool_reached=pose,
+                gripper_closed=closed,
+            ),
+            action=dict(
+                world_vector=wv,
+                rotation_delta=rd,
+                gripper_closedness_action=g,
+                base_displacement_vector=np.zeros((t_len, 2), np.float32),
+                base_displacement_vertical_rotation=np.zeros((t_len, 1), np.float32),
+                terminate_episode=np.zeros((t_len, 3), np.int32),
+            ),
+            **_steps_common(t_len),
+        )
         episodes.append({"steps": _as_steps(steps)})
-        raw.append(dict(world_vector=wv, rotation_delta=rd, gripper=g[:, 0], pose=pose, closed=closed,
-                        instruction=inst, images=imgs))
+        raw.append(
+            dict(
+                world_vector=wv,
+                rotation_delta=rd,
+                gripper=g[:, 0],
+                pose=pose,
+                closed=closed,
+                instruction=inst,
+                images=imgs,
+            )
+        )
     _store("fractal20220817_data", "0.1.0", features, episodes, data_dir)
     return raw
 
 
-def write_libero(data_dir: str, name="libero_spatial_no_noops", n_episodes=3, T=(5, 8), hw=(32, 32),
-                 seed=2, image_dtype=np.uint8, override=None, distinct_wrist=False) -> list[dict]:
+def write_libero(
+    data_dir: str,
+    name="libero_spatial_no_noops",
+    n_episodes=3,
+    T=(5, 8),
+    hw=(32, 32),
+    seed=2,
+    image_dtype=np.uint8,
+    override=None,
+    distinct_wrist=False,
+) -> list[dict]:
     """OpenVLA's modified LIBERO RLDS: image, wrist_image, state (8), joint_state (7), action (7).
 
     `image_dtype` other than uint8 stores raw (wrong-typed) image tensors; `override(e, steps)` may
@@ -190,18 +271,30 @@ def write_libero(data_dir: str, name="libero_spatial_no_noops", n_episodes=3, T=
             return F.Image(shape=(*hw, 3), dtype=np.uint8, encoding_format="jpeg")
         return F.Tensor(shape=(*hw, 3), dtype=image_dtype)
 
-    features = F.FeaturesDict({
-        "steps": F.Dataset({
-            "observation": F.FeaturesDict({"image": img(), "wrist_image": img(),
-                                           "state": F.Tensor(shape=(8,), dtype=np.float32),
-                                           "joint_state": F.Tensor(shape=(7,), dtype=np.float32)}),
-            "action": F.Tensor(shape=(7,), dtype=np.float32),
-            "discount": F.Scalar(dtype=np.float32), "reward": F.Scalar(dtype=np.float32),
-            "is_first": F.Scalar(dtype=np.bool_), "is_last": F.Scalar(dtype=np.bool_),
-            "is_terminal": F.Scalar(dtype=np.bool_), "language_instruction": F.Text(),
-        }),
-        "episode_metadata": F.FeaturesDict({"file_path": F.Text()}),
-    })
+    features = F.FeaturesDict(
+        {
+            "steps": F.Dataset(
+                {
+                    "observation": F.FeaturesDict(
+                        {
+                            "image": img(),
+                            "wrist_image": img(),
+                            "state": F.Tensor(shape=(8,), dtype=np.float32),
+                            "joint_state": F.Tensor(shape=(7,), dtype=np.float32),
+                        }
+                    ),
+                    "action": F.Tensor(shape=(7,), dtype=np.float32),
+                    "discount": F.Scalar(dtype=np.float32),
+                    "reward": F.Scalar(dtype=np.float32),
+                    "is_first": F.Scalar(dtype=np.bool_),
+                    "is_last": F.Scalar(dtype=np.bool_),
+                    "is_terminal": F.Scalar(dtype=np.bool_),
+                    "language_instruction": F.Text(),
+                }
+            ),
+            "episode_metadata": F.FeaturesDict({"file_path": F.Text()}),
+        }
+    )
     rng = np.random.default_rng(seed)
     raw, episodes = [], []
     for e in range(n_episodes):
@@ -213,9 +306,12 @@ def write_libero(data_dir: str, name="libero_spatial_no_noops", n_episodes=3, T=
         imgs = [_image(rng, hw, t) for t in range(t_len)]
         ims = np.stack(imgs).astype(image_dtype)
         wrist = (255 - ims[:, ::-1]).astype(image_dtype) if distinct_wrist else ims
-        steps = dict(observation=dict(image=ims, wrist_image=wrist,
-                                      state=state, joint_state=np.zeros((t_len, 7), np.float32)),
-                     action=action, language_instruction=[inst] * t_len, **_steps_common(t_len))
+        steps = dict(
+            observation=dict(image=ims, wrist_image=wrist, state=state, joint_state=np.zeros((t_len, 7), np.float32)),
+            action=action,
+            language_instruction=[inst] * t_len,
+            **_steps_common(t_len),
+        )
         if override:
             override(e, steps)
             action, inst = steps["action"], steps["language_instruction"][0]

@@ -5,20 +5,34 @@ fields BENCHMARKS.md is made from, that the ratio is the quotient of the row's o
 FLOPs and MFU fields follow the device, and that --profile writes a trace TensorBoard can read.
 """
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from openvla_jax.train.flops import bandwidth_bound_rate, hbm_bandwidth, peak_flops, predict_flops, step_flops
 from benchmarks import suite as S
+from openvla_jax.train.flops import bandwidth_bound_rate, hbm_bandwidth, peak_flops, predict_flops, step_flops
 from openvla_jax.utils.profiling import trace_files
 
 ROOT = Path(__file__).resolve().parents[1]
-PAIR_FIELDS = ("case", "config", "unit", "units", "jax_s", "jax_per_s", "torch_s", "torch_per_s", "ratio",
-               "torch_setting", "torch_fp32_s", "torch_bf16_s", "flops", "jax_flops_per_s", "mfu")
+PAIR_FIELDS = (
+    "case",
+    "config",
+    "unit",
+    "units",
+    "jax_s",
+    "jax_per_s",
+    "torch_s",
+    "torch_per_s",
+    "ratio",
+    "torch_setting",
+    "torch_fp32_s",
+    "torch_bf16_s",
+    "flops",
+    "jax_flops_per_s",
+    "mfu",
+)
 
 
 def check_pair(row):
@@ -28,8 +42,9 @@ def check_pair(row):
     assert row["torch_per_s"] == pytest.approx(row["units"] / row["torch_s"])
     assert row["ratio"] == pytest.approx(row["jax_per_s"] / row["torch_per_s"], rel=1e-12)
     assert row["torch_s"] == min(row["torch_fp32_s"], row["torch_bf16_s"])
-    assert row["torch_setting"] == ("bf16 autocast + sdpa" if row["torch_bf16_s"] < row["torch_fp32_s"]
-                                    else "fp32 + sdpa")
+    assert row["torch_setting"] == (
+        "bf16 autocast + sdpa" if row["torch_bf16_s"] < row["torch_fp32_s"] else "fp32 + sdpa"
+    )
     assert row["jax_flops_per_s"] == pytest.approx(row["flops"] / row["jax_s"])
     timed = {k[4:-2]: v for k, v in row.items() if k in ("jax_float32_s", "jax_bfloat16_s")}
     if timed:  # JAX's best of the dtypes it was timed in, as PyTorch's
@@ -100,8 +115,9 @@ def test_peaks_bandwidth_and_flops_by_hand():
 
     cfg = model_configs.get_config("tiny")
     c = _model_counts(cfg)
-    vision = 2 * c["projector"] * 256 + sum(2 * t["params"] * 256 + 4 * t["run"] * t["width"] * 256 ** 2
-                                            for t in c["towers"])
+    vision = 2 * c["projector"] * 256 + sum(
+        2 * t["params"] * 256 + 4 * t["run"] * t["width"] * 256**2 for t in c["towers"]
+    )
     s = 266
     prefill = 2 * c["decoder"] * s + 4 * 2 * 64 * s * s + 2 * c["head"]
     steps = sum(2 * c["decoder"] + 2 * c["head"] + 4 * 2 * 64 * (s + i) for i in range(1, 7))
@@ -125,15 +141,20 @@ def test_unknown_and_missing_cases():
 
 
 def test_script_rejects_an_unknown_case():
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--case", "trian"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--case", "trian"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0 and "unknown case" in r.stderr and "train" in r.stderr
 
 
 def test_predict_without_torch():
     """--notorch (7B on a GPU host): random weights, JAX rows only, no ratio claimed."""
-    out = S.run_suite(["predict"], ["tiny"], S.Options(repeats=1, predict_batches=(1,), jax_dtypes=("float32",),
-                                                       torch=False))
+    out = S.run_suite(
+        ["predict"], ["tiny"], S.Options(repeats=1, predict_batches=(1,), jax_dtypes=("float32",), torch=False)
+    )
     (row,) = out["results"]
     assert row["jax_per_s"] == pytest.approx(1 / row["jax_s"]) and row["flops"] > 0
     assert not any(k.startswith("torch") for k in row) and "ratio" not in row
@@ -147,6 +168,7 @@ def test_interleaved_rounds_share_the_load():
     out = interleaved_medians(dict(a=lambda: calls.append("a"), b=lambda: calls.append("b")), warmup=1, repeats=2)
     assert calls == ["a", "b"] * 3 and set(out) == {"a", "b"} and all(v >= 0 for v in out.values())
     calls.clear()  # blocks: each function warmed up and timed on its own
-    interleaved_medians(dict(a=lambda: calls.append("a"), b=lambda: calls.append("b")), warmup=1, repeats=2,
-                        rounds=False)
+    interleaved_medians(
+        dict(a=lambda: calls.append("a"), b=lambda: calls.append("b")), warmup=1, repeats=2, rounds=False
+    )
     assert calls == ["a"] * 3 + ["b"] * 3

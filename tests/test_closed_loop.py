@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from rlds_fixtures import load_script
 
 from configs import model as model_configs
 from openvla_jax.envs import tabletop
 from openvla_jax.evaluate.closed_loop import action_signs, as_policy_fn, closed_loop, wilson_interval
-from rlds_fixtures import load_script
 
 N = 24
 
@@ -76,6 +76,7 @@ def test_an_openvla_gets_one_batched_call_per_env_step():
 
 def test_chunks_run_open_loop_and_take_fewer_calls():
     """A policy returning [B, K, 7] chunks: K actions per call, so about K times fewer calls."""
+
     def chunked(images, instructions):  # the expert's action, repeated K=3 times: wrong after a move
         return np.repeat(tabletop.image_expert_policy(images, instructions)[:, None], 3, axis=1)
 
@@ -99,8 +100,9 @@ def test_filmstrip_is_drawn(tmp_path):
     r = closed_loop(tabletop.random_policy(1), n_episodes=4, seed=0, batch_size=4, max_steps=6, record=3)
     rec = r["recorded"]
     assert len(rec) == 3 and all(len(e["frames"]) == e["steps"] == len(e["policy"]) for e in rec)
-    np.testing.assert_array_equal(rec[0]["expert"][0], tabletop.TabletopEnv().reset((0, 1, 0)) and
-                                  _expert_first_action((0, 1, 0)))
+    np.testing.assert_array_equal(
+        rec[0]["expert"][0], tabletop.TabletopEnv().reset((0, 1, 0)) and _expert_first_action((0, 1, 0))
+    )
     path = write_filmstrip(rec, tmp_path / "film.png", frames_per_episode=4, title="random")
     img = np.asarray(Image.open(path))
     assert img.shape[0] > 300 and img.shape[1] > 400 and img.std() > 10  # a real picture, not blank
@@ -126,11 +128,24 @@ def _tiny_vla(data_dir, size=56, **kw):
     cfg.vision.image_size = size
     module = vla_lib.from_config(cfg, dtype=jnp.float32)
     rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32),
-                          nn.meta.unbox(abstract_params(module)))
-    stats = {"demo_tabletop": {"action": {"q01": [-0.05] * 6 + [0], "q99": [0.05] * 6 + [1], "mean": [0.0] * 7,
-                                          "std": [0.05] * 7, "min": [-0.05] * 6 + [0], "max": [0.05] * 6 + [1],
-                                          "mask": [True] * 6 + [False]}, "num_transitions": 10, "num_trajectories": 2}}
+    params = jax.tree.map(
+        lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32), nn.meta.unbox(abstract_params(module))
+    )
+    stats = {
+        "demo_tabletop": {
+            "action": {
+                "q01": [-0.05] * 6 + [0],
+                "q99": [0.05] * 6 + [1],
+                "mean": [0.0] * 7,
+                "std": [0.05] * 7,
+                "min": [-0.05] * 6 + [0],
+                "max": [0.05] * 6 + [1],
+                "mask": [True] * 6 + [False],
+            },
+            "num_transitions": 10,
+            "num_trajectories": 2,
+        }
+    }
     return OpenVLA(cfg, params, stats, data_dir, "float32", **kw)
 
 
@@ -159,13 +174,26 @@ def test_closed_loop_pixels_equal_the_training_pipelines(tmp_path):
     frames = [f for e in r["recorded"] for f in e["frames"]]
     assert len(frames) >= 4 and len(seen) == max(r["steps"])
     # The same rendered frames, written as an RLDS episode and read back by the training pipeline.
-    episodes = [{"steps": {"observation": {"image": np.stack(e["frames"]),
-                                           "state": np.zeros((len(e["frames"]), 4), np.float32)},
-                           "action": np.zeros((len(e["frames"]), 7), np.float32),
-                           "language_instruction": e["instruction"]}} for e in r["recorded"]]
+    episodes = [
+        {
+            "steps": {
+                "observation": {"image": np.stack(e["frames"]), "state": np.zeros((len(e["frames"]), 4), np.float32)},
+                "action": np.zeros((len(e["frames"]), 7), np.float32),
+                "language_instruction": e["instruction"],
+            }
+        }
+        for e in r["recorded"]
+    ]
     write_rlds(str(tmp_path / "seen"), "demo_tabletop", {"train": episodes, "val": episodes})
-    cfg = DataConfig(data_dir=str(tmp_path / "seen"), mixture="demo_tabletop", train=False, image_size=56,
-                     batch_size=len(frames), dataset_statistics=vla.norm_stats, progress=False)
+    cfg = DataConfig(
+        data_dir=str(tmp_path / "seen"),
+        mixture="demo_tabletop",
+        train=False,
+        image_size=56,
+        batch_size=len(frames),
+        dataset_statistics=vla.norm_stats,
+        progress=False,
+    )
     pipe = next(iter(RLDSPipeline(cfg, TextTokenizer(data), vla.action_tokenizer)))["pixel_values"]
     key = lambda pv: pv.astype(np.float32).tobytes()  # noqa: E731
     pipeline_pixels = {key(p) for p in pipe}
@@ -205,9 +233,10 @@ def test_short_training_beats_the_random_policy(tmp_path):
 SHORT_EPISODES, SHORT_STEPS = 1000, 1200
 
 
-@pytest.mark.parametrize("image_format,augment,want", [("png", False, ("train", 0.0)),
-                                                        ("jpeg", False, ("train_jpeg", 0.0)),
-                                                        ("jpeg", True, ("train_jpeg", 0.9))])
+@pytest.mark.parametrize(
+    "image_format,augment,want",
+    [("png", False, ("train", 0.0)), ("jpeg", False, ("train_jpeg", 0.0)), ("jpeg", True, ("train_jpeg", 0.9))],
+)
 def test_exports_record_the_training_preprocessing(tmp_path, image_format, augment, want):
     """What `trained_preprocessing` writes into an export's model config follows the data: frames
     stored as JPEG get the JPEG round trip at inference, random-crop training the 0.9 center crop."""
@@ -220,8 +249,10 @@ def test_exports_record_the_training_preprocessing(tmp_path, image_format, augme
     tok = load_script("make_demo_data").make_demo_data(str(tmp_path / "demo"), episodes=2, val_fraction=0.5)
     ep = tabletop.expert_episode((0, 0, 0))
     write_rlds(str(tmp_path / "d"), "demo_tabletop", {"train": [ep]}, image_format=image_format)
-    pipe = RLDSPipeline(DataConfig(data_dir=str(tmp_path / "d"), mixture="demo_tabletop", batch_size=2,
-                                   progress=False), TextTokenizer(tok))
+    pipe = RLDSPipeline(
+        DataConfig(data_dir=str(tmp_path / "d"), mixture="demo_tabletop", batch_size=2, progress=False),
+        TextTokenizer(tok),
+    )
     c = train_configs.get_config("demo")
     c.data.augment = augment
     got = trained_preprocessing(c, pipe)

@@ -8,15 +8,17 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import torch
+from vla_refs import NORM_STATS, TINY, build_torch_vla, write_hf_dir
 
 from configs import model as model_configs
-from helpers import torch
 from openvla_jax.convert import checkpoint, hf
 from openvla_jax.convert.hf import hf_config_from_model_config, load_hf, model_config_from_hf, save_hf
 from openvla_jax.convert.io import StateDictError, open_state_dict, save_state_dict
-from vla_refs import NORM_STATS, TINY, build_torch_vla, write_hf_dir
 
-_spec = importlib.util.spec_from_file_location("convert_cli", Path(__file__).resolve().parents[1] / "scripts" / "convert.py")
+_spec = importlib.util.spec_from_file_location(
+    "convert_cli", Path(__file__).resolve().parents[1] / "scripts" / "convert.py"
+)
 convert_cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(convert_cli)
 
@@ -46,17 +48,29 @@ def test_config_json_has_every_original_field_and_defaults():
     cfg7 = model_configs.get_config("7b")
     j = hf_config_from_model_config(cfg7, NORM_STATS, "bfloat16")
     assert j["model_type"] == "openvla" and j["architectures"] == ["OpenVLAForActionPrediction"]
-    assert j["auto_map"] == {"AutoConfig": "configuration_prismatic.OpenVLAConfig",
-                             "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction"}
+    assert j["auto_map"] == {
+        "AutoConfig": "configuration_prismatic.OpenVLAConfig",
+        "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction",
+    }
     assert j["arch_specifier"] == "no-align+fused-gelu-mlp" and j["use_fused_vision_backbone"] is True
     assert j["timm_model_ids"] == ["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"]
     assert j["timm_override_act_layers"] == [None, None] and j["image_sizes"] == [224, 224]
     assert j["vision_backbone_id"] == "dinosiglip-vit-so-224px" and j["llm_backbone_id"] == "llama2-7b-pure"
-    assert (j["pad_token_id"], j["pad_to_multiple_of"], j["n_action_bins"], j["llm_max_length"]) == (32000, 64, 256, 2048)
+    assert (j["pad_token_id"], j["pad_to_multiple_of"], j["n_action_bins"], j["llm_max_length"]) == (
+        32000,
+        64,
+        256,
+        2048,
+    )
     assert j["image_resize_strategy"] == "resize-naive" and j["hf_llm_id"] == "meta-llama/Llama-2-7b-hf"
     assert j["output_projector_states"] is False and j["torch_dtype"] == "bfloat16" and "transformers_version" in j
     # As in openvla-7b: text_config only says what differs from LlamaConfig's defaults; no timm_overrides.
-    assert j["text_config"] == {"model_type": "llama", "pad_token_id": 32000, "torch_dtype": "bfloat16", "vocab_size": 32064}
+    assert j["text_config"] == {
+        "model_type": "llama",
+        "pad_token_id": 32000,
+        "torch_dtype": "bfloat16",
+        "vocab_size": 32064,
+    }
     assert "timm_overrides" not in j and j["norm_stats"] == NORM_STATS
     back = model_config_from_hf(j)
     assert back.llm.to_dict() == cfg7.llm.to_dict()
@@ -68,8 +82,13 @@ def test_config_json_has_every_original_field_and_defaults():
     # timm_overrides round trip for tiny checkpoints; single backbone + gelu-mlp.
     tiny = model_config_from_hf(hf_config_from_model_config(TINY))
     assert tiny.vision.to_dict() == TINY.vision.to_dict() and tiny.llm.to_dict() == TINY.llm.to_dict()
-    single = model_config_from_hf({"timm_model_ids": ["vit_large_patch14_reg4_dinov2.lvd142m"],
-                                   "use_fused_vision_backbone": False, "arch_specifier": "gelu-mlp"})
+    single = model_config_from_hf(
+        {
+            "timm_model_ids": ["vit_large_patch14_reg4_dinov2.lvd142m"],
+            "use_fused_vision_backbone": False,
+            "arch_specifier": "gelu-mlp",
+        }
+    )
     assert single.vision.fused_featurizer is None and single.projector.arch == "gelu-mlp"
     with pytest.raises(ValueError, match="needs 2 timm_model_ids"):
         model_config_from_hf({"timm_model_ids": ["a"], "use_fused_vision_backbone": True})
@@ -84,21 +103,31 @@ def test_round_trip_fp32_hf_jax_hf_is_bitwise(hf_dir, tmp_path, scanned):
     argv = ["to-jax", str(src), str(tmp_path / "jax")] + (["--scanned"] if scanned else [])
     assert convert_cli.main(argv) == 0
     assert (tmp_path / "jax" / checkpoint.MARKER).exists()
-    assert convert_cli.main(["to-hf", str(tmp_path / "jax"), str(tmp_path / "hf"), "--dtype", "float32",
-                             "--max-shard-size", "300KB"]) == 0
+    assert (
+        convert_cli.main(
+            ["to-hf", str(tmp_path / "jax"), str(tmp_path / "hf"), "--dtype", "float32", "--max-shard-size", "300KB"]
+        )
+        == 0
+    )
     out = tmp_path / "hf"
     back = read_all(out)
     assert_bitwise_equal(back, {k: np.asarray(v) for k, v in state.items()})
-    for unused in ("vision_backbone.featurizer.blocks.2.ls2.scale_factor", "vision_backbone.featurizer.norm.weight",
-                   "vision_backbone.fused_featurizer.attn_pool.latent", "vision_backbone.fused_featurizer.blocks.2.mlp.fc2.bias"):
+    for unused in (
+        "vision_backbone.featurizer.blocks.2.ls2.scale_factor",
+        "vision_backbone.featurizer.norm.weight",
+        "vision_backbone.fused_featurizer.attn_pool.latent",
+        "vision_backbone.fused_featurizer.blocks.2.mlp.fc2.bias",
+    ):
         assert unused in back
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == sum(v.nbytes for v in back.values())
     assert len(set(index["weight_map"].values())) > 1
     config = json.loads((out / "config.json").read_text())
     assert config["norm_stats"] == NORM_STATS and config["torch_dtype"] == "float32"
-    assert config["timm_overrides"] == {TINY.vision.featurizer.model_id: {"embed_dim": 64, "depth": 3, "num_heads": 4},
-                                        TINY.vision.fused_featurizer.model_id: {"embed_dim": 48, "depth": 3, "num_heads": 4}}
+    assert config["timm_overrides"] == {
+        TINY.vision.featurizer.model_id: {"embed_dim": 64, "depth": 3, "num_heads": 4},
+        TINY.vision.fused_featurizer.model_id: {"embed_dim": 48, "depth": 3, "num_heads": 4},
+    }
     assert json.loads((out / "generation_config.json").read_text())["pad_token_id"] == 32000
     assert (out / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
     assert (out / "added_tokens.json").exists() and not (out / "tokenizer.json").exists()
@@ -150,14 +179,19 @@ def _leaves(tree):
 
 def test_prismatic_prefixes_load_like_hf_names(hf_dir, tmp_path):
     src, state = hf_dir
-    renames = {"vision_backbone.featurizer.": "dino_featurizer.", "vision_backbone.fused_featurizer.": "siglip_featurizer.",
-               "projector.fc1.": "projector.0.", "projector.fc2.": "projector.2.", "projector.fc3.": "projector.4.",
-               "language_model.": "llm."}
+    renames = {
+        "vision_backbone.featurizer.": "dino_featurizer.",
+        "vision_backbone.fused_featurizer.": "siglip_featurizer.",
+        "projector.fc1.": "projector.0.",
+        "projector.fc2.": "projector.2.",
+        "projector.fc3.": "projector.4.",
+        "language_model.": "llm.",
+    }
     prismatic = {}
     for k, v in state.items():
         for new, old in renames.items():
             if k.startswith(new):
-                k = old + k[len(new):]
+                k = old + k[len(new) :]
                 break
         prismatic[k.replace(".scale_factor", ".gamma")] = v
     assert "llm.model.norm.weight" in prismatic and "dino_featurizer.blocks.0.ls1.gamma" in prismatic

@@ -4,10 +4,10 @@ import os
 
 import numpy as np
 import pytest
+from rlds_fixtures import load_script
 
 from openvla_jax.data.iterator import CheckpointableIterator, IteratorStateError
 from openvla_jax.data.rlds import DataConfig, RLDSPipeline
-from rlds_fixtures import load_script
 
 
 @pytest.fixture(scope="module")
@@ -18,16 +18,30 @@ def demo(tmp_path_factory):
 
     return out, TextTokenizer(out)
 
+
 def pipeline(demo, **kw):
     out, tok = demo
-    args = dict(data_dir=out, mixture="demo_tabletop", batch_size=4, image_size=32, shuffle_buffer=64,
-                statistics_dir=os.path.join(out, "stats"), process_index=0, process_count=1,
-                progress=False, deterministic=True, augment=True, seed=5)
+    args = dict(
+        data_dir=out,
+        mixture="demo_tabletop",
+        batch_size=4,
+        image_size=32,
+        shuffle_buffer=64,
+        statistics_dir=os.path.join(out, "stats"),
+        process_index=0,
+        process_count=1,
+        progress=False,
+        deterministic=True,
+        augment=True,
+        seed=5,
+    )
     args.update(kw)
     return RLDSPipeline(DataConfig(**args), tok)
 
+
 def take(it, n):
     return [next(it) for _ in range(n)]
+
 
 def assert_same(got, want):
     assert len(got) == len(want)
@@ -35,6 +49,7 @@ def assert_same(got, want):
         assert sorted(g) == sorted(w)
         for k in w:
             np.testing.assert_array_equal(g[k], w[k], err_msg=k)
+
 
 def test_restored_iterator_continues_with_the_same_batches(demo, tmp_path):
     it = iter(pipeline(demo))
@@ -51,8 +66,10 @@ def test_restored_iterator_continues_with_the_same_batches(demo, tmp_path):
     # Not vacuous: a fresh iterator starts over (different batches), and the batches do differ.
     fresh = take(iter(pipeline(demo)), 4)
     assert_same(fresh[:3], first)
-    assert not np.array_equal(fresh[0]["input_ids"], want[0]["input_ids"]) or \
-        not np.array_equal(fresh[0]["pixel_values"], want[0]["pixel_values"])
+    assert not np.array_equal(fresh[0]["input_ids"], want[0]["input_ids"]) or not np.array_equal(
+        fresh[0]["pixel_values"], want[0]["pixel_values"]
+    )
+
 
 def test_skip_fallback_gives_the_same_batches(demo):
     it = iter(pipeline(demo))
@@ -61,6 +78,7 @@ def test_skip_fallback_gives_the_same_batches(demo):
     skipped = CheckpointableIterator(pipeline(demo)).skip(5)
     assert skipped.position == 5
     assert_same(take(skipped, 3), want)
+
 
 def test_state_holds_the_shuffle_buffer(demo, tmp_path):
     sizes = {}
@@ -73,6 +91,7 @@ def test_state_holds_the_shuffle_buffer(demo, tmp_path):
     # 504 more buffered frames, each ~1 kB as stored (its PNG frame, input_ids/labels/mask of 104
     # tokens): the shuffle buffer is part of the state, so its size grows with the buffer.
     assert sizes[512] - sizes[8] > 504 * 500, sizes
+
 
 def test_bad_states_raise(demo, tmp_path):
     it = iter(pipeline(demo))
@@ -93,6 +112,7 @@ def test_bad_states_raise(demo, tmp_path):
     with pytest.raises(IteratorStateError, match=f"{data} is 100 bytes, expected"):
         CheckpointableIterator(pipeline(demo)).restore(tmp_path / "s")
 
+
 def test_resume_through_train_checkpointer(demo, tmp_path):
     """The loop's path: the data position saved with a training checkpoint, restored from it, or
     (fallback) a fresh pipeline skipped by the recorded position."""
@@ -101,8 +121,7 @@ def test_resume_through_train_checkpointer(demo, tmp_path):
     it = iter(pipeline(demo))
     take(it, 2)
     with TrainCheckpointer(tmp_path, save_every=2, keep_last=2) as ckpt:
-        assert ckpt.save(2, {"w": np.zeros(2, np.float32)}, {"m": np.zeros(2, np.float32)}, {},
-                         data_iterator=it)
+        assert ckpt.save(2, {"w": np.zeros(2, np.float32)}, {"m": np.zeros(2, np.float32)}, {}, data_iterator=it)
     want = take(it, 2)
     ckpt = TrainCheckpointer(tmp_path, save_every=2, keep_last=2)
     meta = ckpt.restore_meta()
@@ -112,6 +131,7 @@ def test_resume_through_train_checkpointer(demo, tmp_path):
     assert_same(take(resumed, 2), want)
     assert_same(take(CheckpointableIterator(pipeline(demo)).skip(meta["data_position"]), 2), want)
     ckpt.close()
+
 
 def test_state_from_before_a_new_config_field_restores_at_its_default(demo, tmp_path):
     """A run saved before DataConfig grew a field (e.g. `proprio`, `image_views`) resumes when the

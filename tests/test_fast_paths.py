@@ -6,14 +6,13 @@ it), donated train-state buffers, and the decoder compiled once per batch bucket
 live beside each layer (tests/test_llama.py, tests/test_vit.py); these are the model / step level.
 """
 
-import helpers
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import flax.linen as nn
+import helpers
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -64,8 +63,12 @@ def make_batch(b=4, t=12, seed=0):
     labels = np.full((b, t), -100, np.int32)
     labels[:, -8:] = ids[:, -8:]
     mask = np.ones((b, t), bool)
-    return dict(pixel_values=rng.normal(size=(b, 28, 28, 6)).astype(np.float32), input_ids=ids,
-                attention_mask=mask, labels=labels)
+    return dict(
+        pixel_values=rng.normal(size=(b, 28, 28, 6)).astype(np.float32),
+        input_ids=ids,
+        attention_mask=mask,
+        labels=labels,
+    )
 
 
 PARAMS = random_params()
@@ -78,11 +81,13 @@ def one_step(module, params, freeze=(), frozen_dtype="float32", donate=True):
     ocfg = O.default_optimizer_config()
     ocfg.update(lr=1e-3, eps=1e-3, freeze=tuple(freeze), frozen_dtype=frozen_dtype)
     tx, schedule = O.make_optimizer(ocfg, ST.abstract_params(module))
-    state = ST.init_train_state(module, CFG, tx, mesh, None, jax.random.key(0), params=params,
-                                compiler_options=ST.FAST_COMPILE)
+    state = ST.init_train_state(
+        module, CFG, tx, mesh, None, jax.random.key(0), params=params, compiler_options=ST.FAST_COMPILE
+    )
     state = state.replace(params=O.cast_frozen(state.params, ocfg))
-    step = ST.make_train_step(module, tx, schedule, mesh, freeze=freeze, donate=donate,
-                              compiler_options=ST.FAST_COMPILE)
+    step = ST.make_train_step(
+        module, tx, schedule, mesh, freeze=freeze, donate=donate, compiler_options=ST.FAST_COMPILE
+    )
     new, metrics = step(state, global_batch(BATCH, mesh))
     return jax.tree.map(np.asarray, metrics), state, new
 
@@ -198,8 +203,10 @@ def test_persistent_compilation_cache_is_hit_by_a_second_process(tmp_path):
     env = dict(os.environ, OPENVLA_JAX_COMPILATION_CACHE=str(cache), JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = ""  # one device, as a plain run
     code = CACHE_CHILD.format(root=str(ROOT))
-    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-            for _ in range(2)]
+    runs = [
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        for _ in range(2)
+    ]
     for r in runs:
         assert r.returncode == 0, r.stderr[-2000:]
     (p1, v1, h1), (p2, v2, h2) = (r.stdout.split()[-3:] for r in runs)

@@ -38,10 +38,12 @@ def inputs(tmp_path_factory):
     model_config = small_config(data_dir, 1).model  # the demo's tiny model, 56 px, one LLM layer
     module = vla.from_config(model_config, dtype=jnp.float32)
     size = model_config.vision.image_size
-    params = jax.jit(lambda k: nn.meta.unbox(module.init(k, jnp.zeros((1, size, size, 6)),
-                                                         jnp.zeros((1, 4), jnp.int32))["params"]))(jax.random.key(0))
-    base = save_converted(tmp / "base", model_config, jax.tree.map(np.asarray, params),
-                          {"some_other_robot": {}}, data_dir)
+    params = jax.jit(
+        lambda k: nn.meta.unbox(module.init(k, jnp.zeros((1, size, size, 6)), jnp.zeros((1, 4), jnp.int32))["params"])
+    )(jax.random.key(0))
+    base = save_converted(
+        tmp / "base", model_config, jax.tree.map(np.asarray, params), {"some_other_robot": {}}, data_dir
+    )
     return base, data_dir
 
 
@@ -49,15 +51,39 @@ def inputs(tmp_path_factory):
 def run(inputs):
     base, data_dir = inputs
     workdir = base.parent / "run"
-    overrides = dict(init_from=base, **{
-        "data.data_dir": data_dir, "data.batch_size": 8, "data.shuffle_buffer": 64, "data.num_parallel_calls": 1,
-        "data.num_parallel_reads": 1, "train.steps": STEPS, "train.log_every": 1, "train.save_every": STEPS,
-        "train.progress": False, "train.checksum": False, "train.async_save": False})
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "finetune.py"), "--config=configs/finetune.py:full",
-                           f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in overrides.items()]],
-                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    overrides = dict(
+        init_from=base,
+        **{
+            "data.data_dir": data_dir,
+            "data.batch_size": 8,
+            "data.shuffle_buffer": 64,
+            "data.num_parallel_calls": 1,
+            "data.num_parallel_reads": 1,
+            "train.steps": STEPS,
+            "train.log_every": 1,
+            "train.save_every": STEPS,
+            "train.progress": False,
+            "train.checksum": False,
+            "train.async_save": False,
+        },
+    )
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "finetune.py"),
+            "--config=configs/finetune.py:full",
+            f"--workdir={workdir}",
+            *[f"--config.{k}={v}" for k, v in overrides.items()],
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir, proc.stdout
 
@@ -84,28 +110,62 @@ def test_full_finetune_writes_statistics_and_a_loadable_export(run):
     assert set(vla.norm_stats) == {"demo_tabletop"}
     a = stats["demo_tabletop"]["action"]
     np.testing.assert_allclose(vla.norm_stats["demo_tabletop"]["action"]["q99"], a["q99"])
-    actions = vla.predict_action(np.zeros((2, 128, 128, 3), np.uint8),
-                                 ["pick up the red block", "move the gripper to the blue block"], "demo_tabletop")
+    actions = vla.predict_action(
+        np.zeros((2, 128, 128, 3), np.uint8),
+        ["pick up the red block", "move the gripper to the blue block"],
+        "demo_tabletop",
+    )
     assert actions.shape == (2, 7) and np.all(np.isfinite(actions))
     mask = np.array(a["mask"])
-    assert np.all((actions[:, mask] >= np.array(a["q01"])[mask] - 1e-9)
-                  & (actions[:, mask] <= np.array(a["q99"])[mask] + 1e-9))
+    assert np.all(
+        (actions[:, mask] >= np.array(a["q01"])[mask] - 1e-9) & (actions[:, mask] <= np.array(a["q99"])[mask] + 1e-9)
+    )
 
 
 # ---------------------------------------------------------------------------------------- LoRA
 def lora_run(base, data_dir, workdir, steps, cache):
     """`scripts/finetune.py :lora` in its own process; deterministic data, no augmentation (exact resume)."""
-    overrides = {"init_from": base, "base_dtype": "float32", "model.dtype": "float32", "lora.rank": 4,
-                 "data.data_dir": data_dir, "data.batch_size": 4, "data.shuffle_buffer": 32, "data.augment": False,
-                 "data.deterministic": True, "data.num_parallel_calls": 1, "data.num_parallel_reads": 1,
-                 "train.steps": steps, "train.log_every": 1, "train.save_every": 3, "train.checksum": False,
-                 "train.async_save": False}
+    overrides = {
+        "init_from": base,
+        "base_dtype": "float32",
+        "model.dtype": "float32",
+        "lora.rank": 4,
+        "data.data_dir": data_dir,
+        "data.batch_size": 4,
+        "data.shuffle_buffer": 32,
+        "data.augment": False,
+        "data.deterministic": True,
+        "data.num_parallel_calls": 1,
+        "data.num_parallel_reads": 1,
+        "train.steps": steps,
+        "train.log_every": 1,
+        "train.save_every": 3,
+        "train.checksum": False,
+        "train.async_save": False,
+    }
     # a shared compilation cache: the three runs compile the same step once
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS="",
-               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "finetune.py"), "--config=configs/finetune.py:lora",
-                           f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in overrides.items()]],
-                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        XLA_FLAGS="",
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "finetune.py"),
+            "--config=configs/finetune.py:lora",
+            f"--workdir={workdir}",
+            *[f"--config.{k}={v}" for k, v in overrides.items()],
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
     return proc.stdout, {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}

@@ -1,20 +1,19 @@
 """Llama 2 in Flax against transformers.LlamaForCausalLM, and the HF <-> Flax state-dict mapping."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
 import ml_dtypes
+import numpy as np
+import pytest
 from flax import linen as nn
+from helpers import max_abs
 
 from configs import model as model_configs
-from helpers import max_abs, torch
-from openvla_jax.testing.torch_compat import transformers_llama
 from openvla_jax.convert.io import StateDictError, open_state_dict, save_state_dict
 from openvla_jax.convert.llama import llama_specs, load_hf_llama, save_hf_llama
 from openvla_jax.convert.mapping import hf_to_flax
 from openvla_jax.models import llama
+from openvla_jax.testing.torch_compat import transformers_llama
 
 TINY = llama.LlamaConfig.from_dict(model_configs.get_config("tiny").llm)
 
@@ -138,7 +137,9 @@ def test_kv_cache_decoding_matches_full_forward(tiny_ref, scanned):
     kv_valid = np.zeros((b, slots), bool)
     kv_valid[:, :prompt_len] = np.arange(prompt_len)[None] < prompt_lens[:, None]
     step = jax.jit(
-        lambda p, x, pos, m, c, i: module.apply({"params": p}, x, positions=pos, attention_mask=m, cache=c, cache_index=i)
+        lambda p, x, pos, m, c, i: module.apply(
+            {"params": p}, x, positions=pos, attention_mask=m, cache=c, cache_index=i
+        )
     )
     logits, cache = step(params, prompt, np.broadcast_to(np.arange(prompt_len), (b, prompt_len)), kv_valid, cache, 0)
     for i in range(b):
@@ -170,7 +171,13 @@ def test_remat_and_scan_give_same_gradients(tiny_ref):
         g = jax.jit(jax.grad(loss))(params)
         grads.append(g)
     # compare layer 1's q_proj gradient across layouts
-    assert max_abs(grads[0]["layers_1"]["self_attn"]["q_proj"]["kernel"], grads[1]["layers"]["self_attn"]["q_proj"]["kernel"][1]) < 1e-6
+    assert (
+        max_abs(
+            grads[0]["layers_1"]["self_attn"]["q_proj"]["kernel"],
+            grads[1]["layers"]["self_attn"]["q_proj"]["kernel"][1],
+        )
+        < 1e-6
+    )
     assert max_abs(grads[0]["embed_tokens"]["embedding"], grads[1]["embed_tokens"]["embedding"]) < 1e-6
 
 

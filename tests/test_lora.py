@@ -3,8 +3,6 @@ B = 0 is the base exactly, a step touches only the adapters, the 7B trainable co
 save/load/merge-export (and to-hf), and LoRA learning a fixed batch."""
 
 import helpers
-import math
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -47,12 +45,16 @@ def make_batch(b=4, t=14, seed=0):
     ids = np.full((b, t), 32000, np.int32)
     labels = np.full((b, t), -100, np.int32)
     ids[:, 0] = 1
-    ids[:, 1:t - 8] = rng.integers(3, 31000, (b, t - 9))
-    ids[:, t - 8:t - 1] = rng.integers(TOK.first_id, TOK.vocab_size, (b, 7))
+    ids[:, 1 : t - 8] = rng.integers(3, 31000, (b, t - 9))
+    ids[:, t - 8 : t - 1] = rng.integers(TOK.first_id, TOK.vocab_size, (b, 7))
     ids[:, t - 1] = 2
-    labels[:, t - 8:] = ids[:, t - 8:]
-    return dict(pixel_values=rng.normal(size=(b, 56, 56, 6)).astype(np.float32), input_ids=ids,
-                attention_mask=np.ones((b, t), bool), labels=labels)
+    labels[:, t - 8 :] = ids[:, t - 8 :]
+    return dict(
+        pixel_values=rng.normal(size=(b, 56, 56, 6)).astype(np.float32),
+        input_ids=ids,
+        attention_mask=np.ones((b, t), bool),
+        labels=labels,
+    )
 
 
 BATCH = make_batch()
@@ -67,8 +69,10 @@ def random_adapters(cfg, seed=1):
     """Adapters with B != 0 (scaled so the deltas are comparable to the weights)."""
     ad = LO.init_lora(SHAPES, cfg, jax.random.key(seed))
     rng = np.random.default_rng(seed)
-    return {p: {"A": np.asarray(v["A"]), "B": (0.05 * rng.normal(size=v["B"].shape)).astype(np.float32)}
-            for p, v in ad.items()}
+    return {
+        p: {"A": np.asarray(v["A"]), "B": (0.05 * rng.normal(size=v["B"].shape)).astype(np.float32)}
+        for p, v in ad.items()
+    }
 
 
 def test_default_targets_are_every_linear_kernel_but_lm_head():
@@ -115,7 +119,7 @@ def unmerged_logits(params, adapters, cfg, batch):
             return out
         x = args[0]
         n_in = len(mod.axis) if isinstance(getattr(mod, "axis", -1), tuple) else 1
-        xf = x.reshape(*x.shape[:x.ndim - n_in], -1)
+        xf = x.reshape(*x.shape[: x.ndim - n_in], -1)
         return out + (cfg.scale * (xf @ ad["A"]) @ ad["B"]).reshape(out.shape)
 
     with nn.intercept_methods(interceptor):
@@ -158,16 +162,20 @@ STEP_CFG = LO.LoraConfig(rank=8, alpha=16.0)
 
 
 def opt(lr=5e-3):
-    return O.make_optimizer(ml_collections.ConfigDict(dict(
-        O.default_optimizer_config().to_dict(), lr=lr, weight_decay=0.01, grad_clip=1.0)),
-        LO.abstract_adapters(SHAPES, STEP_CFG))
+    return O.make_optimizer(
+        ml_collections.ConfigDict(
+            dict(O.default_optimizer_config().to_dict(), lr=lr, weight_decay=0.01, grad_clip=1.0)
+        ),
+        LO.abstract_adapters(SHAPES, STEP_CFG),
+    )
 
 
 @pytest.fixture(scope="module")
 def step_fn():
     tx, schedule = opt()
-    return tx, LO.make_lora_train_step(MODULE, tx, schedule, STEP_CFG, supervised_tokens=8,
-                                       compiler_options=ST.FAST_COMPILE)
+    return tx, LO.make_lora_train_step(
+        MODULE, tx, schedule, STEP_CFG, supervised_tokens=8, compiler_options=ST.FAST_COMPILE
+    )
 
 
 def test_lora_step_changes_only_adapters(step_fn):
@@ -184,16 +192,20 @@ def test_lora_step_changes_only_adapters(step_fn):
     unused = {p for p, v in state.params.items() if not np.asarray(v["B"]).any()}
     # every adapter gets a gradient but those of the towers' last block and SigLIP's MAP head: both
     # towers output their second-to-last block (as the original; PEFT adapts those unused layers too)
-    dead = ("vision_backbone/featurizer/blocks_2/", "vision_backbone/fused_featurizer/blocks_2/",
-            "vision_backbone/fused_featurizer/attn_pool/")
+    dead = (
+        "vision_backbone/featurizer/blocks_2/",
+        "vision_backbone/fused_featurizer/blocks_2/",
+        "vision_backbone/fused_featurizer/attn_pool/",
+    )
     assert unused == {p for p in state.params if p.startswith(dead)}, sorted(unused)
     for p, v in state.params.items():
         # B = 0 -> dL/dA = 0, so Adam moves A by weight decay alone: A (1 - lr wd), by hand.
         np.testing.assert_allclose(np.asarray(v["A"]), a0[p] * (1 - 5e-3 * 0.01), rtol=1e-6)
     state, m = step(state, base, BATCH)
     assert int(state.step) == 2
-    assert max(np.abs(np.asarray(v["A"]) - a0[p] * (1 - 5e-3 * 0.01) ** 2).max()
-               for p, v in state.params.items()) > 1e-4  # now A gets gradients too
+    assert (
+        max(np.abs(np.asarray(v["A"]) - a0[p] * (1 - 5e-3 * 0.01) ** 2).max() for p, v in state.params.items()) > 1e-4
+    )  # now A gets gradients too
 
 
 def test_lora_learns_a_fixed_batch(step_fn):
@@ -204,8 +216,10 @@ def test_lora_learns_a_fixed_batch(step_fn):
     for _ in range(60):
         state, m = step(state, base, BATCH)
         history.append((float(m["loss"]), float(m["action_accuracy"])))
-    print(f"\nLoRA fixed batch: loss {history[0][0]:.3f} -> {history[-1][0]:.3f}, "
-          f"accuracy {history[0][1]:.2f} -> {history[-1][1]:.2f}")
+    print(
+        f"\nLoRA fixed batch: loss {history[0][0]:.3f} -> {history[-1][0]:.3f}, "
+        f"accuracy {history[0][1]:.2f} -> {history[-1][1]:.2f}"
+    )
     assert history[0][1] < 0.1 and history[-1][1] > 0.8
     # the loss cannot go far below ~7 here: lm_head is not adapted and this random base's lm_head
     # (std 0.05) on an RMS-normed 64-dim state bounds the logits to a few units over 32064 tokens

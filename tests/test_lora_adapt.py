@@ -23,13 +23,12 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from rlds_fixtures import load_script
 
 from openvla_jax.models import vla
 from openvla_jax.train import lora as LO
-from openvla_jax.train import loss as LS
 from openvla_jax.train import optimizer as O
 from openvla_jax.train import step as ST
-from rlds_fixtures import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("pixel_values", "input_ids", "attention_mask", "labels")
@@ -53,8 +52,9 @@ def demo(tmp_path_factory):
     from openvla_jax.train.loop import data_config
 
     mod = load_script("make_demo_data")
-    data_dir = mod.make_demo_data(str(tmp_path_factory.mktemp("adapt") / "demo"), episodes=24, val_fraction=0.25,
-                                  seed=3)
+    data_dir = mod.make_demo_data(
+        str(tmp_path_factory.mktemp("adapt") / "demo"), episodes=24, val_fraction=0.25, seed=3
+    )
     config = _small_config(data_dir)
     tok, act = TextTokenizer(data_dir), ActionTokenizer.for_model(config.model)
 
@@ -103,9 +103,10 @@ def base(demo):
     config, act, train, val = demo
     module = vla.from_config(config.model, dtype=jnp.float32)
     size = config.model.vision.image_size
-    init = jax.jit(lambda k: nn.meta.unbox(module.init(k, jnp.zeros((1, size, size, 6)),
-                                                       jnp.zeros((1, 4), jnp.int32))["params"]),
-                   compiler_options=ST.FAST_COMPILE)
+    init = jax.jit(
+        lambda k: nn.meta.unbox(module.init(k, jnp.zeros((1, size, size, 6)), jnp.zeros((1, 4), jnp.int32))["params"]),
+        compiler_options=ST.FAST_COMPILE,
+    )
     params = init(jax.random.key(0))
 
     @partial(jax.jit, compiler_options=ST.FAST_COMPILE)
@@ -143,19 +144,25 @@ def test_lora_adapts_the_demo_model_to_a_shifted_task(demo, base):
 
     # LoRA on the shifted variant, through the real adapter-only step
     cfg = LO.LoraConfig(rank=8, alpha=16.0)
-    ltx, schedule = O.make_optimizer(ml_collections.ConfigDict(dict(
-        O.default_optimizer_config().to_dict(), lr=3e-3, weight_decay=0.0, grad_clip=1.0)),
-        LO.abstract_adapters(params, cfg))
-    step = LO.make_lora_train_step(module, ltx, schedule, cfg, supervised_tokens=SUPERVISED,
-                                   compiler_options=ST.FAST_COMPILE)
+    ltx, schedule = O.make_optimizer(
+        ml_collections.ConfigDict(
+            dict(O.default_optimizer_config().to_dict(), lr=3e-3, weight_decay=0.0, grad_clip=1.0)
+        ),
+        LO.abstract_adapters(params, cfg),
+    )
+    step = LO.make_lora_train_step(
+        module, ltx, schedule, cfg, supervised_tokens=SUPERVISED, compiler_options=ST.FAST_COMPILE
+    )
     state = LO.init_lora_state(params, cfg, ltx, jax.random.key(1))
     for i in range(LORA_STEPS):
         state, m = step(state, params, shifted(train[i % len(train)], act))
         assert bool(m["finite"])
     adapted = LO.merge(params, state.params, cfg)
     after_shift, after_orig = accuracy(adapted, val_shift), accuracy(adapted, val)
-    print(f"\nheld-out action-token accuracy: base {base_orig:.3f} on the task, {base_shift:.3f} on the shifted "
-          f"variant; after {LORA_STEPS} LoRA steps {after_shift:.3f} on the variant, {after_orig:.3f} on the task")
+    print(
+        f"\nheld-out action-token accuracy: base {base_orig:.3f} on the task, {base_shift:.3f} on the shifted "
+        f"variant; after {LORA_STEPS} LoRA steps {after_shift:.3f} on the variant, {after_orig:.3f} on the task"
+    )
     assert base_orig >= 0.5, "the base did not learn the original task"  # measured 0.68
     assert base_shift <= 0.1  # every token moved: measured 0.00
     assert after_shift >= base_shift + 0.4 and after_shift >= 0.5  # measured 0.68

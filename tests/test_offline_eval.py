@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from rlds_fixtures import load_script, write_libero
 
 from configs import model as model_configs
 from openvla_jax.data.rlds import DataConfig
@@ -21,7 +22,6 @@ from openvla_jax.models.preprocess import tf_resize_uint8
 from openvla_jax.tokenizer.actions import ActionTokenizer
 from openvla_jax.tokenizer.prompt import prompt_prefix_ids
 from openvla_jax.tokenizer.text import TextTokenizer
-from rlds_fixtures import load_script, write_libero
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO, LIBERO = "demo_tabletop", "libero_spatial_no_noops"
@@ -35,10 +35,15 @@ def _stats(q01, q99, lo, hi):
 
 # Chosen by hand: demo x is clipped at q01 (-0.05 < -0.04); rotations constant (min == max -> 0).
 STATS = {
-    DEMO: _stats([-0.04, -0.06, -0.05, 0, 0, 0, 0], [0.05, 0.04, 0.05, 0, 0, 0, 1],
-                 [-0.05] * 3 + [0] * 3 + [0], [0.05] * 3 + [0] * 3 + [1]),
-    LIBERO: _stats([-0.7, -0.8, -0.6, -0.7, -0.75, -0.7, 0], [0.8, 0.7, 0.8, 0.65, 0.7, 0.9, 1],
-                   [-0.9] * 6 + [0], [0.9] * 6 + [1]),
+    DEMO: _stats(
+        [-0.04, -0.06, -0.05, 0, 0, 0, 0],
+        [0.05, 0.04, 0.05, 0, 0, 0, 1],
+        [-0.05] * 3 + [0] * 3 + [0],
+        [0.05] * 3 + [0] * 3 + [1],
+    ),
+    LIBERO: _stats(
+        [-0.7, -0.8, -0.6, -0.7, -0.75, -0.7, 0], [0.8, 0.7, 0.8, 0.65, 0.7, 0.9, 1], [-0.9] * 6 + [0], [0.9] * 6 + [1]
+    ),
 }
 
 
@@ -72,8 +77,13 @@ def ref_metrics(pred_ids, label_ids, gt_norm, st):
     pred = ref_decode(pred_ids)
     du = ref_unnormalize(pred, st) - ref_unnormalize(gt_norm.astype(np.float64), st)
     d = pred - gt_norm
-    return {"action_accuracy": (pred_ids == label_ids).mean(0), "l1": np.abs(d).mean(0),
-            "mse": (d ** 2).mean(0), "l1_unnorm": np.abs(du).mean(0), "mse_unnorm": (du ** 2).mean(0)}
+    return {
+        "action_accuracy": (pred_ids == label_ids).mean(0),
+        "l1": np.abs(d).mean(0),
+        "mse": (d**2).mean(0),
+        "l1_unnorm": np.abs(du).mean(0),
+        "mse_unnorm": (du**2).mean(0),
+    }
 
 
 def raw_val(data_dir, name, split, images=False):
@@ -92,6 +102,7 @@ def raw_val(data_dir, name, split, images=False):
 
 # --- fixtures -------------------------------------------------------------------------------------
 
+
 def _make_demo(out_dir, episodes, val_fraction, seed):
     mod = load_script("make_demo_data")
     return mod.make_demo_data(str(out_dir), episodes=episodes, val_fraction=val_fraction, seed=seed)
@@ -109,11 +120,17 @@ def _stand_in(tok_dir):
     """What evaluate_offline reads of an OpenVLA when predict_fn replaces the model."""
     cfg = model_configs.get_config("tiny")
     cfg.vision.image_size = 32
-    return SimpleNamespace(config=cfg, tokenizer=TextTokenizer(tok_dir), norm_stats={},
-                           action_tokenizer=ActionTokenizer.for_model(cfg), action_dim=7)
+    return SimpleNamespace(
+        config=cfg,
+        tokenizer=TextTokenizer(tok_dir),
+        norm_stats={},
+        action_tokenizer=ActionTokenizer.for_model(cfg),
+        action_dim=7,
+    )
 
 
 # --- tests ----------------------------------------------------------------------------------------
+
 
 def test_action_metrics_equal_numpy_per_dim_and_dataset():
     rng = np.random.default_rng(0)
@@ -181,8 +198,14 @@ def test_evaluate_offline_with_known_predictions_equals_numpy(data_dir):
         calls.append(len(rows))
         return np.stack([table[tuple(r)] for r in rows])
 
-    cfg = DataConfig(data_dir=data_dir, mixture=[(DEMO, 1.0), (LIBERO, 1.0)], batch_size=4,
-                     dataset_statistics=STATS, progress=False, shuffle_buffer=10)
+    cfg = DataConfig(
+        data_dir=data_dir,
+        mixture=[(DEMO, 1.0), (LIBERO, 1.0)],
+        batch_size=4,
+        dataset_statistics=STATS,
+        progress=False,
+        shuffle_buffer=10,
+    )
     res = offline.evaluate_offline(vla, cfg, episodes_to_plot=3, predict_fn=predict)
     n_total = sum(e["frames"] for e in expected.values())
     assert res["frames"] == n_total and res["batches"] == -(-n_total // 4)
@@ -201,8 +224,9 @@ def test_evaluate_offline_with_known_predictions_equals_numpy(data_dir):
         st = STATS[e["dataset"]]["action"]
         assert any(np.allclose(e["gt_norm"], ref_normalize(a, st), atol=1e-6) for a in match)
         key = tuple(prompt_prefix_ids(tok, e["instruction"]))
-        np.testing.assert_allclose(e["pred_norm"], np.repeat(ref_decode(table[key])[None], len(e["gt_norm"]), 0),
-                                   atol=1e-7)
+        np.testing.assert_allclose(
+            e["pred_norm"], np.repeat(ref_decode(table[key])[None], len(e["gt_norm"]), 0), atol=1e-7
+        )
         np.testing.assert_allclose(e["pred"], ref_unnormalize(np.asarray(e["pred_norm"]), st), atol=1e-9)
 
 
@@ -232,8 +256,9 @@ def tiny_ckpt(data_dir, tmp_path_factory):
     params = jax.tree_util.tree_map_with_path(random_param, nn.meta.unbox(shapes))
     # Random weights favour non-action tokens (decoded to an edge bin); scaled action logits compete.
     params["language_model"]["lm_head"]["kernel"][:, 31744:32000] *= 40.0
-    return save_converted(tmp_path_factory.mktemp("ckpt") / "tiny", cfg, params,
-                          {DEMO: STATS[DEMO]}, tokenizer_dir=data_dir)
+    return save_converted(
+        tmp_path_factory.mktemp("ckpt") / "tiny", cfg, params, {DEMO: STATS[DEMO]}, tokenizer_dir=data_dir
+    )
 
 
 def test_end_to_end_random_tiny_model_and_script(data_dir, tiny_ckpt, tmp_path):
@@ -271,17 +296,31 @@ def test_end_to_end_random_tiny_model_and_script(data_dir, tiny_ckpt, tmp_path):
 
     # The script: load the checkpoint, evaluate, 2 closed-loop episodes, JSON + PNG, one summary line.
     out = tmp_path / "script"
-    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), f"--checkpoint={tiny_ckpt}",
-                        f"--data_dir={data_dir}", f"--mixture={DEMO}", f"--out={out}", "--batch_size=8",
-                        "--closed_loop_episodes=2", "--episodes_to_plot=1"],
-                       capture_output=True, text=True, timeout=240, cwd=ROOT)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "evaluate.py"),
+            f"--checkpoint={tiny_ckpt}",
+            f"--data_dir={data_dir}",
+            f"--mixture={DEMO}",
+            f"--out={out}",
+            "--batch_size=8",
+            "--closed_loop_episodes=2",
+            "--episodes_to_plot=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("evaluate:")]
     assert line and f"{n_frames} frames" in line[0] and "closed_loop_success=" in line[0], p.stdout
     script = json.loads((out / "results.json").read_text())
     a, b = script["metrics"]["overall"], on_disk["metrics"]["overall"]  # same checkpoint and data
     assert a["frames"] == b["frames"] and a["action_accuracy"] == pytest.approx(b["action_accuracy"], abs=1e-12)
-    np.testing.assert_allclose([a[k] for k in ("l1", "mse", "l1_unnorm")], [b[k] for k in ("l1", "mse", "l1_unnorm")],
-                               rtol=1e-9)
+    np.testing.assert_allclose(
+        [a[k] for k in ("l1", "mse", "l1_unnorm")], [b[k] for k in ("l1", "mse", "l1_unnorm")], rtol=1e-9
+    )
     assert script["closed_loop"]["episodes"] == 2 and 0 <= script["closed_loop"]["success_rate"] <= 1
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

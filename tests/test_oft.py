@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import max_abs
+from vla_refs import build_torch_vla, inputs, torch_greedy, torch_logits, valid_positions, write_hf_dir
 
 from configs import model as model_configs
-from helpers import max_abs
 from openvla_jax.models import llama, vla
 from openvla_jax.train.loss import IGNORE_INDEX
-from vla_refs import build_torch_vla, inputs, torch_greedy, torch_logits, valid_positions, write_hf_dir
 
 
 def tiny(**opts):
@@ -28,8 +28,9 @@ def init(cfg, seed=0):
     n = cfg.num_images
     pv = jnp.zeros((1, *((n,) if n > 1 else ()), 56, 56, 6))
     params = jax.jit(lambda k: module.init(k, pv, jnp.ones((1, 4), jnp.int32)))(jax.random.key(seed))["params"]
-    return module, jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
-                                is_leaf=lambda x: hasattr(x, "value"))
+    return module, jax.tree.map(
+        lambda x: x.value if hasattr(x, "value") else x, params, is_leaf=lambda x: hasattr(x, "value")
+    )
 
 
 def prompts(b=3, t=9, seed=0, cams=1):
@@ -52,14 +53,18 @@ def test_chunk_1_one_camera_no_proprio_is_openvla(tmp_path):
     model = build_torch_vla()
     write_hf_dir(model, tmp_path)
     cfg, params, _ = load_hf(tmp_path)
-    for k, v in dict(action_dim=7, action_chunk=1, decoding="autoregressive", action_head="tokens",
-                     proprio_dim=0, num_images=1).items():
+    for k, v in dict(
+        action_dim=7, action_chunk=1, decoding="autoregressive", action_head="tokens", proprio_dim=0, num_images=1
+    ).items():
         setattr(cfg, k, v)
     bare = model_configs.get_config("tiny")
     for k in ("action_chunk", "decoding", "action_head", "proprio_dim", "num_images"):
         del bare[k]
-    shapes = lambda c: jax.tree.map(lambda x: x.shape, jax.eval_shape(  # noqa: E731
-        vla.from_config(c).init, jax.random.key(0), jnp.zeros((1, 224, 224, 6)), jnp.ones((1, 4), jnp.int32)))
+
+    def shapes(c):
+        inputs = jnp.zeros((1, 224, 224, 6)), jnp.ones((1, 4), jnp.int32)
+        return jax.tree.map(lambda x: x.shape, jax.eval_shape(vla.from_config(c).init, jax.random.key(0), *inputs))
+
     assert shapes(cfg) == shapes(bare)
     module = vla.from_config(cfg, dtype=jnp.float32)
     assert module.num_patches == 256 and not module.parallel and module.action_head is None
@@ -93,8 +98,7 @@ def test_changing_a_later_action_position_changes_earlier_ones_but_not_the_promp
     n, m = 6, cfg.action_chunk * cfg.action_dim
     x = jax.random.normal(jax.random.key(1), (1, n + m, 64))
     x2 = x.at[:, -1].add(1.0)  # the last action position changes
-    run = jax.jit(lambda e, bi: lm.apply({"params": lm_params}, embeddings=e, bidirectional=bi)[0],
-                  static_argnums=1)
+    run = jax.jit(lambda e, bi: lm.apply({"params": lm_params}, embeddings=e, bidirectional=bi)[0], static_argnums=1)
     a, b = run(x, (n, m)), run(x2, (n, m))
     np.testing.assert_array_equal(np.asarray(a[:, :n]), np.asarray(b[:, :n]))  # the prompt: causal
     assert np.abs(np.asarray(a[:, n:-1] - b[:, n:-1])).max(axis=-1).min() > 1e-4  # every earlier action slot
@@ -103,8 +107,9 @@ def test_changing_a_later_action_position_changes_earlier_ones_but_not_the_promp
     # The VLA: placeholders are zeros; a different embedding at the last one moves the first.
     pv, ids, mask, _ = prompts(b=1)
     act = jnp.zeros((1, m, 64))
-    f = jax.jit(lambda p, e: module.apply({"params": p}, pv, ids, mask, action_embeddings=e,
-                                          method=vla.VLA.parallel_actions))
+    f = jax.jit(
+        lambda p, e: module.apply({"params": p}, pv, ids, mask, action_embeddings=e, method=vla.VLA.parallel_actions)
+    )
     base, moved = f(params, act), f(params, act.at[:, -1].set(1.0))
     assert base.shape == (1, m, 32064)
     assert float(jnp.abs(base[:, 0] - moved[:, 0]).max()) > 1e-4
@@ -119,15 +124,16 @@ def test_parallel_decoding_is_independent_of_padding_and_batch():
     batched = np.asarray(dec(params, pv, ids, mask))
     assert batched.shape == (3, 14) and batched.dtype == np.int32
     for r, n in enumerate(lengths):
-        alone = np.asarray(dec(params, pv[r:r + 1], ids[r:r + 1, :n], mask[r:r + 1, :n]))
+        alone = np.asarray(dec(params, pv[r : r + 1], ids[r : r + 1, :n], mask[r : r + 1, :n]))
         np.testing.assert_array_equal(alone[0], batched[r])
     # Same as the argmax of the full forward with an explicit causal-then-block layout by hand:
     # row 0 unpadded = prompt embeddings + 14 zero embeddings, bidirectional over the last 14.
     n0 = lengths[0]
     full = module.apply({"params": params}, pv[:1], ids[:1, :n0], method=vla.VLA.embed_inputs)
     x = jnp.concatenate([full, jnp.zeros((1, 14, 64))], 1)
-    logits = module.language_model.apply({"params": params["language_model"]}, embeddings=x,
-                                         bidirectional=(full.shape[1], 14))[0]
+    logits = module.language_model.apply(
+        {"params": params["language_model"]}, embeddings=x, bidirectional=(full.shape[1], 14)
+    )[0]
     np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[0, -14:], -1)), batched[0])
 
 
@@ -149,7 +155,7 @@ def test_cameras_and_proprio_are_inserted_after_bos():
     for cam in range(2):
         e1 = np.asarray(single.apply({"params": sub}, pv[:, cam], ids, method=vla.VLA.embed_inputs))
         # a batch of B*N images vs one of B: other GEMM shapes, other summation order (float32)
-        np.testing.assert_allclose(e[:, 1 + 16 * cam: 17 + 16 * cam], e1[:, 1:17], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(e[:, 1 + 16 * cam : 17 + 16 * cam], e1[:, 1:17], rtol=1e-5, atol=1e-5)
     # The proprio token: fc2(gelu(fc1(p))).
     pp = params["proprio_projector"]
     h = jax.nn.gelu(proprio @ pp["fc1"]["kernel"] + pp["fc1"]["bias"], approximate=False)
@@ -173,8 +179,13 @@ def test_continuous_head_shapes_and_values():
     valid = np.concatenate([vla.multimodal_mask(jnp.asarray(mask), 16), np.ones((2, 21), bool)], 1)
     pos = np.cumsum(valid, 1) - 1
     _, _, hidden = module.language_model.apply(
-        {"params": params["language_model"]}, embeddings=jnp.concatenate([x, jnp.zeros((2, 21, 64))], 1),
-        attention_mask=valid, positions=pos, bidirectional=(n, 21), return_hidden=True)
+        {"params": params["language_model"]},
+        embeddings=jnp.concatenate([x, jnp.zeros((2, 21, 64))], 1),
+        attention_mask=valid,
+        positions=pos,
+        bidirectional=(n, 21),
+        return_hidden=True,
+    )
     hp = params["action_head"]
 
     def ln(v, p):
@@ -215,13 +226,18 @@ def chunk_batch(b=4, k=2, a=7, seed=0, cams=1, proprio_dim=0):
         p = 4 + r % 3  # prompt lengths differ per row
         ids[r, 0] = 1
         ids[r, 1:p] = rng.integers(3, 31000, p - 1)
-        ids[r, p:p + k * a] = toks[r]
+        ids[r, p : p + k * a] = toks[r]
         ids[r, p + k * a] = 2
-        labels[r, p:p + k * a + 1] = ids[r, p:p + k * a + 1]
-        mask[r, :p + k * a + 1] = True
+        labels[r, p : p + k * a + 1] = ids[r, p : p + k * a + 1]
+        mask[r, : p + k * a + 1] = True
     shape = (b, cams, 56, 56, 6) if cams > 1 else (b, 56, 56, 6)
-    batch = dict(pixel_values=rng.standard_normal(shape).astype(np.float32), input_ids=ids,
-                 attention_mask=mask, labels=labels, action=action)
+    batch = dict(
+        pixel_values=rng.standard_normal(shape).astype(np.float32),
+        input_ids=ids,
+        attention_mask=mask,
+        labels=labels,
+        action=action,
+    )
     if proprio_dim:
         batch["proprio"] = rng.standard_normal((b, proprio_dim)).astype(np.float32)
     return batch, toks
@@ -245,8 +261,12 @@ def test_parallel_token_loss_is_cross_entropy_on_the_placeholders():
     _, state, step = make_step(cfg, params)
     _, metrics = step(state, batch)
     prompt = batch["attention_mask"] & (batch["labels"] == IGNORE_INDEX)
-    logits = np.asarray(module.apply({"params": params}, batch["pixel_values"], batch["input_ids"], prompt,
-                                     method=vla.VLA.parallel_actions), np.float64)
+    logits = np.asarray(
+        module.apply(
+            {"params": params}, batch["pixel_values"], batch["input_ids"], prompt, method=vla.VLA.parallel_actions
+        ),
+        np.float64,
+    )
     logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     ce = logz - np.take_along_axis(logits, toks[..., None], -1)[..., 0]
     assert abs(float(metrics["loss"]) - ce.mean()) < 1e-4
@@ -260,9 +280,16 @@ def test_continuous_variant_learns_a_fixed_batch_with_cameras_and_proprio():
     batch, _ = chunk_batch(cams=2, proprio_dim=3)
     _, state, step = make_step(cfg, params)
     state, first = step(state, batch)
-    pred = np.asarray(vla.parallel_decode(module, params, batch["pixel_values"], batch["input_ids"],
-                                          batch["attention_mask"] & (batch["labels"] == IGNORE_INDEX),
-                                          batch["proprio"]))
+    pred = np.asarray(
+        vla.parallel_decode(
+            module,
+            params,
+            batch["pixel_values"],
+            batch["input_ids"],
+            batch["attention_mask"] & (batch["labels"] == IGNORE_INDEX),
+            batch["proprio"],
+        )
+    )
     assert abs(float(first["loss"]) - np.abs(pred - batch["action"]).mean()) < 1e-5  # L1, before the update
     for _ in range(30):
         state, metrics = step(state, batch)
@@ -285,19 +312,36 @@ def test_predict_action_returns_unnormalised_chunks(tmp_path):
     """A 2-camera, proprio, K=2 continuous model through `OpenVLA.predict_action`: the raw state is
     normalised with the dataset's proprio statistics, the chunk comes back `[B, K, 7]` unnormalised,
     and a batch equals the rows one by one (bucket padding changes nothing)."""
+    from rlds_fixtures import train_tiny_sentencepiece
+
     from openvla_jax import OpenVLA
     from openvla_jax.data.normalize import normalize, unnormalize
     from openvla_jax.models.preprocess import preprocess_images
     from openvla_jax.tokenizer.prompt import inference_prompt_ids
-    from rlds_fixtures import train_tiny_sentencepiece
 
     cfg = tiny(action_chunk=2, decoding="parallel", action_head="l1", num_images=2, proprio_dim=3)
     module, params = init(cfg)
-    stats = {"robot": {
-        "action": {"q01": [-0.1] * 6 + [0.0], "q99": [0.2] * 6 + [1.0], "min": [-1.0] * 7, "max": [1.0] * 7,
-                   "mean": [0.0] * 7, "std": [1.0] * 7, "mask": [True] * 6 + [False]},
-        "proprio": {"q01": [-2.0, 0.0, 1.0], "q99": [2.0, 4.0, 3.0], "min": [-3.0, -1.0, 0.0],
-                    "max": [3.0, 5.0, 4.0], "mean": [0.0] * 3, "std": [1.0] * 3}}}
+    stats = {
+        "robot": {
+            "action": {
+                "q01": [-0.1] * 6 + [0.0],
+                "q99": [0.2] * 6 + [1.0],
+                "min": [-1.0] * 7,
+                "max": [1.0] * 7,
+                "mean": [0.0] * 7,
+                "std": [1.0] * 7,
+                "mask": [True] * 6 + [False],
+            },
+            "proprio": {
+                "q01": [-2.0, 0.0, 1.0],
+                "q99": [2.0, 4.0, 3.0],
+                "min": [-3.0, -1.0, 0.0],
+                "max": [3.0, 5.0, 4.0],
+                "mean": [0.0] * 3,
+                "std": [1.0] * 3,
+            },
+        }
+    }
     tok_dir = train_tiny_sentencepiece(str(tmp_path))
     policy = OpenVLA(cfg, jax.device_get(params), stats, tok_dir, dtype="float32")
     rng = np.random.default_rng(0)
@@ -309,13 +353,17 @@ def test_predict_action_returns_unnormalised_chunks(tmp_path):
     for i in range(3):  # by hand, row by row
         pv = preprocess_images(images[i], 56)[None]
         ids = np.array([inference_prompt_ids(policy.tokenizer, texts[i])], np.int32)
-        pr = normalize(state[i:i + 1], stats["robot"]["proprio"])
+        pr = normalize(state[i : i + 1], stats["robot"]["proprio"])
         raw = vla.parallel_decode(module, params, pv, ids, np.ones_like(ids, bool), pr)
         want = unnormalize(np.asarray(raw, np.float64), stats["robot"]["action"])
         np.testing.assert_allclose(got[i], want[0], atol=1e-5)
         # batch 1 vs batch 3 (bucket 4): continuous outputs agree to float32 summation order only
-        np.testing.assert_allclose(policy.predict_action(images[i:i + 1], texts[i], proprio=state[i:i + 1])[0],
-                                   got[i], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            policy.predict_action(images[i : i + 1], texts[i], proprio=state[i : i + 1])[0],
+            got[i],
+            rtol=1e-5,
+            atol=1e-5,
+        )
     with pytest.raises(ValueError, match="proprio"):
         policy.predict_action(images, texts)
     with pytest.raises(ValueError, match="2 camera images per row"):

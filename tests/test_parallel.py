@@ -41,12 +41,16 @@ def tiny_module(scan=False):
 
 # --- mesh -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw, want", [
-    ({}, [1, 8, 1]),  # default: pure FSDP
-    (dict(data=2), [2, 4, 1]),
-    (dict(data=2, fsdp=2, tensor=2), [2, 2, 2]),
-    (dict(data=-1, fsdp=1, tensor=2), [4, 1, 2]),
-])
+
+@pytest.mark.parametrize(
+    "kw, want",
+    [
+        ({}, [1, 8, 1]),  # default: pure FSDP
+        (dict(data=2), [2, 4, 1]),
+        (dict(data=2, fsdp=2, tensor=2), [2, 2, 2]),
+        (dict(data=-1, fsdp=1, tensor=2), [4, 1, 2]),
+    ],
+)
 def test_mesh_shapes(kw, want):
     mesh = M.make_mesh(mesh_cfg(**kw))
     assert mesh.axis_names == ("data", "fsdp", "tensor")
@@ -75,6 +79,7 @@ def test_dcn_split():
 
 # --- rules ----------------------------------------------------------------------------------------
 
+
 def _names(boxed):
     boxes = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     return {n for b in boxes for n in b.names if n is not None}
@@ -93,7 +98,14 @@ def test_fsdp_rule_by_hand():
     assert R.add_fsdp(P(None, "tensor"), (64, 128), ("embed", "mlp"), 4) == P("fsdp", "tensor")
     assert R.add_fsdp(P(None, None), (32, 6), ("layers", "embed"), 4) == P(None, None)
     assert R.add_fsdp(P(None, None), (6, 10), None, 4) == P(None, None)
-    assert R.add_fsdp(P(None,), (64,), None, 1) == P(None)
+    assert R.add_fsdp(
+        P(
+            None,
+        ),
+        (64,),
+        None,
+        1,
+    ) == P(None)
     # size-1 and non-dividing mesh axes are dropped
     sizes = dict(data=2, fsdp=2, tensor=2)
     assert R.fit_spec(P(None, "tensor"), (64, 179), sizes) == P(None, None)
@@ -119,9 +131,12 @@ def test_param_specs_on_2x2x2():
     assert specs["vision_backbone/fused_featurizer/blocks_0/mlp/fc1/kernel"] == P("fsdp", None)
     # (8, 1, 1): pure data parallel, everything replicated.
     mesh8 = M.make_mesh(mesh_cfg(data=8, fsdp=1))
-    assert set(S.describe(S.param_shardings(abstract_params(tiny_module()), mesh8)).values()) == {P(None, None), P(None),
-                                                                                                  P(None, None, None),
-                                                                                                  P(None, None, None, None)}
+    assert set(S.describe(S.param_shardings(abstract_params(tiny_module()), mesh8)).values()) == {
+        P(None, None),
+        P(None),
+        P(None, None, None),
+        P(None, None, None, None),
+    }
 
 
 def test_scanned_layers_axis_never_fsdp():
@@ -145,11 +160,14 @@ def test_opt_state_mirrors_params():
 
 # --- batches --------------------------------------------------------------------------------------
 
+
 def test_global_batch_values_and_sharding():
     mesh = M.make_mesh(mesh_cfg(data=2, fsdp=2, tensor=2))
-    host = dict(input_ids=np.arange(8 * 5, dtype=np.int32).reshape(8, 5),
-                pixel_values=np.random.default_rng(0).normal(size=(8, 2, 2, 6)).astype(np.float32),
-                dataset_name=np.array(["b", "a", "b", "b", "a", "a", "b", "a"]))
+    host = dict(
+        input_ids=np.arange(8 * 5, dtype=np.int32).reshape(8, 5),
+        pixel_values=np.random.default_rng(0).normal(size=(8, 2, 2, 6)).astype(np.float32),
+        dataset_name=np.array(["b", "a", "b", "b", "a", "a", "b", "a"]),
+    )
     out = B.global_batch(host, mesh, dataset_names=["a", "b"])
     assert set(out) == {"input_ids", "pixel_values", "dataset_index"}
     np.testing.assert_array_equal(np.asarray(out["input_ids"]), host["input_ids"])
@@ -178,7 +196,8 @@ _TWO_PROCESS = textwrap.dedent("""
     out = batch.global_batch({"x": rows, "dataset_name": np.array(["a", "b", "a", "b"])}, mesh, ["a", "b"])
     assert out["x"].shape == (8, 3), out["x"].shape
     weights = jnp.arange(8, dtype=jnp.float32)
-    total = jax.jit(lambda x, w: (x[:, 0] * w).sum(), out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))(out["x"], weights)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    total = jax.jit(lambda x, w: (x[:, 0] * w).sum(), out_shardings=replicated)(out["x"], weights)
     print("RESULT", pid, float(total), int(jnp.sum(out["dataset_index"])))
 """)
 
@@ -193,8 +212,16 @@ def test_two_process_global_batch(tmp_path):
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env["PYTHONPATH"] = str(ROOT)
-    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), str(port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from helpers import max_abs, torch
 from PIL import Image
 
-from helpers import max_abs, torch
 from openvla_jax.models import preprocess as pp
 
 
@@ -55,8 +55,15 @@ def test_resize_weights_match_torch_antialiased_bicubic(n_in, n_out):
     assert np.allclose(pp.resize_weights(n_in, n_out).sum(axis=1), 1.0)
 
 
-@pytest.mark.parametrize("bad", [np.zeros((224, 224), np.uint8), np.zeros((224, 224, 4), np.uint8),
-                                 np.zeros((3, 224, 224), np.uint8), np.zeros((224, 224, 3), np.float32)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((224, 224), np.uint8),
+        np.zeros((224, 224, 4), np.uint8),
+        np.zeros((3, 224, 224), np.uint8),
+        np.zeros((224, 224, 3), np.float32),
+    ],
+)
 def test_wrong_image_shape_or_dtype_names_expected_shape(bad):
     with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
         pp.preprocess_image(bad)
@@ -89,7 +96,7 @@ def _bilinear_crop_reference(img, crop_scale, out):
     x = img.astype(np.float64) / 255.0
 
     def coords(n):
-        return (off * (n - 1) + np.arange(out) * (side * (n - 1) / (out - 1)))
+        return off * (n - 1) + np.arange(out) * (side * (n - 1) / (out - 1))
 
     ys, xs = coords(h), coords(w)
     y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
@@ -136,8 +143,9 @@ def test_resize_modes_give_each_pipelines_pixels():
     np.testing.assert_array_equal(crop, np.asarray(pp.tf_center_crop(train, 0.9, (56, 56))))
     # A list of different sizes goes image by image, with the same result as one at a time.
     mixed = [ims[0], smooth_image(100, 37)]
-    np.testing.assert_array_equal(pp.resize_uint8_images(mixed, 56, "train")[1],
-                                  np.asarray(pp.tf_resize_uint8(mixed[1], (56, 56))))
+    np.testing.assert_array_equal(
+        pp.resize_uint8_images(mixed, 56, "train")[1], np.asarray(pp.tf_resize_uint8(mixed[1], (56, 56)))
+    )
     for a, b in ((proc, train), (train, jpeg), (train, crop)):
         assert (a != b).mean() > 0.05  # a fraction of all pixel values differs
     np.testing.assert_allclose(pp.preprocess_images(batch, 56, "train"), pp.normalize_uint8(train))

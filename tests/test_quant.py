@@ -29,8 +29,9 @@ def tiny():
     cfg = get_config("tiny")
     cfg.vision.image_size = 56
     module = vla_lib.from_config(cfg, dtype=jnp.float32, param_dtype=jnp.float32)
-    init = jax.jit(lambda k: nn.meta.unbox(
-        module.init(k, jnp.zeros((1, 56, 56, 6)), jnp.zeros((1, 4), jnp.int32))["params"]))
+    init = jax.jit(
+        lambda k: nn.meta.unbox(module.init(k, jnp.zeros((1, 56, 56, 6)), jnp.zeros((1, 4), jnp.int32))["params"])
+    )
     params = jax.tree.map(np.asarray, init(jax.random.PRNGKey(0)))
     rng = np.random.default_rng(0)
     pv = rng.normal(size=(N_INPUTS, 56, 56, 6)).astype(np.float32)
@@ -95,16 +96,27 @@ def test_int4_grouped_matches_numpy_reference():
 def test_which_leaves_are_quantized(tiny):
     params = tiny[1]
     q = quant.quantize_params(params, "int8")
-    flat = {"/".join(str(k.key) for k in path): v
-            for path, v in jax.tree_util.tree_flatten_with_path(q, is_leaf=quant.weights.is_qtensor)[0]}
+    flat = {
+        "/".join(str(k.key) for k in path): v
+        for path, v in jax.tree_util.tree_flatten_with_path(q, is_leaf=quant.weights.is_qtensor)[0]
+    }
     qt = {k for k, v in flat.items() if isinstance(v, quant.QTensor)}
-    for name in ["language_model/layers_0/self_attn/o_proj/kernel", "language_model/lm_head/kernel",
-                 "language_model/layers_1/mlp/down_proj/kernel", "projector/fc3/kernel",
-                 "vision_backbone/featurizer/blocks_2/attn/qkv/kernel",
-                 "vision_backbone/fused_featurizer/attn_pool/kv/kernel"]:
+    for name in [
+        "language_model/layers_0/self_attn/o_proj/kernel",
+        "language_model/lm_head/kernel",
+        "language_model/layers_1/mlp/down_proj/kernel",
+        "projector/fc3/kernel",
+        "vision_backbone/featurizer/blocks_2/attn/qkv/kernel",
+        "vision_backbone/fused_featurizer/attn_pool/kv/kernel",
+    ]:
         assert name in qt, name
-    for name in ["language_model/embed_tokens/embedding", "vision_backbone/featurizer/patch_embed/kernel",
-                 "projector/fc1/bias", "vision_backbone/featurizer/pos_embed", "language_model/norm/scale"]:
+    for name in [
+        "language_model/embed_tokens/embedding",
+        "vision_backbone/featurizer/patch_embed/kernel",
+        "projector/fc1/bias",
+        "vision_backbone/featurizer/pos_embed",
+        "language_model/norm/scale",
+    ]:
         assert name in flat and name not in qt, name
     assert flat["language_model/layers_0/self_attn/o_proj/kernel"].in_dims == 2  # (heads, head_dim) in
     assert len(qt) == 2 * 7 + 1 + 3 + 2 * 3 * 4 + 3 + 2  # llama 2x7 + lm_head, projector, 6 ViT blocks, pool
@@ -121,10 +133,13 @@ def test_linear_bytes_shrink(tiny, quantized):
     assert all(x.dtype == np.int8 for x in jax.tree.leaves(quantized["int4"].params) if x.dtype.itemsize == 1)
 
 
-@pytest.mark.parametrize("mode, max_err, first_agree, token_agree", [
-    ("int8", 0.03, 0.9, 0.75),
-    ("int4", 0.3, 0.3, 0.2),
-])
+@pytest.mark.parametrize(
+    "mode, max_err, first_agree, token_agree",
+    [
+        ("int8", 0.03, 0.9, 0.75),
+        ("int4", 0.3, 0.3, 0.2),
+    ],
+)
 def test_quantized_model_tracks_fp32(tiny, quantized, mode, max_err, first_agree, token_agree):
     """Random weights give near-flat logits over 32064 tokens (range ~0.85), so int4's noise flips
     near-ties (measured: int8 1.0 first token / 0.875 all tokens, int4 0.44 / 0.28); the bounds
@@ -135,8 +150,10 @@ def test_quantized_model_tracks_fp32(tiny, quantized, mode, max_err, first_agree
     got = vla.action_token_ids(pv, ids)
     first = float(np.mean(got[:, 0] == ref_ids[:, 0]))
     tokens = float(np.mean(got == ref_ids))
-    print(f"\n{mode}: logits max |err| {err:.4f} (fp32 logits max |x| {np.abs(ref_logits).max():.3f}); "
-          f"greedy agreement first token {first:.3f}, all 7 tokens {tokens:.3f} over {N_INPUTS} inputs")
+    print(
+        f"\n{mode}: logits max |err| {err:.4f} (fp32 logits max |x| {np.abs(ref_logits).max():.3f}); "
+        f"greedy agreement first token {first:.3f}, all 7 tokens {tokens:.3f} over {N_INPUTS} inputs"
+    )
     assert 0 < err <= max_err
     assert first >= first_agree and tokens >= token_agree
 
@@ -167,7 +184,7 @@ def test_save_load_round_trip(tiny, quantized, tmp_path):
     for path, a in saved:
         b = loaded[path]
         assert isinstance(a, quant.QTensor) == isinstance(b, quant.QTensor), path
-        for x, y in ([(a.q, b.q), (a.scale, b.scale)] if isinstance(a, quant.QTensor) else [(a, b)]):
+        for x, y in [(a.q, b.q), (a.scale, b.scale)] if isinstance(a, quant.QTensor) else [(a, b)]:
             assert np.asarray(x).dtype == y.dtype
             np.testing.assert_array_equal(np.asarray(x), y)
         if isinstance(a, quant.QTensor):

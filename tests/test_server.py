@@ -16,14 +16,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from rlds_fixtures import INSTRUCTIONS, train_tiny_sentencepiece
+from vla_refs import NORM_STATS, build_torch_vla, write_hf_dir
 
+from benchmarks.serve import bench_server
 from openvla_jax import OpenVLA
 from openvla_jax.evaluate import jsonnp
 from openvla_jax.evaluate.client import ActionClient, ServerError
-from benchmarks.serve import bench_server
 from openvla_jax.evaluate.server import ActionServer
-from rlds_fixtures import INSTRUCTIONS, train_tiny_sentencepiece
-from vla_refs import NORM_STATS, build_torch_vla, write_hf_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 # A second dataset with other bounds, so the unnorm_key routing shows in the values.
@@ -75,9 +75,21 @@ class Stub:
         time.sleep(self.delay_s)
         if "explode" in instructions:
             raise RuntimeError("boom")
-        return np.array([[img[0, 0, 0], int(s.split()[-1]) if s.split()[-1].isdigit() else -1, len(s),
-                          KEYS.index(unnorm_key) if unnorm_key else -1, 0, 0, 0]
-                         for img, s in zip(images, instructions)], np.float64)
+        return np.array(
+            [
+                [
+                    img[0, 0, 0],
+                    int(s.split()[-1]) if s.split()[-1].isdigit() else -1,
+                    len(s),
+                    KEYS.index(unnorm_key) if unnorm_key else -1,
+                    0,
+                    0,
+                    0,
+                ]
+                for img, s in zip(images, instructions)
+            ],
+            np.float64,
+        )
 
 
 def run_threads(n, fn):
@@ -124,15 +136,23 @@ def test_jsonnp_matches_a_hand_encoding_and_refuses_bad_arrays():
     assert jsonnp.encode_array(a) == hand
     assert json.loads(jsonnp.dumps({"image": a}))["image"] == hand
     x = np.array([0.5, -1.25], "<f8")
-    got = jsonnp.loads(json.dumps({"a": {"__numpy__": base64.b64encode(x.tobytes()).decode(), "dtype": "<f8", "shape": [2]}}))
+    got = jsonnp.loads(
+        json.dumps({"a": {"__numpy__": base64.b64encode(x.tobytes()).decode(), "dtype": "<f8", "shape": [2]}})
+    )
     np.testing.assert_array_equal(got["a"], x)
     assert jsonnp.loads(jsonnp.dumps(np.float32(3.5))).shape == ()  # a scalar keeps shape []
-    assert jsonnp.loads('{"__numpy__": "AAEC", "dtype": "uint8", "shape": [3]}').tolist() == [0, 1, 2]  # old dtype names
-    for bad, match in [({"__numpy__": "AAEC", "dtype": "|u1", "shape": [2, 2]}, "3 bytes do not hold shape"),
-                       ({"__numpy__": "!!!", "dtype": "|u1", "shape": [3]}, "not valid base64"),
-                       ({"__numpy__": "AAEC", "dtype": "|O", "shape": [3]}, "not a plain numeric dtype"),
-                       ({"__numpy__": "AAEC", "dtype": "nope", "shape": [3]}, "unknown dtype"),
-                       ({"__numpy__": "AAEC", "dtype": "|u1", "shape": [-3]}, "non-negative ints")]:
+    assert jsonnp.loads('{"__numpy__": "AAEC", "dtype": "uint8", "shape": [3]}').tolist() == [
+        0,
+        1,
+        2,
+    ]  # old dtype names
+    for bad, match in [
+        ({"__numpy__": "AAEC", "dtype": "|u1", "shape": [2, 2]}, "3 bytes do not hold shape"),
+        ({"__numpy__": "!!!", "dtype": "|u1", "shape": [3]}, "not valid base64"),
+        ({"__numpy__": "AAEC", "dtype": "|O", "shape": [3]}, "not a plain numeric dtype"),
+        ({"__numpy__": "AAEC", "dtype": "nope", "shape": [3]}, "unknown dtype"),
+        ({"__numpy__": "AAEC", "dtype": "|u1", "shape": [-3]}, "non-negative ints"),
+    ]:
         with pytest.raises(ValueError, match=match):
             jsonnp.loads(json.dumps(bad))
 
@@ -142,8 +162,13 @@ def test_concurrent_clients_get_the_actions_of_direct_calls_and_are_batched(vla)
     model = Counting(vla)
     rng = np.random.default_rng(0)
     n, per = 12, 3
-    reqs = [[(image(rng, 40 + 8 * (i % 3), 56), INSTRUCTIONS[(i + r) % len(INSTRUCTIONS)], KEYS[(i + r) % 2])
-             for r in range(per)] for i in range(n)]
+    reqs = [
+        [
+            (image(rng, 40 + 8 * (i % 3), 56), INSTRUCTIONS[(i + r) % len(INSTRUCTIONS)], KEYS[(i + r) % 2])
+            for r in range(per)
+        ]
+        for i in range(n)
+    ]
     encodings = ["json_numpy", "list", "encoded"]
     with ActionServer(model, port=0, max_batch=8, max_wait_ms=100) as server:
         client = ActionClient(server.url)
@@ -178,9 +203,16 @@ def test_plain_json_numpy_and_encoded_forms_agree_on_the_wire(vla):
     want = vla.predict_action(img, text, unnorm_key="fractal")[0]
     with ActionServer(vla, port=0, max_batch=4, max_wait_ms=1) as server:
         hand = {"__numpy__": base64.b64encode(img.tobytes()).decode(), "dtype": "|u1", "shape": list(img.shape)}
-        s, as_np = raw(server.url, "POST", "/act", json.dumps({"image": hand, "instruction": text, "unnorm_key": "fractal"}))
+        s, as_np = raw(
+            server.url, "POST", "/act", json.dumps({"image": hand, "instruction": text, "unnorm_key": "fractal"})
+        )
         assert s == 200 and as_np["dtype"] == "<f8" and as_np["shape"] == [7]  # json-numpy in, json-numpy out
-        s, as_list = raw(server.url, "POST", "/act", json.dumps({"image": img.tolist(), "instruction": text, "unnorm_key": "fractal"}))
+        s, as_list = raw(
+            server.url,
+            "POST",
+            "/act",
+            json.dumps({"image": img.tolist(), "instruction": text, "unnorm_key": "fractal"}),
+        )
         assert s == 200 and isinstance(as_list, list) and len(as_list) == 7  # plain in, plain out
         inner = json.dumps({"image": hand, "instruction": text, "unnorm_key": "fractal"})
         s, as_str = raw(server.url, "POST", "/act", json.dumps({"encoded": inner}))
@@ -214,18 +246,42 @@ def _bad_requests(img):
         ("string image", post({"image": "abc", **ok}), 400, "got str"),
         ("bad base64", post({"image": {"__numpy__": "!!", "dtype": "|u1", "shape": [1, 1, 3]}, **ok}), 400, "base64"),
         ("no instruction", post({"image": img.tolist(), "unnorm_key": "bridge_orig"}), 400, "'instruction' must be"),
-        ("instruction not a string", post({"image": img.tolist(), "instruction": 7, "unnorm_key": "fractal"}), 400, "'instruction' must be"),
-        ("unknown unnorm_key", post({"image": img.tolist(), "instruction": "go", "unnorm_key": "nope"}), 400,
-         "unnorm_key 'nope' not in norm_stats; available: ['bridge_orig', 'fractal']"),
-        ("unnorm_key needed", post({"image": img.tolist(), "instruction": "go"}), 400, "pass unnorm_key= one of ['bridge_orig', 'fractal']"),
-        ("unnorm_key not a string", post({"image": img.tolist(), "instruction": "go", "unnorm_key": 3}), 400, "'unnorm_key' must be"),
+        (
+            "instruction not a string",
+            post({"image": img.tolist(), "instruction": 7, "unnorm_key": "fractal"}),
+            400,
+            "'instruction' must be",
+        ),
+        (
+            "unknown unnorm_key",
+            post({"image": img.tolist(), "instruction": "go", "unnorm_key": "nope"}),
+            400,
+            "unnorm_key 'nope' not in norm_stats; available: ['bridge_orig', 'fractal']",
+        ),
+        (
+            "unnorm_key needed",
+            post({"image": img.tolist(), "instruction": "go"}),
+            400,
+            "pass unnorm_key= one of ['bridge_orig', 'fractal']",
+        ),
+        (
+            "unnorm_key not a string",
+            post({"image": img.tolist(), "instruction": "go", "unnorm_key": 3}),
+            400,
+            "'unnorm_key' must be",
+        ),
         ("encoded plus other keys", post({"encoded": "{}", "image": 1}), 400, "no other keys"),
         ("encoded not JSON", post({"encoded": "{nope"}), 400, "malformed JSON in 'encoded'"),
         ("unknown path", ("POST", "/predict", b"{}"), 404, "unknown path '/predict'"),
         ("GET /act", ("GET", "/act", b""), 405, "/act takes POST, not GET"),
         ("PUT /act", ("PUT", "/act", b"{}"), 405, "/act takes POST, not PUT"),
         ("POST /health", ("POST", "/health", b"{}"), 405, "/health takes GET, not POST"),
-        ("too large", post({"image": np.zeros((128, 128, 3), np.uint8).tolist(), **ok}), 413, "exceeds the limit of 50000"),
+        (
+            "too large",
+            post({"image": np.zeros((128, 128, 3), np.uint8).tolist(), **ok}),
+            413,
+            "exceeds the limit of 50000",
+        ),
     ]
 
 
@@ -265,7 +321,10 @@ def test_answers_go_to_their_own_request_under_load():
 
         def run(i):
             img = np.full((4, 4, 3), i, np.uint8)
-            return [client.act(img, f"go {r}", KEYS[(i + r) % 2], encoding=("list", "json_numpy")[r % 2]) for r in range(per)]
+            return [
+                client.act(img, f"go {r}", KEYS[(i + r) % 2], encoding=("list", "json_numpy")[r % 2])
+                for r in range(per)
+            ]
 
         got = np.array(run_threads(n, run))
     want = np.array([[[i, r, len(f"go {r}"), (i + r) % 2, 0, 0, 0] for r in range(per)] for i in range(n)], float)
@@ -299,9 +358,13 @@ def test_health_reports_model_batching_and_counters(vla):
         client.act(np.zeros((8, 8, 3), np.uint8), "open the drawer", "fractal")
         h = client.health()
     assert h["status"] == "ok"
-    assert h["model"] == {"class": "OpenVLA", "variant": "hf",  # loaded from an HF config.json
-                          "action_dim": 7, "dtype": "float32",
-                          "unnorm_keys": KEYS}
+    assert h["model"] == {
+        "class": "OpenVLA",
+        "variant": "hf",  # loaded from an HF config.json
+        "action_dim": 7,
+        "dtype": "float32",
+        "unnorm_keys": KEYS,
+    }
     assert h["batching"] == {"enabled": True, "max_batch": 16, "max_wait_ms": 3.0}
     assert h["stats"]["requests"] == 1 and h["stats"]["model_calls"] == 1 and h["stats"]["batch_sizes"] == {"1": 1}
 
@@ -317,9 +380,21 @@ def test_binds_loopback_by_default_and_checks_settings():
 
 
 def test_bench_rows_count_every_request_and_batching_helps_a_slow_model():
-    rows = bench_server(Stub(delay_s=0.02), clients=(1, 8), requests_per_client=4, max_batch=8, max_wait_ms=5,
-                        image_hw=(8, 8), unnorm_key="fractal")
-    assert [(r["batching"], r["clients"], r["requests"]) for r in rows] == [(True, 1, 4), (True, 8, 32), (False, 1, 4), (False, 8, 32)]
+    rows = bench_server(
+        Stub(delay_s=0.02),
+        clients=(1, 8),
+        requests_per_client=4,
+        max_batch=8,
+        max_wait_ms=5,
+        image_hw=(8, 8),
+        unnorm_key="fractal",
+    )
+    assert [(r["batching"], r["clients"], r["requests"]) for r in rows] == [
+        (True, 1, 4),
+        (True, 8, 32),
+        (False, 1, 4),
+        (False, 8, 32),
+    ]
     for r in rows:
         assert 0 < r["p50_ms"] <= r["p99_ms"] and r["throughput_rps"] > 0
     on8, off8 = rows[1], rows[3]
@@ -330,8 +405,20 @@ def test_bench_rows_count_every_request_and_batching_helps_a_slow_model():
 # ------------------------------------------------------------------------------------- the script
 def test_serve_script_serves_a_checkpoint(ckpt):
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "serve.py"), f"--checkpoint={ckpt}", "--port=0", "--dtype=float32",
-         "--max_batch=2", "--nowarmup"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "serve.py"),
+            f"--checkpoint={ckpt}",
+            "--port=0",
+            "--dtype=float32",
+            "--max_batch=2",
+            "--nowarmup",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         url, lines = None, []
         deadline = time.monotonic() + 90

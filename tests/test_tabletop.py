@@ -47,8 +47,7 @@ def test_rendering_is_the_view_from_the_gripper():
     directions; the ring's thickness is the height and its colour open/closed."""
     third = T.IMAGE_SIZE // 3
     np.testing.assert_allclose(T.lens([0.0, 0.5, -0.5, 6.0]), [T.C, T.C + third / 2, T.C - third / 2, T.C + 60])
-    np.testing.assert_allclose(T.lens_inverse(T.lens(np.arange(-6.0, 6.5, 0.5))), np.arange(-6.0, 6.5, 0.5),
-                               atol=1e-9)
+    np.testing.assert_allclose(T.lens_inverse(T.lens(np.arange(-6.0, 6.5, 0.5))), np.arange(-6.0, 6.5, 0.5), atol=1e-9)
     assert np.all(np.diff(T.lens(np.arange(-7.0, 7.5, 0.5))) > 0)  # monotone: the order of things is kept
     assert T.lens(1.0) - T.BLOCK_H > T.C + third / 2  # a block one cell away lies outside the central third
     env = T.TabletopEnv()
@@ -66,7 +65,7 @@ def test_rendering_is_the_view_from_the_gripper():
         # which third the block is in = the sign of its offset: what the expert's move is
         np.testing.assert_array_equal(centre // third - 1, np.sign([bx, by]))
     # Open ring, 2 + 2 * 3 px thick at z = 3 levels, all inside the central third.
-    top = (img[T.C - T.RING_OUT:T.C, T.C] == T.OPEN).all(-1)
+    top = (img[T.C - T.RING_OUT : T.C, T.C] == T.OPEN).all(-1)
     assert top[:8].all() and not top[8:].any()
     assert T.RING_OUT < third / 2
     # Moving the gripper one cell right moves the block under it into the left third.
@@ -78,7 +77,7 @@ def test_rendering_is_the_view_from_the_gripper():
     env.step(np.array([0, 0, 0, 0, 0, 0, 0.0]))
     img = env.observation()["image"]
     assert env.held == 0 and (img[T.C, T.C] == T.COLORS[env.colors[0]]).all()
-    top = (img[T.C - T.RING_OUT:T.C, T.C] == T.CLOSED).all(-1)
+    top = (img[T.C - T.RING_OUT : T.C, T.C] == T.CLOSED).all(-1)
     assert top[:2].all() and not top[2:].any()
     assert (img[0, 0] == T.FLOOR).all() and (img == T.TABLE).all(-1).sum() > 1000
 

@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
-
 from rlds_fixtures import train_tiny_sentencepiece
+
 from openvla_jax.tokenizer.actions import ActionTokenizer
-from openvla_jax.tokenizer.prompt import (IGNORE_INDEX, inference_prompt_ids, prompt_prefix_ids,
-                                          training_example)
+from openvla_jax.tokenizer.prompt import IGNORE_INDEX, inference_prompt_ids, prompt_prefix_ids, training_example
 from openvla_jax.tokenizer.text import TextTokenizer
 
 

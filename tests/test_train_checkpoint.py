@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from openvla_jax.train.checkpoint import MANIFEST, CheckpointError, TrainCheckpointer
 
@@ -64,8 +64,11 @@ def test_sharded_round_trip_into_requested_shardings(mesh, tmp_path):
         ckpt.wait()
         assert ckpt.latest_step() == 5
         # Restore into shardings other than the saved ones: each leaf lands as requested.
-        want = {"w": NamedSharding(mesh, P(None, "fsdp")), "emb": NamedSharding(mesh, P("fsdp", None)),
-                "b": {"bias": NamedSharding(mesh, P("data"))}}
+        want = {
+            "w": NamedSharding(mesh, P(None, "fsdp")),
+            "emb": NamedSharding(mesh, P("fsdp", None)),
+            "b": {"bias": NamedSharding(mesh, P("data"))},
+        }
         abs_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, want)
         repl = NamedSharding(mesh, P())
         abs_opt = abstract(opt, lambda x: repl)
@@ -127,8 +130,9 @@ def _corrupt_setup(mesh, tmp_path):
     with TrainCheckpointer(tmp_path, save_every=1, keep_last=5) as ckpt:
         ckpt.save(1, params, opt, {})
         ckpt.save(2, *state(mesh, seed=1), {})
-    abs_args = dict(abstract_params=abstract(params, lambda x: x.sharding),
-                    abstract_opt_state=abstract(opt, lambda x: x.sharding))
+    abs_args = dict(
+        abstract_params=abstract(params, lambda x: x.sharding), abstract_opt_state=abstract(opt, lambda x: x.sharding)
+    )
     return TrainCheckpointer(tmp_path, save_every=1, keep_last=5), abs_args
 
 
@@ -230,8 +234,9 @@ def test_crash_before_finalization_resumes_previous_step(tmp_path):
     `<step>.orbax-checkpoint-tmp`, never listed as a step; the previous step is resumed."""
     script = tmp_path / "crash.py"
     script.write_text(CRASH)
-    r = subprocess.run([sys.executable, str(script), str(tmp_path / "w")], env=_env(),
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "w")], env=_env(), capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 17, r.stderr[-2000:]
     names = sorted(os.listdir(tmp_path / "w" / "checkpoints"))
     assert "1" in names and "2" not in names and "2.orbax-checkpoint-tmp" in names, names
@@ -279,19 +284,29 @@ print("done", flush=True)
 
 
 def _losses(out):
-    return {int(l.split()[1]): float(l.split()[2]) for l in out.splitlines() if l.startswith("loss")}
+    return {int(line.split()[1]): float(line.split()[2]) for line in out.splitlines() if line.startswith("loss")}
 
 
 def test_sigterm_saves_current_step_and_resume_continues(tmp_path):
     script = tmp_path / "toy.py"
     script.write_text(TOY_LOOP)
-    full = subprocess.run([sys.executable, str(script), str(tmp_path / "full"), "20"], env=_env(),
-                          capture_output=True, text=True, timeout=120)
+    full = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "full"), "20"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert full.returncode == 0 and "done" in full.stdout, full.stderr[-2000:]
     want = _losses(full.stdout)
 
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run"), "20"], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "run"), "20"],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -305,8 +320,13 @@ def test_sigterm_saves_current_step_and_resume_continues(tmp_path):
     ckpt = TrainCheckpointer(tmp_path / "run", save_every=4, keep_last=2)
     assert ckpt.latest_step() == k and ckpt.restore_meta()["reason"] == "preempted"
 
-    resumed = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), "20"], env=_env(),
-                             capture_output=True, text=True, timeout=120)
+    resumed = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run"), "20"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed {k}" in resumed.stdout
     got = {**_losses(out), **_losses(resumed.stdout)}
@@ -384,8 +404,16 @@ def test_two_hosts_stop_at_the_same_step_when_one_is_signalled(tmp_path, mesh):
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in _env().items() if not k.startswith(("JAX_", "XLA_"))}
-    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(tmp_path / "w")], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), str(port), str(tmp_path / "w")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     head = []
     for line in procs[1].stdout:
         head.append(line)

@@ -22,8 +22,12 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-                TF_CPP_MIN_LOG_LEVEL="3")
+    return dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="3",
+    )
 
 
 def _rows(stdout: str) -> list[dict]:
@@ -32,8 +36,16 @@ def _rows(stdout: str) -> list[dict]:
 
 def test_two_processes_train_like_one():
     coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, str(RUNNER), "2", str(i), coordinator, str(STEPS)], env=_env(1),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(RUNNER), "2", str(i), coordinator, str(STEPS)],
+            env=_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         outs = [p.communicate(timeout=300) for p in procs]
     finally:
@@ -42,8 +54,16 @@ def test_two_processes_train_like_one():
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     multi = _rows(outs[0][0])
-    single = _rows(subprocess.run([sys.executable, str(RUNNER), "1", "0", "-", str(STEPS)], env=_env(2),
-                                  capture_output=True, text=True, timeout=300, check=True).stdout)
+    single = _rows(
+        subprocess.run(
+            [sys.executable, str(RUNNER), "1", "0", "-", str(STEPS)],
+            env=_env(2),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        ).stdout
+    )
     assert [r["processes"] for r in multi] == [2] * STEPS and [r["processes"] for r in single] == [1] * STEPS
     assert multi[0]["devices"] == single[0]["devices"] == 2
     for a, b in zip(multi, single):

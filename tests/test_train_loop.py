@@ -26,10 +26,20 @@ def data_dir(tmp_path_factory):
 
 
 def run(data_dir, workdir, steps=STEPS, *extra, expect_rc=0, init_from=""):
-    env = dict(os.environ, INIT_FROM=str(init_from), XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, str(RUNNER), str(data_dir), str(workdir), str(steps), *map(str, extra)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    env = dict(
+        os.environ,
+        INIT_FROM=str(init_from),
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="3",
+    )
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), str(data_dir), str(workdir), str(steps), *map(str, extra)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == expect_rc, proc.stderr[-3000:]
     return proc
 
@@ -49,7 +59,7 @@ def uninterrupted(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("runs") / "full"
     proc = run(data_dir, workdir)
     assert "SUMMARY" in proc.stdout
-    offline = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if "offline/" in l]
+    offline = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if "offline/" in line]
     assert len(offline) == 1 and offline[0]["step"] == STEPS  # evaluate/offline.py ran from the loop
     assert offline[0]["offline/frames"] == 16 and 0 <= offline[0]["offline/action_accuracy"] <= 1
     return workdir, losses(workdir)
@@ -85,8 +95,9 @@ def test_damaged_checkpoint_fails_to_resume_instead_of_starting_over(data_dir, u
     full_dir, _ = uninterrupted
     workdir = tmp_path / "damaged"
     shutil.copytree(full_dir, workdir)
-    biggest = max((p for p in (workdir / "checkpoints" / str(STEPS)).rglob("*") if p.is_file()),
-                  key=lambda p: p.stat().st_size)
+    biggest = max(
+        (p for p in (workdir / "checkpoints" / str(STEPS)).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+    )
     biggest.write_bytes(biggest.read_bytes()[:-100])
     proc = run(data_dir, workdir, STEPS + 2, expect_rc=1)
     assert "CheckpointError" in proc.stderr and biggest.name in proc.stderr
@@ -129,8 +140,9 @@ def _majority_accuracy(data_dir) -> float:
     from openvla_jax.train.loop import data_config
 
     config = small_config(str(data_dir), 1)
-    pipeline = RLDSPipeline(data_config(config, train=True), TextTokenizer(str(data_dir)),
-                            ActionTokenizer.for_model(config.model))
+    pipeline = RLDSPipeline(
+        data_config(config, train=True), TextTokenizer(str(data_dir)), ActionTokenizer.for_model(config.model)
+    )
     rows = []
     for i, batch in enumerate(pipeline):
         if i >= 12:
@@ -142,10 +154,10 @@ def _majority_accuracy(data_dir) -> float:
 
 def test_demo_model_learns_above_the_majority_baseline(data_dir, tmp_path):
     """A fixed small budget (150 steps of 8) on the demo data: the action-token accuracy of the last
-    logged steps must clear the majority-class baseline (0.74 here: three of the seven dimensions are
-constant; chance is 1/256), and the loss must fall by 10x. A model that stops learning fails both."""
+        logged steps must clear the majority-class baseline (0.74 here: three of the seven dimensions are
+    constant; chance is 1/256), and the loss must fall by 10x. A model that stops learning fails both."""
     run(data_dir, tmp_path / "learn", 150, "--learn", 1)
-    rows = [json.loads(l) for l in (tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "train/loss" in r]
     acc = np.mean([r["train/action_accuracy"] for r in rows[-3:]])
     loss0, loss1 = rows[0]["train/loss"], np.mean([r["train/loss"] for r in rows[-3:]])
@@ -160,7 +172,7 @@ def test_chunked_continuous_variant_learns_the_demo_task(data_dir, tmp_path):
     same loop, same budget: its L1 on the normalised action chunks must fall well below where it
     starts and below a fixed threshold (measured 0.50 -> 0.16 on a loaded machine)."""
     run(data_dir, tmp_path / "oft", 150, "--learn", 1, "--oft", 1)
-    rows = [json.loads(l) for l in (tmp_path / "oft" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "oft" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "train/l1" in r]
     l1_0, l1_1 = rows[0]["train/l1"], np.mean([r["train/l1"] for r in rows[-3:]])
     print(f"chunk L1 {l1_0:.3f} -> {l1_1:.3f}")

@@ -10,10 +10,10 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from helpers import torch
 from jax.sharding import PartitionSpec as P
 
 from configs import model as model_configs
-from helpers import torch
 from openvla_jax.models import vla
 from openvla_jax.parallel import global_batch
 from openvla_jax.parallel import mesh as M
@@ -47,10 +47,10 @@ def make_labels(b, t, rng):
     labels = np.full((b, t), -100, np.int32)
     for i, n in enumerate(lengths):
         ids[i, 0] = 1
-        ids[i, 1:n - 8] = rng.integers(3, 31000, n - 9)
-        ids[i, n - 8:n - 1] = rng.integers(TOK.first_id, TOK.vocab_size, 7)
+        ids[i, 1 : n - 8] = rng.integers(3, 31000, n - 9)
+        ids[i, n - 8 : n - 1] = rng.integers(TOK.first_id, TOK.vocab_size, 7)
         ids[i, n - 1] = 2
-        labels[i, n - 8:n] = ids[i, n - 8:n]
+        labels[i, n - 8 : n] = ids[i, n - 8 : n]
     mask = np.arange(t)[None] < lengths[:, None]
     return ids, labels, mask
 
@@ -58,9 +58,13 @@ def make_labels(b, t, rng):
 def make_batch(b=8, t=14, seed=0):
     rng = np.random.default_rng(seed)
     ids, labels, mask = make_labels(b, t, rng)
-    return dict(pixel_values=rng.normal(size=(b, 28, 28, 6)).astype(np.float32), input_ids=ids,
-                attention_mask=mask, labels=labels,
-                dataset_name=np.array([f"ds{i}" for i in rng.integers(0, NUM_DATASETS, b)]))
+    return dict(
+        pixel_values=rng.normal(size=(b, 28, 28, 6)).astype(np.float32),
+        input_ids=ids,
+        attention_mask=mask,
+        labels=labels,
+        dataset_name=np.array([f"ds{i}" for i in rng.integers(0, NUM_DATASETS, b)]),
+    )
 
 
 NAMES = [f"ds{i}" for i in range(NUM_DATASETS)]
@@ -83,27 +87,43 @@ def opt_config(**kw):
 
 def run_step(mesh_shape, params, batch, accumulate_steps=1, freeze=(), module=MODULE, supervised_tokens=None):
     """-> (metrics, new state) of one step from `params` on a mesh (data, fsdp, tensor)."""
-    mesh = M.single_device_mesh() if mesh_shape is None else M.make_mesh(
-        ml_collections.ConfigDict(dict(zip(M.AXES, mesh_shape))))
+    mesh = (
+        M.single_device_mesh()
+        if mesh_shape is None
+        else M.make_mesh(ml_collections.ConfigDict(dict(zip(M.AXES, mesh_shape))))
+    )
     ocfg = opt_config(freeze=tuple(freeze))
     tx, schedule = O.make_optimizer(ocfg, ST.abstract_params(module))
-    state = ST.init_train_state(module, CFG, tx, mesh, None, jax.random.key(0), params=params,
-                                compiler_options=ST.FAST_COMPILE)
-    step = ST.make_train_step(module, tx, schedule, mesh, num_datasets=NUM_DATASETS,
-                              accumulate_steps=accumulate_steps, freeze=freeze, compiler_options=ST.FAST_COMPILE,
-                              supervised_tokens=supervised_tokens)
+    state = ST.init_train_state(
+        module, CFG, tx, mesh, None, jax.random.key(0), params=params, compiler_options=ST.FAST_COMPILE
+    )
+    step = ST.make_train_step(
+        module,
+        tx,
+        schedule,
+        mesh,
+        num_datasets=NUM_DATASETS,
+        accumulate_steps=accumulate_steps,
+        freeze=freeze,
+        compiler_options=ST.FAST_COMPILE,
+        supervised_tokens=supervised_tokens,
+    )
     new, metrics = step(state, global_batch(batch, mesh, NAMES))
     return jax.tree.map(np.asarray, metrics), new, step, mesh
 
 
 # --- loss and metrics vs the original formulas ------------------------------------------------------
 
+
 def reference_metrics(logits, labels, p):
     """PyTorch CE with ignore_index on multimodal labels (HF), NumPy accuracy / L1 (Prismatic loop)."""
     t = torch()
     mm = np.concatenate([labels[:, :1], np.full((labels.shape[0], p), -100), labels[:, 1:]], axis=1)
-    ce = t.nn.functional.cross_entropy(t.tensor(logits[:, :-1]).reshape(-1, logits.shape[-1]),
-                                       t.tensor(mm[:, 1:]).reshape(-1).long(), ignore_index=-100)
+    ce = t.nn.functional.cross_entropy(
+        t.tensor(logits[:, :-1]).reshape(-1, logits.shape[-1]),
+        t.tensor(mm[:, 1:]).reshape(-1).long(),
+        ignore_index=-100,
+    )
     preds = logits[:, p:-1].argmax(-1)
     gt = labels[:, 1:]
     mask = gt > 31743
@@ -125,7 +145,8 @@ def test_loss_accuracy_l1_match_reference_and_per_dataset_filtering():
             logits[i, p + j, 500] += 30.0
     ds = np.array([0, 2, 0, 1, 2, 0], np.int32)
     loss_sum, sums = jax.jit(lambda lg, lb, d: L.loss_and_sums(lg, lb, p, dataset_index=d, num_datasets=3))(
-        logits, labels, ds)
+        logits, labels, ds
+    )
     m = jax.tree.map(np.asarray, L.summarize(sums))
     ce, acc, l1 = reference_metrics(logits, labels, p)
     assert 0.2 < acc < 0.9  # the test data exercises both outcomes
@@ -153,6 +174,7 @@ def test_absent_dataset_is_nan_not_zero():
 
 # --- optimizer -------------------------------------------------------------------------------------
 
+
 def test_recipe_defaults_and_schedules():
     cfg = O.default_optimizer_config()
     assert (cfg.lr, cfg.schedule, cfg.weight_decay, cfg.grad_clip) == (2e-5, "constant", 0.0, 1.0)
@@ -171,9 +193,13 @@ def test_adamw_clip_decay_mask_match_torch():
     (decay: >= 2 dims and not bias) + clip_grad_norm_(1.0); gradients large enough to be clipped."""
     t = torch()
     rng = np.random.default_rng(0)
-    params = {"dense": {"kernel": rng.normal(size=(3, 4)).astype(np.float32),
-                        "bias": rng.normal(size=(4,)).astype(np.float32)},
-              "norm": {"scale": rng.normal(size=(4,)).astype(np.float32)}}
+    params = {
+        "dense": {
+            "kernel": rng.normal(size=(3, 4)).astype(np.float32),
+            "bias": rng.normal(size=(4,)).astype(np.float32),
+        },
+        "norm": {"scale": rng.normal(size=(4,)).astype(np.float32)},
+    }
     grads = [jax.tree.map(lambda x: (5 * rng.normal(size=x.shape)).astype(np.float32), params) for _ in range(3)]
     cfg = opt_config(weight_decay=0.01, eps=1e-8)
     tx, _ = O.make_optimizer(cfg, params)
@@ -182,10 +208,13 @@ def test_adamw_clip_decay_mask_match_torch():
         upd, state = tx.update(g, state, p)
         p = optax.apply_updates(p, upd)
 
-    tp = {k: t.nn.Parameter(t.tensor(v)) for k, v in
-          {"k": params["dense"]["kernel"], "b": params["dense"]["bias"], "s": params["norm"]["scale"]}.items()}
-    opt = t.optim.AdamW([{"params": [tp["k"]], "weight_decay": 0.01},
-                         {"params": [tp["b"], tp["s"]], "weight_decay": 0.0}], lr=1e-3)
+    tp = {
+        k: t.nn.Parameter(t.tensor(v))
+        for k, v in {"k": params["dense"]["kernel"], "b": params["dense"]["bias"], "s": params["norm"]["scale"]}.items()
+    }
+    opt = t.optim.AdamW(
+        [{"params": [tp["k"]], "weight_decay": 0.01}, {"params": [tp["b"], tp["s"]], "weight_decay": 0.0}], lr=1e-3
+    )
     norms = []
     for g in grads:
         for key, val in (("k", g["dense"]["kernel"]), ("b", g["dense"]["bias"]), ("s", g["norm"]["scale"])):
@@ -202,33 +231,45 @@ def test_adamw_clip_decay_mask_match_torch():
 
 
 def test_decay_mask_on_the_vla():
-    flat = dict(zip(jax.tree.leaves(O.param_paths(ST.abstract_params(MODULE))),
-                    jax.tree.leaves(O.decay_mask(ST.abstract_params(MODULE)))))
+    flat = dict(
+        zip(
+            jax.tree.leaves(O.param_paths(ST.abstract_params(MODULE))),
+            jax.tree.leaves(O.decay_mask(ST.abstract_params(MODULE))),
+        )
+    )
     assert flat["language_model/layers_0/self_attn/q_proj/kernel"]
     assert flat["vision_backbone/featurizer/pos_embed"] and flat["vision_backbone/featurizer/cls_token"]
     assert not flat["language_model/norm/scale"]
     assert not flat["vision_backbone/featurizer/blocks_0/attn/qkv/bias"]  # [3, H, Dh] but a bias
     assert not flat["vision_backbone/featurizer/blocks_0/ls1/scale_factor"]
     scanned = vla.from_config(CFG, scan_layers=True)
-    flat = dict(zip(jax.tree.leaves(O.param_paths(ST.abstract_params(scanned))),
-                    jax.tree.leaves(nn.meta.unbox(O.decay_mask(nn.meta.unbox(ST.abstract_params(scanned)))))))
+    flat = dict(
+        zip(
+            jax.tree.leaves(O.param_paths(ST.abstract_params(scanned))),
+            jax.tree.leaves(nn.meta.unbox(O.decay_mask(nn.meta.unbox(ST.abstract_params(scanned))))),
+        )
+    )
     assert not flat["language_model/layers/input_layernorm/scale"]  # [L, D]: 1-D per layer
     assert flat["language_model/layers/mlp/up_proj/kernel"]
 
 
 # --- the sharded step ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def reference():
     params, batch = numpy_params(), make_batch()
     metrics, state, step, mesh = run_step(None, params, batch)
-    return dict(params=params, batch=batch, metrics=metrics, new=jax.tree.map(np.asarray, state.params),
-                step=step, mesh=mesh)
+    return dict(
+        params=params, batch=batch, metrics=metrics, new=jax.tree.map(np.asarray, state.params), step=step, mesh=mesh
+    )
 
 
 def _max_rel(a, b):
-    return max(float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-12)) for x, y in
-               zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-12))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)], ids=lambda s: "x".join(map(str, s)))
@@ -275,8 +316,9 @@ def test_nan_guard_keeps_state(reference):
     params = jax.tree.map(np.copy, reference["params"])
     params["language_model"]["lm_head"]["kernel"][0, 0] = np.nan
     tx, _ = O.make_optimizer(opt_config(), params)
-    state = ST.init_train_state(MODULE, CFG, tx, reference["mesh"], None, jax.random.key(0), params=params,
-                                compiler_options=ST.FAST_COMPILE)
+    state = ST.init_train_state(
+        MODULE, CFG, tx, reference["mesh"], None, jax.random.key(0), params=params, compiler_options=ST.FAST_COMPILE
+    )
     before = jax.tree.map(np.asarray, state)
     new, metrics = reference["step"](state, global_batch(reference["batch"], reference["mesh"], NAMES))
     assert not bool(metrics["finite"]) and np.isnan(float(metrics["loss"]))

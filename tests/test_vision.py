@@ -5,14 +5,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import max_abs, torch
+from vision_refs import DINO, SIGLIP, TINY, hf_state, second_to_last, timm_tower
 
 from configs import model as model_configs
-from helpers import max_abs, torch
 from openvla_jax.convert.mapping import hf_to_flax
 from openvla_jax.convert.vision import vision_specs
 from openvla_jax.models import projector as projector_lib
 from openvla_jax.models import vision
-from vision_refs import DINO, SIGLIP, TINY, hf_state, second_to_last, timm_tower
 
 
 def torch_fused_reference(dino, siglip, pixel_values_nchw):
@@ -27,8 +27,13 @@ def torch_projector(arch, vision_dim, llm_dim, seed=0):
     t.manual_seed(seed)
     nn = t.nn
     if arch == "fused-gelu-mlp":
-        layers = [nn.Linear(vision_dim, 4 * vision_dim), nn.GELU(), nn.Linear(4 * vision_dim, llm_dim), nn.GELU(),
-                  nn.Linear(llm_dim, llm_dim)]
+        layers = [
+            nn.Linear(vision_dim, 4 * vision_dim),
+            nn.GELU(),
+            nn.Linear(4 * vision_dim, llm_dim),
+            nn.GELU(),
+            nn.Linear(llm_dim, llm_dim),
+        ]
     else:
         layers = [nn.Linear(vision_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim)]
     seq = nn.Sequential(*layers).eval()
@@ -45,8 +50,11 @@ def reference():
     dino, siglip = timm_tower(DINO, 10), timm_tower(SIGLIP, 11)
     vision_dim = DINO.embed_dim + SIGLIP.embed_dim
     proj, proj_state = torch_projector("fused-gelu-mlp", vision_dim, TINY.llm.hidden_size)
-    state = {**hf_state(dino, "vision_backbone.featurizer."), **hf_state(siglip, "vision_backbone.fused_featurizer."),
-             **proj_state}
+    state = {
+        **hf_state(dino, "vision_backbone.featurizer."),
+        **hf_state(siglip, "vision_backbone.fused_featurizer."),
+        **proj_state,
+    }
     return dino, siglip, proj, state
 
 
@@ -85,11 +93,14 @@ def test_single_backbone_gelu_mlp_projector(reference):
     config.projector.arch = "gelu-mlp"
     backbone = vision.from_config(config, dtype=jnp.float32)
     proj, proj_state = torch_projector("gelu-mlp", DINO.embed_dim, config.llm.hidden_size, seed=1)
-    params = hf_to_flax(vision_specs(config, scanned=False), {**hf_state(dino, "vision_backbone.featurizer."), **proj_state})
+    params = hf_to_flax(
+        vision_specs(config, scanned=False), {**hf_state(dino, "vision_backbone.featurizer."), **proj_state}
+    )
     x = np.random.default_rng(1).standard_normal((1, 224, 224, 3)).astype(np.float32)
     feats = backbone.apply({"params": params["vision_backbone"]}, x)
     out = projector_lib.from_config(config, backbone.embed_dim, dtype=jnp.float32).apply(
-        {"params": params["projector"]}, feats)
+        {"params": params["projector"]}, feats
+    )
     with t.no_grad():
         ref = proj(second_to_last(dino, t.tensor(x).permute(0, 3, 1, 2))).numpy()
     assert max_abs(out, ref) < 1e-4

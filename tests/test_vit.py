@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-
 from helpers import max_abs, timm, torch
-from openvla_jax.models import vit
 from vision_refs import DINO, DINO_NOREG, SIGLIP, flax_params, images, second_to_last, timm_tower, tower_config
+
+from openvla_jax.models import vit
 
 TOWERS = {"dino": (DINO, 0), "siglip": (SIGLIP, 1), "dino_noreg": (DINO_NOREG, 2)}
 
@@ -29,7 +29,8 @@ def test_second_to_last_block_matches_timm(towers, name, scanned):
     x = images(2)
     module = vit.ViT(tower_config(tower), scan_layers=scanned)
     got = jax.jit(lambda p, x: module.apply({"params": p}, x, method=vit.ViT.features))(
-        flax_params(model, tower, scanned), x)
+        flax_params(model, tower, scanned), x
+    )
     ref = second_to_last(model, nchw(x)).numpy()
     assert got.shape == ref.shape == (2, 256, tower.embed_dim)
     assert max_abs(got, ref) < 1e-4
@@ -85,21 +86,30 @@ def test_featurizer_skips_the_last_block(towers, scanned):
     assert _count_dots(full) - _count_dots(feats) == per_block
     assert _count_dots(feats) == per_block * (tower.depth - 1)  # the patch embedding is a conv, not a dot
 
-@pytest.mark.parametrize("model_id,expected", [
-    ("vit_large_patch14_reg4_dinov2.lvd142m", 303_230_976),
-    ("vit_so400m_patch14_siglip_224", 427_680_704),
-])
+
+@pytest.mark.parametrize(
+    "model_id,expected",
+    [
+        ("vit_large_patch14_reg4_dinov2.lvd142m", 303_230_976),
+        ("vit_so400m_patch14_siglip_224", 427_680_704),
+    ],
+)
 def test_full_size_parameter_counts(model_id, expected):
     module = vit.ViT(vit.vit_config(model_id))
     shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
     assert vit.count_params(shapes["params"]) == expected
 
 
-@pytest.mark.parametrize("model_id,img", [
-    ("vit_large_patch14_reg4_dinov2.lvd142m", 224), ("vit_large_patch14_dinov2.lvd142m", 224),
-    ("vit_so400m_patch14_siglip_224", 224), ("vit_so400m_patch14_siglip_384", 384),
-    ("vit_base_patch16_siglip_224", 224),
-])
+@pytest.mark.parametrize(
+    "model_id,img",
+    [
+        ("vit_large_patch14_reg4_dinov2.lvd142m", 224),
+        ("vit_large_patch14_dinov2.lvd142m", 224),
+        ("vit_so400m_patch14_siglip_224", 224),
+        ("vit_so400m_patch14_siglip_384", 384),
+        ("vit_base_patch16_siglip_224", 224),
+    ],
+)
 def test_registry_matches_timm_architectures(model_id, img):
     """Every registered id: same tensor names and shapes as timm's model (built on the meta device)."""
     t = torch()

@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import max_abs, torch
+from vla_refs import build_torch_vla, inputs, torch_greedy, torch_logits, valid_positions, write_hf_dir
 
 from configs import model as model_configs
-from helpers import max_abs, torch
 from openvla_jax.convert.hf import load_hf, save_hf
 from openvla_jax.models import vla
 from openvla_jax.models.vision import to_nhwc
-from vla_refs import build_torch_vla, inputs, torch_greedy, torch_logits, valid_positions, write_hf_dir
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,16 @@ def ref(tmp_path_factory):
     hf_dir = tmp_path_factory.mktemp("hf_fp32")
     write_hf_dir(model, hf_dir)
     pv, ids, mask, lengths = inputs()
-    return dict(model=model, hf_dir=hf_dir, pv=pv, ids=ids, mask=mask, lengths=lengths,
-                logits=torch_logits(model, pv, ids, mask), greedy=torch_greedy(model, pv, ids, lengths))
+    return dict(
+        model=model,
+        hf_dir=hf_dir,
+        pv=pv,
+        ids=ids,
+        mask=mask,
+        lengths=lengths,
+        logits=torch_logits(model, pv, ids, mask),
+        greedy=torch_greedy(model, pv, ids, lengths),
+    )
 
 
 def jax_logits(cfg, params, pv, ids, mask):
@@ -82,6 +90,7 @@ def test_bf16_sharded_checkpoint(ref, tmp_path):
 def test_7b_parameter_count():
     config = model_configs.get_config("7b")
     module = vla.from_config(config, scan_layers=True)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 224, 224, 6)),
-                                                jnp.ones((1, 4), jnp.int32)))["params"]
+    shapes = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), jnp.zeros((1, 224, 224, 6)), jnp.ones((1, 4), jnp.int32))
+    )["params"]
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == 7_541_237_184

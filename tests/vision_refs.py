@@ -1,9 +1,9 @@
 """PyTorch references for the vision tests: tiny random timm towers and Prismatic's fused backbone."""
 
 import numpy as np
+from helpers import torch
 
 from configs import model as model_configs
-from helpers import torch
 from openvla_jax.convert.mapping import hf_to_flax
 from openvla_jax.convert.vision import vit_specs
 from openvla_jax.models import vit
@@ -23,7 +23,9 @@ def timm_tower(tower, seed: int, img_size: int = 224, **kw):
 
 def hf_state(model, prefix: str = "") -> dict:
     """timm state dict as numpy with HF names (`gamma` -> `scale_factor`)."""
-    return {prefix + k.replace(".gamma", ".scale_factor"): v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    return {
+        prefix + k.replace(".gamma", ".scale_factor"): v.detach().numpy().copy() for k, v in model.state_dict().items()
+    }
 
 
 def tower_config(tower, img_size: int = 224) -> vit.ViTConfig:

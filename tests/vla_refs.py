@@ -7,19 +7,27 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from helpers import torch
+from vision_refs import TINY
+
 from openvla_jax.convert.hf_config import hf_config_from_model_config
 from openvla_jax.testing import torch_reference
 from openvla_jax.testing.torch_reference import hf_state_dict
-from vision_refs import TINY
 
 NORM_STATS = {
     "bridge_orig": {
-        "action": {"mean": [0.1] * 7, "std": [0.5] * 7, "max": [1.0] * 7, "min": [-1.0] * 7,
-                   "q01": [-0.9] * 7, "q99": [0.9] * 6 + [1.0], "mask": [True] * 6 + [False]},
+        "action": {
+            "mean": [0.1] * 7,
+            "std": [0.5] * 7,
+            "max": [1.0] * 7,
+            "min": [-1.0] * 7,
+            "q01": [-0.9] * 7,
+            "q99": [0.9] * 6 + [1.0],
+            "mask": [True] * 6 + [False],
+        },
         "proprio": {k: [0.0] * 7 for k in ("mean", "std", "max", "min", "q01", "q99")},
-        "num_transitions": 100, "num_trajectories": 3,
+        "num_transitions": 100,
+        "num_trajectories": 3,
     }
 }
 

@@ -39,8 +39,15 @@ MARKER = "COMPLETE"
 CHUNK_BYTES = 256 * 2**20
 
 
-def save_converted(out_dir, model_config: ml_collections.ConfigDict, params, norm_stats: Optional[dict] = None,
-                   tokenizer_dir=None, hf_config: Optional[dict] = None, chunk_bytes: int = CHUNK_BYTES) -> Path:
+def save_converted(
+    out_dir,
+    model_config: ml_collections.ConfigDict,
+    params,
+    norm_stats: Optional[dict] = None,
+    tokenizer_dir=None,
+    hf_config: Optional[dict] = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> Path:
     """Write params (orbax) + model_config.json + dataset_statistics.json + tokenizer files, atomically.
 
     `params`: the nested params tree (NumPy or jax arrays, boxed or not). `hf_config`: the source
@@ -53,10 +60,15 @@ def save_converted(out_dir, model_config: ml_collections.ConfigDict, params, nor
     return save_converted_stream(out_dir, model_config, leaves, norm_stats, tokenizer_dir, hf_config, chunk_bytes)
 
 
-def save_converted_stream(out_dir, model_config: ml_collections.ConfigDict,
-                          leaves: Iterable[tuple[tuple[str, ...], np.ndarray]], norm_stats: Optional[dict] = None,
-                          tokenizer_dir=None, hf_config: Optional[dict] = None,
-                          chunk_bytes: int = CHUNK_BYTES) -> Path:
+def save_converted_stream(
+    out_dir,
+    model_config: ml_collections.ConfigDict,
+    leaves: Iterable[tuple[tuple[str, ...], np.ndarray]],
+    norm_stats: Optional[dict] = None,
+    tokenizer_dir=None,
+    hf_config: Optional[dict] = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> Path:
     """`save_converted` from an iterator of `(flax path, array)`: arrays are handed to orbax in
     chunks of at most `chunk_bytes` (one array larger than that is a chunk alone) and dropped, so
     the whole tree is never in memory. The caller checks the leaves against the model's specs."""
@@ -102,8 +114,9 @@ def params_tree_dir(params_dir: Path) -> Path:
     """The orbax PyTree directory inside `params/` (the one subdirectory holding `_METADATA`)."""
     found = sorted(p for p in Path(params_dir).iterdir() if (p / "_METADATA").exists())
     if len(found) != 1:
-        raise FileNotFoundError(f"{params_dir}: expected one orbax PyTree directory (with _METADATA), "
-                                f"found {[p.name for p in found]}")
+        raise FileNotFoundError(
+            f"{params_dir}: expected one orbax PyTree directory (with _METADATA), found {[p.name for p in found]}"
+        )
     return found[0]
 
 
@@ -116,8 +129,10 @@ def load_converted(path):
     extras: norm_stats, hf_config (descriptive config.json fields), tokenizer_files."""
     path = Path(path)
     if not (path / MARKER).exists():
-        raise FileNotFoundError(f"{path} is not a complete converted checkpoint (no {MARKER} marker); "
-                                "expected the output of `scripts/convert.py to-jax`")
+        raise FileNotFoundError(
+            f"{path} is not a complete converted checkpoint (no {MARKER} marker); "
+            "expected the output of `scripts/convert.py to-jax`"
+        )
     model_config = ml_collections.ConfigDict(json.loads((path / "model_config.json").read_text()))
     params = ocp.PyTreeCheckpointer().restore(str(params_tree_dir(path / "params").absolute()))
     stats = path / "dataset_statistics.json"
@@ -137,8 +152,9 @@ def convert_to_jax(hf_dir, out_dir, scanned: bool = False, chunk_bytes: int = CH
 
     model_config, leaves, extras = open_hf(hf_dir, scanned=scanned)
     tok = Path(hf_dir) if extras["tokenizer_files"] else None
-    return save_converted_stream(out_dir, model_config, leaves, extras["norm_stats"], tok, extras["config_json"],
-                                 chunk_bytes)
+    return save_converted_stream(
+        out_dir, model_config, leaves, extras["norm_stats"], tok, extras["config_json"], chunk_bytes
+    )
 
 
 def convert_to_hf(jax_dir, out_dir, dtype: str = "bfloat16", max_shard_size="5GB") -> Path:
@@ -147,5 +163,13 @@ def convert_to_hf(jax_dir, out_dir, dtype: str = "bfloat16", max_shard_size="5GB
 
     model_config, params, extras = load_converted(jax_dir)
     tok = Path(jax_dir) if extras["tokenizer_files"] else None
-    return save_hf(out_dir, model_config, params, extras["norm_stats"], tok, dtype, max_shard_size,
-                   config_extra=extras["hf_config"])
+    return save_hf(
+        out_dir,
+        model_config,
+        params,
+        extras["norm_stats"],
+        tok,
+        dtype,
+        max_shard_size,
+        config_extra=extras["hf_config"],
+    )

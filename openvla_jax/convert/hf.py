@@ -30,19 +30,33 @@ from openvla_jax.convert.mapping import ParamSpec, hf_getter, iter_hf_to_flax, u
 from openvla_jax.convert.vision import prismatic_to_hf, vision_specs
 from openvla_jax.models.llama import LlamaConfig
 
-__all__ = ["model_config_from_hf", "hf_config_from_model_config", "vla_specs", "load_hf", "save_hf",
-           "TOKENIZER_FILES", "parse_size"]
+__all__ = [
+    "model_config_from_hf",
+    "hf_config_from_model_config",
+    "vla_specs",
+    "load_hf",
+    "save_hf",
+    "TOKENIZER_FILES",
+    "parse_size",
+]
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 
 
 def vla_specs(model_config: ml_collections.ConfigDict, scanned: bool) -> list[ParamSpec]:
     """Every tensor of an OpenVLA HF checkpoint: vision backbone + projector, then the Llama under
     `language_model.` (Flax paths under `language_model/`)."""
-    llm = [dataclasses.replace(s, path=("language_model",) + s.path)
-           for s in llama_specs(LlamaConfig.from_dict(model_config.llm), scanned, prefix="language_model.")]
+    llm = [
+        dataclasses.replace(s, path=("language_model",) + s.path)
+        for s in llama_specs(LlamaConfig.from_dict(model_config.llm), scanned, prefix="language_model.")
+    ]
     return vision_specs(model_config, scanned) + llm + oft_specs(model_config)
 
 
@@ -67,11 +81,15 @@ def oft_specs(model_config: ml_collections.ConfigDict) -> list[ParamSpec]:
     for module, name, n_in, n_out in layers:
         key = f"{module}.{name}"
         if n_out is None:
-            specs += [ParamSpec(f"{key}.weight", (module, name, "scale"), (n_in,), (n_in,)),
-                      ParamSpec(f"{key}.bias", (module, name, "bias"), (n_in,), (n_in,))]
+            specs += [
+                ParamSpec(f"{key}.weight", (module, name, "scale"), (n_in,), (n_in,)),
+                ParamSpec(f"{key}.bias", (module, name, "bias"), (n_in,), (n_in,)),
+            ]
         else:
-            specs += [ParamSpec(f"{key}.weight", (module, name, "kernel"), (n_out, n_in), (n_in, n_out), "linear"),
-                      ParamSpec(f"{key}.bias", (module, name, "bias"), (n_out,), (n_out,))]
+            specs += [
+                ParamSpec(f"{key}.weight", (module, name, "kernel"), (n_out, n_in), (n_in, n_out), "linear"),
+                ParamSpec(f"{key}.bias", (module, name, "bias"), (n_out,), (n_out,)),
+            ]
     return specs
 
 
@@ -118,16 +136,26 @@ def open_hf(hf_dir, scanned: bool = False, dtype=None):
     reader = open_state_dict(hf_dir)
     state = reader
     if _is_prismatic(reader):
-        state = _Renamed(reader, prismatic_to_hf({k: k for k in reader},
-                                                 fused=model_config.vision.get("fused_featurizer") is not None))
-    leaves = iter_hf_to_flax(vla_specs(model_config, scanned), state, str(hf_dir), shapes=state.shapes,
-                             dtype=None if dtype is None else np.dtype(dtype))
+        state = _Renamed(
+            reader,
+            prismatic_to_hf({k: k for k in reader}, fused=model_config.vision.get("fused_featurizer") is not None),
+        )
+    leaves = iter_hf_to_flax(
+        vla_specs(model_config, scanned),
+        state,
+        str(hf_dir),
+        shapes=state.shapes,
+        dtype=None if dtype is None else np.dtype(dtype),
+    )
     leaves = _checked_first(leaves)
     norm_stats = config_json.get("norm_stats")
     if norm_stats is None and (hf_dir / "dataset_statistics.json").exists():
         norm_stats = json.loads((hf_dir / "dataset_statistics.json").read_text())
-    extras = dict(norm_stats=norm_stats, config_json=config_json,
-                  tokenizer_files=[str(hf_dir / n) for n in TOKENIZER_FILES if (hf_dir / n).exists()])
+    extras = dict(
+        norm_stats=norm_stats,
+        config_json=config_json,
+        tokenizer_files=[str(hf_dir / n) for n in TOKENIZER_FILES if (hf_dir / n).exists()],
+    )
     return model_config, leaves, extras
 
 
@@ -237,9 +265,16 @@ def commit_dir(tmp: Path, out_dir: Path) -> None:
     os.replace(tmp, out_dir)
 
 
-def save_hf(out_dir, model_config: ml_collections.ConfigDict, params, norm_stats: Optional[dict] = None,
-            tokenizer_dir=None, dtype: str = "bfloat16", max_shard_size="5GB",
-            config_extra: Optional[dict] = None) -> Path:
+def save_hf(
+    out_dir,
+    model_config: ml_collections.ConfigDict,
+    params,
+    norm_stats: Optional[dict] = None,
+    tokenizer_dir=None,
+    dtype: str = "bfloat16",
+    max_shard_size="5GB",
+    config_extra: Optional[dict] = None,
+) -> Path:
     """Write an OpenVLA HF directory the original PyTorch code loads with `AutoModelForVision2Seq`
     (trust_remote_code): sharded safetensors + index, config.json, generation_config.json and the
     tokenizer files of `tokenizer_dir` that exist. One tensor in memory at a time (plus `params`).
@@ -250,8 +285,10 @@ def save_hf(out_dir, model_config: ml_collections.ConfigDict, params, norm_stats
 
     oft = oft_options(model_config)
     if oft:
-        raise ValueError(f"the OpenVLA HF format has no place for the OFT options {oft} (model config); "
-                         "keep this model as a converted (to-jax) checkpoint")
+        raise ValueError(
+            f"the OpenVLA HF format has no place for the OFT options {oft} (model config); "
+            "keep this model as a converted (to-jax) checkpoint"
+        )
     out_dir = Path(out_dir)
     np_dtype = DTYPES[dtype]
     params = nn.meta.unbox(params)

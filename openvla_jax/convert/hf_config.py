@@ -18,9 +18,16 @@ from openvla_jax.models import projector as projector_lib
 
 # transformers' LlamaConfig defaults: what a `text_config` that omits a field means.
 LLAMA_DEFAULTS = dict(
-    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=None, rms_norm_eps=1e-6, rope_theta=10000.0,
-    max_position_embeddings=2048, initializer_range=0.02,
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=None,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    max_position_embeddings=2048,
+    initializer_range=0.02,
 )
 # Fields of the original config.json that describe the released openvla-7b and that our model
 # config does not carry (written back unchanged on export unless the caller overrides them).
@@ -48,8 +55,9 @@ def projector_arch(arch_specifier: str) -> str:
     """`"no-align+fused-gelu-mlp"` -> `"fused-gelu-mlp"`; `"gelu-mlp"` -> `"gelu-mlp"`."""
     arch = arch_specifier.split("+")[-1]
     if arch not in projector_lib.ARCHS:
-        raise ValueError(f"config.json arch_specifier {arch_specifier!r}: projector {arch!r} is not one of "
-                         f"{projector_lib.ARCHS}")
+        raise ValueError(
+            f"config.json arch_specifier {arch_specifier!r}: projector {arch!r} is not one of {projector_lib.ARCHS}"
+        )
     return arch
 
 
@@ -74,8 +82,9 @@ def model_config_from_hf(config_json: dict) -> ml_collections.ConfigDict:
     ids = list(c["timm_model_ids"])
     fused = bool(c.get("use_fused_vision_backbone", len(ids) > 1))
     if len(ids) != (2 if fused else 1):
-        raise ValueError(f"config.json: use_fused_vision_backbone={fused} needs {2 if fused else 1} "
-                         f"timm_model_ids, got {ids}")
+        raise ValueError(
+            f"config.json: use_fused_vision_backbone={fused} needs {2 if fused else 1} timm_model_ids, got {ids}"
+        )
     sizes = list(c.get("image_sizes") or [224] * len(ids))
     if len(set(sizes)) != 1:
         raise ValueError(f"config.json image_sizes {sizes}: towers at different resolutions are not supported")
@@ -85,7 +94,9 @@ def model_config_from_hf(config_json: dict) -> ml_collections.ConfigDict:
         raise ValueError(f"config.json timm_overrides names {unknown}, which are not in timm_model_ids {ids}")
     acts = [a for a in (c.get("timm_override_act_layers") or []) if a is not None]
     if acts:
-        raise ValueError(f"config.json timm_override_act_layers {acts}: only the default (erf GELU) towers are supported")
+        raise ValueError(
+            f"config.json timm_override_act_layers {acts}: only the default (erf GELU) towers are supported"
+        )
 
     text = dict(c.get("text_config") or {})
     if text.get("model_type", "llama") != "llama":
@@ -96,14 +107,20 @@ def model_config_from_hf(config_json: dict) -> ml_collections.ConfigDict:
 
     config = ml_collections.ConfigDict()
     config.variant = "hf"
-    config.llm = ml_collections.ConfigDict({k: (float(v) if isinstance(LLAMA_DEFAULTS[k], float) else int(v))
-                                            for k, v in llm.items()})
+    config.llm = ml_collections.ConfigDict(
+        {k: (float(v) if isinstance(LLAMA_DEFAULTS[k], float) else int(v)) for k, v in llm.items()}
+    )
     config.vision = ml_collections.ConfigDict(
-        dict(image_size=int(sizes[0]), featurizer=_tower(ids[0], overrides),
-             fused_featurizer=_tower(ids[1], overrides) if fused else None),
+        dict(
+            image_size=int(sizes[0]),
+            featurizer=_tower(ids[0], overrides),
+            fused_featurizer=_tower(ids[1], overrides) if fused else None,
+        ),
         type_safe=False,
     )
-    config.projector = ml_collections.ConfigDict(dict(arch=projector_arch(c.get("arch_specifier", "no-align+fused-gelu-mlp"))))
+    config.projector = ml_collections.ConfigDict(
+        dict(arch=projector_arch(c.get("arch_specifier", "no-align+fused-gelu-mlp")))
+    )
     config.n_action_bins = int(c.get("n_action_bins", 256))
     config.pad_token_id = int(c.get("pad_token_id", 32000))
     config.image_resize, config.center_crop = "processor", 0.0  # the HF processor (OpenVLA.predict_action)
@@ -115,8 +132,11 @@ def text_config_from_model_config(model_config, torch_dtype: str) -> dict:
     """`text_config` as the original writes it: model_type, pad id, dtype, and the Llama fields that
     differ from transformers' defaults (openvla-7b: only vocab_size)."""
     llm = model_config.llm
-    out: dict[str, Any] = {"model_type": "llama", "pad_token_id": int(model_config.get("pad_token_id", 32000)),
-                           "torch_dtype": torch_dtype}
+    out: dict[str, Any] = {
+        "model_type": "llama",
+        "pad_token_id": int(model_config.get("pad_token_id", 32000)),
+        "torch_dtype": torch_dtype,
+    }
     for k, default in LLAMA_DEFAULTS.items():
         value = llm.get(k)
         if k == "num_key_value_heads":
@@ -127,8 +147,9 @@ def text_config_from_model_config(model_config, torch_dtype: str) -> dict:
     return dict(sorted(out.items()))
 
 
-def hf_config_from_model_config(model_config, norm_stats: Optional[dict] = None, torch_dtype: str = "bfloat16",
-                                extra: Optional[dict] = None) -> dict:
+def hf_config_from_model_config(
+    model_config, norm_stats: Optional[dict] = None, torch_dtype: str = "bfloat16", extra: Optional[dict] = None
+) -> dict:
     """The `config.json` the original PyTorch code loads (`AutoModelForVision2Seq`, trust_remote_code).
 
     `extra` overrides or adds fields (e.g. the source checkpoint's `vision_backbone_id`)."""

@@ -12,7 +12,7 @@ import os
 import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -58,9 +58,7 @@ def check_state_dict(expected: Mapping[str, Sequence[int]], got: Mapping[str, Se
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
     misshapen = sorted(
-        (k, tuple(expected[k]), tuple(got[k]))
-        for k in set(expected) & set(got)
-        if tuple(expected[k]) != tuple(got[k])
+        (k, tuple(expected[k]), tuple(got[k])) for k in set(expected) & set(got) if tuple(expected[k]) != tuple(got[k])
     )
     if missing or unexpected or misshapen:
         raise StateDictError(source, missing, unexpected, misshapen)
@@ -96,19 +94,23 @@ class SafetensorsReader(Mapping):
         path, begin, end = self._where[key]
         dtype = _NP_DTYPES.get(self.dtypes[key])
         if dtype is None:
-            raise ValueError(f"{path}: tensor {key!r} has safetensors dtype {self.dtypes[key]}, "
-                             f"expected one of {sorted(_NP_DTYPES)}")
+            raise ValueError(
+                f"{path}: tensor {key!r} has safetensors dtype {self.dtypes[key]}, expected one of {sorted(_NP_DTYPES)}"
+            )
         out = np.empty(self.shapes[key], dtype)
         if out.nbytes != end - begin:
-            raise ValueError(f"{path}: tensor {key!r} header says {end - begin} bytes, but shape "
-                             f"{self.shapes[key]} x {dtype} is {out.nbytes}; the file is corrupt")
+            raise ValueError(
+                f"{path}: tensor {key!r} header says {end - begin} bytes, but shape "
+                f"{self.shapes[key]} x {dtype} is {out.nbytes}; the file is corrupt"
+            )
         view = memoryview(out.reshape(-1).view(np.uint8))
         with open(path, "rb") as f:
             f.seek(begin)
             got = f.readinto(view)
         if got != out.nbytes:
-            raise ValueError(f"{path} is truncated: tensor {key!r} needs bytes {begin}..{end}, "
-                             f"file ends after {begin + got}")
+            raise ValueError(
+                f"{path} is truncated: tensor {key!r} needs bytes {begin}..{end}, file ends after {begin + got}"
+            )
         return out
 
     def __iter__(self) -> Iterator[str]:
@@ -205,7 +207,9 @@ def write_safetensors(
         for key, shape, dtype in entries:
             arr = np.asarray(get(key))
             if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
-                raise ValueError(f"tensor {key!r}: announced {tuple(shape)} {np.dtype(dtype)}, got {arr.shape} {arr.dtype}")
+                raise ValueError(
+                    f"tensor {key!r}: announced {tuple(shape)} {np.dtype(dtype)}, got {arr.shape} {arr.dtype}"
+                )
             f.write(np.ascontiguousarray(arr).tobytes())
         f.flush()
         os.fsync(f.fileno())
@@ -216,5 +220,3 @@ def save_state_dict(path: os.PathLike | str, tensors: Mapping[str, np.ndarray], 
     """Write an in-memory state dict to one safetensors file (atomic)."""
     arrays = {k: np.asarray(v) for k, v in tensors.items()}
     write_safetensors(path, [(k, a.shape, a.dtype) for k, a in arrays.items()], arrays.__getitem__, metadata)
-
-

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from openvla_jax.convert.io import StateDictError, check_state_dict
+from openvla_jax.convert.io import check_state_dict
 from openvla_jax.models import kernels
 
 
@@ -46,8 +46,10 @@ def linear_matrix(spec: ParamSpec) -> tuple[int, int]:
     shape = spec.stacked_shape
     k, n = kernels.kernel_layout(spec.path, shape).matrix_shape(shape)[-2:]
     if (n, k) != tuple(spec.hf_shape):
-        raise ValueError(f"{spec.hf_key}: the Flax kernel {spec.path} {spec.flax_shape} contracts {k} inputs to "
-                         f"{n} outputs, but the PyTorch weight is {spec.hf_shape} [out, in]")
+        raise ValueError(
+            f"{spec.hf_key}: the Flax kernel {spec.path} {spec.flax_shape} contracts {k} inputs to "
+            f"{n} outputs, but the PyTorch weight is {spec.hf_shape} [out, in]"
+        )
     return k, n
 
 
@@ -169,7 +171,9 @@ def hf_getter(specs: Sequence[ParamSpec], params: Mapping, source: str = "Flax p
     return get
 
 
-def flax_to_hf(specs: Sequence[ParamSpec], params: Mapping, source: str = "Flax params") -> Iterator[tuple[str, np.ndarray]]:
+def flax_to_hf(
+    specs: Sequence[ParamSpec], params: Mapping, source: str = "Flax params"
+) -> Iterator[tuple[str, np.ndarray]]:
     """Yield `(hf_key, array)` in spec order, one at a time."""
     get = hf_getter(specs, params, source)
     for spec in specs:

@@ -36,7 +36,7 @@ def prismatic_to_hf_key(key: str, fused: bool = True) -> str:
         key = "vision_backbone." + key
     for old, new in PRISMATIC_PREFIXES:
         if key.startswith(old):
-            key = new + key[len(old):]
+            key = new + key[len(old) :]
             break
     for ls in ("ls1", "ls2"):
         key = key.replace(f".{ls}.gamma", f".{ls}.scale_factor")
@@ -88,7 +88,12 @@ def vit_specs(c: ViTConfig, scanned: bool, prefix: str = "", path: tuple = ()) -
     if c.reg_tokens:
         specs.append(spec("reg_token", ("reg_token",), (1, c.reg_tokens, d), (1, c.reg_tokens, d)))
     specs += [
-        spec("pos_embed", ("pos_embed",), (1, c.num_pos_prefix + c.num_patches, d), (1, c.num_pos_prefix + c.num_patches, d)),
+        spec(
+            "pos_embed",
+            ("pos_embed",),
+            (1, c.num_pos_prefix + c.num_patches, d),
+            (1, c.num_pos_prefix + c.num_patches, d),
+        ),
         spec("patch_embed.proj.weight", ("patch_embed", "kernel"), (d, 3, p, p), (p, p, 3, d), "conv"),
         spec("patch_embed.proj.bias", ("patch_embed", "bias"), (d,), (d,)),
     ]
@@ -119,8 +124,9 @@ def vit_specs(c: ViTConfig, scanned: bool, prefix: str = "", path: tuple = ()) -
     return specs
 
 
-def projector_specs(arch: str, vision_dim: int, llm_dim: int, prefix: str = "projector.",
-                    path: tuple = ("projector",)) -> list[ParamSpec]:
+def projector_specs(
+    arch: str, vision_dim: int, llm_dim: int, prefix: str = "projector.", path: tuple = ("projector",)
+) -> list[ParamSpec]:
     specs = []
     for i, (fin, fout) in enumerate(projector_lib.layer_dims(arch, vision_dim, llm_dim)):
         name = f"fc{i + 1}"
@@ -129,16 +135,25 @@ def projector_specs(arch: str, vision_dim: int, llm_dim: int, prefix: str = "pro
     return specs
 
 
-def backbone_specs(featurizer: ViTConfig, fused: ViTConfig | None, scanned: bool,
-                   prefix: str = "vision_backbone.", path: tuple = ("vision_backbone",)) -> list[ParamSpec]:
+def backbone_specs(
+    featurizer: ViTConfig,
+    fused: ViTConfig | None,
+    scanned: bool,
+    prefix: str = "vision_backbone.",
+    path: tuple = ("vision_backbone",),
+) -> list[ParamSpec]:
     specs = vit_specs(featurizer, scanned, prefix + "featurizer.", path + ("featurizer",))
     if fused is not None:
         specs += vit_specs(fused, scanned, prefix + "fused_featurizer.", path + ("fused_featurizer",))
     return specs
 
 
-def vision_specs(model_config: ml_collections.ConfigDict, scanned: bool,
-                 backbone_path: tuple = ("vision_backbone",), projector_path: tuple = ("projector",)) -> list[ParamSpec]:
+def vision_specs(
+    model_config: ml_collections.ConfigDict,
+    scanned: bool,
+    backbone_path: tuple = ("vision_backbone",),
+    projector_path: tuple = ("projector",),
+) -> list[ParamSpec]:
     """Every HF tensor of the vision backbone and projector of a `configs/model.py` config, with the
     Flax paths of a VLA module holding them as submodules `backbone_path` and `projector_path`."""
     backbone = backbone_from_config(model_config)

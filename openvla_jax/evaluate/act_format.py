@@ -56,8 +56,9 @@ def _image(x) -> np.ndarray:
         if img.size and (img.min() < 0 or img.max() > 255):
             raise BadRequest(f"'image' values must lie in 0..255, got {img.min()}..{img.max()}")
     else:
-        raise BadRequest(f"'image' must be an [H][W][3] list of ints or a json-numpy uint8 array, "
-                         f"got {type(x).__name__}")
+        raise BadRequest(
+            f"'image' must be an [H][W][3] list of ints or a json-numpy uint8 array, got {type(x).__name__}"
+        )
     if img.ndim != 3 or img.shape[-1] != 3:
         raise BadRequest(f"'image' must have shape [H, W, 3] (RGB), got shape {list(img.shape)}")
     h, w = img.shape[:2]

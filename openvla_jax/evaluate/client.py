@@ -37,13 +37,17 @@ class ActionClient:
         self._local = threading.local()
 
     # ------------------------------------------------------------------------------------ api
-    def act(self, image, instruction: str, unnorm_key: Optional[str] = None, encoding: str = "json_numpy") -> np.ndarray:
+    def act(
+        self, image, instruction: str, unnorm_key: Optional[str] = None, encoding: str = "json_numpy"
+    ) -> np.ndarray:
         """image uint8 `[H, W, 3]` -> action `[7]` float64. `encoding`: "json_numpy" (the original
         client's form), "list" (plain nested lists) or "encoded" (`{"encoded": <JSON text>}`)."""
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
-        payload = {"image": np.asarray(image) if encoding != "list" else np.asarray(image).tolist(),
-                   "instruction": instruction}
+        payload = {
+            "image": np.asarray(image) if encoding != "list" else np.asarray(image).tolist(),
+            "instruction": instruction,
+        }
         if unnorm_key is not None:
             payload["unnorm_key"] = unnorm_key
         if encoding == "encoded":
@@ -74,7 +78,12 @@ class ActionClient:
                 if resp.getheader("Connection", "").lower() == "close":
                     self._drop()
                 break
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, http.client.CannotSendRequest):
+            except (
+                http.client.RemoteDisconnected,
+                BrokenPipeError,
+                ConnectionResetError,
+                http.client.CannotSendRequest,
+            ):
                 self._drop()
                 if attempt:
                     raise
@@ -99,4 +108,3 @@ class ActionClient:
     def close(self) -> None:
         """Closes this thread's connection (others close when their threads end)."""
         self._drop()
-

@@ -38,13 +38,16 @@ def as_policy_fn(policy, unnorm_key: Optional[str] = tabletop.DATASET_NAME) -> P
     """An `OpenVLA` (anything with `predict_action`) -> a batched policy function; functions pass.
     A model with a proprio token gets the env's state (x, y, z, open) as its proprio."""
     if hasattr(policy, "predict_action"):
+
         def policy_fn(images: np.ndarray, instructions: Sequence[str], proprio=None) -> np.ndarray:
             kw = {"proprio": proprio} if proprio is not None else {}
             return np.asarray(policy.predict_action(images, list(instructions), unnorm_key=unnorm_key, **kw))
+
         return policy_fn
     if not callable(policy):
-        raise TypeError(f"policy must be an OpenVLA or a function (images, instructions) -> actions, "
-                        f"got {type(policy).__name__}")
+        raise TypeError(
+            f"policy must be an OpenVLA or a function (images, instructions) -> actions, got {type(policy).__name__}"
+        )
     return policy
 
 
@@ -67,18 +70,25 @@ def action_signs(actions: np.ndarray) -> np.ndarray:
     return np.concatenate([move, (a[..., 6:7] > 0.5)], axis=-1).astype(np.int64)
 
 
-def closed_loop(policy: Union[PolicyFn, object], n_episodes: int = 128, seed: int = 0,
-                batch_size: Optional[int] = None, unnorm_key: Optional[str] = tabletop.DATASET_NAME,
-                max_steps: int = tabletop.MAX_STEPS, execute: Optional[int] = None, record: int = 0,
-                progress: bool = False) -> dict:
+def closed_loop(
+    policy: Union[PolicyFn, object],
+    n_episodes: int = 128,
+    seed: int = 0,
+    batch_size: Optional[int] = None,
+    unnorm_key: Optional[str] = tabletop.DATASET_NAME,
+    max_steps: int = tabletop.MAX_STEPS,
+    execute: Optional[int] = None,
+    record: int = 0,
+    progress: bool = False,
+) -> dict:
     """Run `policy` for `n_episodes` seeded episodes. Returns:
 
-      success_rate, ci95 (Wilson), episodes, successes [N] bool, steps [N] (steps taken; success
-      ends an episode early), mean_steps, success_rate_by_task {task: rate}, policy_calls (batched
-      calls), calls_per_episode (mean calls an episode took part in), agreement {x, y, z, gripper}
-      and agreement_by_task (fraction of executed steps where the policy's action matches the
-      expert's in that dimension), seconds, and `recorded`: the first `record` episodes frame by
-      frame (images, instruction, policy and expert actions, success), for `evaluate.filmstrip`.
+    success_rate, ci95 (Wilson), episodes, successes [N] bool, steps [N] (steps taken; success
+    ends an episode early), mean_steps, success_rate_by_task {task: rate}, policy_calls (batched
+    calls), calls_per_episode (mean calls an episode took part in), agreement {x, y, z, gripper}
+    and agreement_by_task (fraction of executed steps where the policy's action matches the
+    expert's in that dimension), seconds, and `recorded`: the first `record` episodes frame by
+    frame (images, instruction, policy and expert actions, success), for `evaluate.filmstrip`.
     """
     if n_episodes < 1:
         raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
@@ -138,21 +148,39 @@ def closed_loop(policy: Union[PolicyFn, object], n_episodes: int = 128, seed: in
                     active[j] = False
                     successes[i], lengths[i], tasks[i] = info["success"], info["steps"], info["task"]
                     if i < len(recorded):
-                        recorded[i].update(final=obs[j]["image"], instruction=info["instruction"],
-                                           success=bool(info["success"]), steps=int(info["steps"]))
+                        recorded[i].update(
+                            final=obs[j]["image"],
+                            instruction=info["instruction"],
+                            success=bool(info["success"]),
+                            steps=int(info["steps"]),
+                        )
                     if bar is not None:
                         bar.update(1)
     if bar is not None:
         bar.close()
     total = sum(counted.values())
     agreement = {d: float(sum(agree[t][k] for t in agree) / max(total, 1)) for k, d in enumerate(DIMS)}
-    by_task_agree = {t: {d: float(agree[t][k] / counted[t]) for k, d in enumerate(DIMS)}
-                     for t in tabletop.TASKS if counted[t]}
-    by_task = {t: float(successes[[k for k in range(n_episodes) if tasks[k] == t]].mean())
-               for t in tabletop.TASKS if t in tasks}
+    by_task_agree = {
+        t: {d: float(agree[t][k] / counted[t]) for k, d in enumerate(DIMS)} for t in tabletop.TASKS if counted[t]
+    }
+    by_task = {
+        t: float(successes[[k for k in range(n_episodes) if tasks[k] == t]].mean())
+        for t in tabletop.TASKS
+        if t in tasks
+    }
     n_ok = int(successes.sum())
-    return {"success_rate": n_ok / n_episodes, "ci95": wilson_interval(n_ok, n_episodes),
-            "episodes": n_episodes, "successes": successes.tolist(), "steps": lengths.tolist(),
-            "mean_steps": float(lengths.mean()), "success_rate_by_task": by_task, "policy_calls": calls,
-            "calls_per_episode": float(calls_per.mean()), "agreement": agreement,
-            "agreement_by_task": by_task_agree, "seconds": time.perf_counter() - t0, "recorded": recorded}
+    return {
+        "success_rate": n_ok / n_episodes,
+        "ci95": wilson_interval(n_ok, n_episodes),
+        "episodes": n_episodes,
+        "successes": successes.tolist(),
+        "steps": lengths.tolist(),
+        "mean_steps": float(lengths.mean()),
+        "success_rate_by_task": by_task,
+        "policy_calls": calls,
+        "calls_per_episode": float(calls_per.mean()),
+        "agreement": agreement,
+        "agreement_by_task": by_task_agree,
+        "seconds": time.perf_counter() - t0,
+        "recorded": recorded,
+    }

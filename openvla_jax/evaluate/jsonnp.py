@@ -49,8 +49,9 @@ def decode_array(d: dict) -> np.ndarray:
         raise ValueError(f"json-numpy array: '{KEY}' is not valid base64 ({e})") from e
     n = int(np.prod(shape, dtype=np.int64))
     if len(raw) != n * dt.itemsize:
-        raise ValueError(f"json-numpy array: {len(raw)} bytes do not hold shape {shape} of {dt} "
-                         f"({n * dt.itemsize} bytes expected)")
+        raise ValueError(
+            f"json-numpy array: {len(raw)} bytes do not hold shape {shape} of {dt} ({n * dt.itemsize} bytes expected)"
+        )
     return np.frombuffer(raw, dt).reshape(shape)
 
 

@@ -44,21 +44,28 @@ METRICS = ("action_accuracy", "l1", "mse", "l1_unnorm", "mse_unnorm")
 
 # --- metrics (pure NumPy) ------------------------------------------------------------------------
 
-def action_sums(pred_ids, label_ids, pred_norm, gt_norm, stats: Mapping,
-                normalization: str = N.BOUNDS_Q99) -> dict:
+
+def action_sums(pred_ids, label_ids, pred_norm, gt_norm, stats: Mapping, normalization: str = N.BOUNDS_Q99) -> dict:
     """Per-dimension sums for frames of ONE dataset. ids `[N, A]`, actions `[N, A]`; `stats` that
     dataset's action statistics (q01/q99/min/max/mean/std, mask). Returns {frames, correct, abs,
     sq, abs_unnorm, sq_unnorm}, each of the last five float64 `[A]`."""
     pred_ids, label_ids = np.asarray(pred_ids), np.asarray(label_ids)
     pred_norm, gt_norm = np.asarray(pred_norm, np.float64), np.asarray(gt_norm, np.float64)
     if not (pred_ids.shape == label_ids.shape == pred_norm.shape == gt_norm.shape) or pred_ids.ndim != 2:
-        raise ValueError(f"expected four [N, A] arrays, got pred_ids {pred_ids.shape}, label_ids "
-                         f"{label_ids.shape}, pred_norm {pred_norm.shape}, gt_norm {gt_norm.shape}")
+        raise ValueError(
+            f"expected four [N, A] arrays, got pred_ids {pred_ids.shape}, label_ids "
+            f"{label_ids.shape}, pred_norm {pred_norm.shape}, gt_norm {gt_norm.shape}"
+        )
     d = pred_norm - gt_norm
     du = N.unnormalize(pred_norm, stats, normalization) - N.unnormalize(gt_norm, stats, normalization)
-    return {"frames": int(pred_ids.shape[0]), "correct": (pred_ids == label_ids).sum(0).astype(np.float64),
-            "abs": np.abs(d).sum(0), "sq": (d * d).sum(0),
-            "abs_unnorm": np.abs(du).sum(0), "sq_unnorm": (du * du).sum(0)}
+    return {
+        "frames": int(pred_ids.shape[0]),
+        "correct": (pred_ids == label_ids).sum(0).astype(np.float64),
+        "abs": np.abs(d).sum(0),
+        "sq": (d * d).sum(0),
+        "abs_unnorm": np.abs(du).sum(0),
+        "sq_unnorm": (du * du).sum(0),
+    }
 
 
 def add_sums(a: Optional[dict], b: dict) -> dict:
@@ -70,8 +77,13 @@ def add_sums(a: Optional[dict], b: dict) -> dict:
 def finalize(sums: dict) -> dict:
     """Sums -> {metric: float, "per_dim": {metric: [A]}, "frames", "tokens"}."""
     n = max(sums["frames"], 1)
-    per_dim = {"action_accuracy": sums["correct"] / n, "l1": sums["abs"] / n, "mse": sums["sq"] / n,
-               "l1_unnorm": sums["abs_unnorm"] / n, "mse_unnorm": sums["sq_unnorm"] / n}
+    per_dim = {
+        "action_accuracy": sums["correct"] / n,
+        "l1": sums["abs"] / n,
+        "mse": sums["sq"] / n,
+        "l1_unnorm": sums["abs_unnorm"] / n,
+        "mse_unnorm": sums["sq_unnorm"] / n,
+    }
     out = {k: float(v.mean()) for k, v in per_dim.items()}
     out["per_dim"] = {k: [float(x) for x in v] for k, v in per_dim.items()}
     out["frames"] = sums["frames"]
@@ -86,18 +98,27 @@ def metrics_from_sums(per_dataset_sums: Mapping[str, dict]) -> dict:
         total = add_sums(total, s)
     if total is None:
         raise ValueError("no frames were evaluated (empty split, or max_batches=0)")
-    return {"overall": finalize(total),
-            "per_dataset": {name: finalize(s) for name, s in sorted(per_dataset_sums.items())}}
+    return {
+        "overall": finalize(total),
+        "per_dataset": {name: finalize(s) for name, s in sorted(per_dataset_sums.items())},
+    }
 
 
-def action_metrics(pred_ids, label_ids, pred_norm, gt_norm, stats: Mapping,
-                   dataset_names: Optional[Sequence[str]] = None,
-                   normalization: str = N.BOUNDS_Q99) -> dict:
+def action_metrics(
+    pred_ids,
+    label_ids,
+    pred_norm,
+    gt_norm,
+    stats: Mapping,
+    dataset_names: Optional[Sequence[str]] = None,
+    normalization: str = N.BOUNDS_Q99,
+) -> dict:
     """Metrics of frames `[N, A]`. `stats`: one dataset's action statistics when `dataset_names` is
     None, else {dataset: action statistics} and `dataset_names` names each frame's dataset."""
     if dataset_names is None:
-        return metrics_from_sums({"": action_sums(pred_ids, label_ids, pred_norm, gt_norm, stats,
-                                                  normalization)})["overall"]
+        return metrics_from_sums({"": action_sums(pred_ids, label_ids, pred_norm, gt_norm, stats, normalization)})[
+            "overall"
+        ]
     names = np.asarray(dataset_names).astype(str)
     arrays = [np.asarray(x) for x in (pred_ids, label_ids, pred_norm, gt_norm)]
     sums = {}
@@ -111,6 +132,7 @@ def action_metrics(pred_ids, label_ids, pred_norm, gt_norm, stats: Mapping,
 
 # --- batches -> prompts, labels ------------------------------------------------------------------
 
+
 def split_batch(input_ids, labels, action_dim: int) -> tuple[list, np.ndarray]:
     """input_ids / labels `[B, L]` -> (prompt rows: B lists of ids before the first supervised
     position, label action ids `[B, action_dim]`)."""
@@ -123,7 +145,7 @@ def split_batch(input_ids, labels, action_dim: int) -> tuple[list, np.ndarray]:
     if (first + action_dim > labels.shape[1]).any():
         raise ValueError(f"labels of length {labels.shape[1]} hold fewer than {action_dim} action tokens")
     rows = [input_ids[i, :n].tolist() for i, n in enumerate(first)]
-    label_ids = np.stack([labels[i, n:n + action_dim] for i, n in enumerate(first)])
+    label_ids = np.stack([labels[i, n : n + action_dim] for i, n in enumerate(first)])
     return rows, label_ids
 
 
@@ -139,22 +161,35 @@ def eval_data_config(vla, data_cfg):
     from openvla_jax.data.oxe import get_mixture
 
     if data_cfg.window_size != 1 or data_cfg.future_action_window_size != 0:
-        raise ValueError("offline evaluation predicts one action per frame (OpenVLA): needs window_size=1, "
-                         f"future_action_window_size=0; got {data_cfg.window_size}, "
-                         f"{data_cfg.future_action_window_size}")
+        raise ValueError(
+            "offline evaluation predicts one action per frame (OpenVLA): needs window_size=1, "
+            f"future_action_window_size=0; got {data_cfg.window_size}, "
+            f"{data_cfg.future_action_window_size}"
+        )
     names = [n for n, _ in get_mixture(data_cfg.mixture)]
     stats = data_cfg.dataset_statistics
     if stats is None and vla.norm_stats and all(n in vla.norm_stats for n in names):
         stats = vla.norm_stats
-    return dataclasses.replace(data_cfg, train=False, augment=False,
-                               image_size=int(vla.config.vision.get("image_size", 224)),
-                               dataset_statistics=stats)
+    return dataclasses.replace(
+        data_cfg,
+        train=False,
+        augment=False,
+        image_size=int(vla.config.vision.get("image_size", 224)),
+        dataset_statistics=stats,
+    )
 
 
 # --- evaluation ----------------------------------------------------------------------------------
 
-def evaluate_offline(vla, data_cfg, max_batches: Optional[int] = None, episodes_to_plot: int = 3,
-                     predict_fn: Optional[Predictor] = None, tokenizer=None) -> dict:
+
+def evaluate_offline(
+    vla,
+    data_cfg,
+    max_batches: Optional[int] = None,
+    episodes_to_plot: int = 3,
+    predict_fn: Optional[Predictor] = None,
+    tokenizer=None,
+) -> dict:
     """Evaluate `vla` (an `OpenVLA`) on the validation split of `data_cfg`'s mixture.
 
     predict_fn: replaces the model (tests); default `vla.decode_rows`. tokenizer: the text
@@ -164,14 +199,15 @@ def evaluate_offline(vla, data_cfg, max_batches: Optional[int] = None, episodes_
      "instruction", "pred_norm", "gt_norm", "pred", "gt"} (`[T, A]` lists; pred/gt un-normalised).
     """
     from openvla_jax.data.rlds import RLDSPipeline
-
     from openvla_jax.models.vla import oft_options
 
     oft = oft_options(vla.config)
     if oft:
-        raise ValueError(f"offline evaluation decodes OpenVLA's one-action token rows; this model has the OFT "
-                         f"options {oft}: use the loop's teacher-forced eval "
-                         "(train.eval_every; loss / L1 over the whole chunk) or evaluate/closed_loop.py")
+        raise ValueError(
+            f"offline evaluation decodes OpenVLA's one-action token rows; this model has the OFT "
+            f"options {oft}: use the loop's teacher-forced eval "
+            "(train.eval_every; loss / L1 over the whole chunk) or evaluate/closed_loop.py"
+        )
     cfg = eval_data_config(vla, data_cfg)
     tok = tokenizer if tokenizer is not None else vla.tokenizer
     act_tok = vla.action_tokenizer
@@ -194,8 +230,14 @@ def evaluate_offline(vla, data_cfg, max_batches: Optional[int] = None, episodes_
         names = np.asarray(batch["dataset_name"]).astype(str)
         for name in np.unique(names):
             m = names == name
-            s = action_sums(pred_ids[m], label_ids[m], pred_norm[m], gt_norm[m],
-                            dict(stats[name], mask=masks[name]), cfg.normalization)
+            s = action_sums(
+                pred_ids[m],
+                label_ids[m],
+                pred_norm[m],
+                gt_norm[m],
+                dict(stats[name], mask=masks[name]),
+                cfg.normalization,
+            )
             sums[name] = add_sums(sums.get(name), s)
         n_batches += 1
     seconds = time.perf_counter() - t0
@@ -205,15 +247,24 @@ def evaluate_offline(vla, data_cfg, max_batches: Optional[int] = None, episodes_
         ids = _predict_frames(predict, ep.pop("pixel_values"), ep.pop("rows"), cfg.batch_size)[:, :a_dim]
         st = dict(stats[ep["dataset"]], mask=masks[ep["dataset"]])
         pred_norm = act_tok.decode(ids).astype(np.float64)
-        ep.update(pred_norm=pred_norm.tolist(),
-                  pred=N.unnormalize(pred_norm, st, cfg.normalization).tolist(),
-                  gt=N.unnormalize(np.asarray(ep["gt_norm"]), st, cfg.normalization).tolist(),
-                  accuracy=float((ids == np.asarray(ep.pop("label_ids"))).mean()))
+        ep.update(
+            pred_norm=pred_norm.tolist(),
+            pred=N.unnormalize(pred_norm, st, cfg.normalization).tolist(),
+            gt=N.unnormalize(np.asarray(ep["gt_norm"]), st, cfg.normalization).tolist(),
+            accuracy=float((ids == np.asarray(ep.pop("label_ids"))).mean()),
+        )
     frames = metrics["overall"]["frames"]
-    return {"metrics": metrics, "episodes": episodes, "batches": n_batches, "frames": frames,
-            "seconds": seconds, "frames_per_second": frames / seconds if seconds > 0 else 0.0,
-            "mixture": [[n, float(w)] for n, w in pipeline.mixture], "split": "validation",
-            "normalization": cfg.normalization}
+    return {
+        "metrics": metrics,
+        "episodes": episodes,
+        "batches": n_batches,
+        "frames": frames,
+        "seconds": seconds,
+        "frames_per_second": frames / seconds if seconds > 0 else 0.0,
+        "mixture": [[n, float(w)] for n, w in pipeline.mixture],
+        "split": "validation",
+        "normalization": cfg.normalization,
+    }
 
 
 def _action_mask(name: str, stats: Mapping) -> list:
@@ -224,12 +275,15 @@ def _action_mask(name: str, stats: Mapping) -> list:
 
 
 def _predict_frames(predict: Predictor, pixel_values: np.ndarray, rows: list, batch_size: int) -> np.ndarray:
-    out = [np.asarray(predict(pixel_values[i:i + batch_size], rows[i:i + batch_size]))
-           for i in range(0, len(rows), batch_size)]
+    out = [
+        np.asarray(predict(pixel_values[i : i + batch_size], rows[i : i + batch_size]))
+        for i in range(0, len(rows), batch_size)
+    ]
     return np.concatenate(out)
 
 
 # --- whole episodes for the report ---------------------------------------------------------------
+
 
 def read_episodes(cfg, tok, act_tok, stats: Mapping[str, Mapping], n: int) -> list[dict]:
     """The first `n` validation episodes, taken round-robin over the mixture's datasets, each as
@@ -253,8 +307,15 @@ def read_episodes(cfg, tok, act_tok, stats: Mapping[str, Mapping], n: int) -> li
         builder = open_builder(name, cfg.data_dir)
         standardize = make_standardize(name, ds_cfg, cfg.image_view, list(builder.info.features["steps"].keys()))
         a_stats, mask = stats[name], ds_cfg.action_mask
-        ds = TrajDataset.from_rlds(builder, default_split(builder, False), shuffle=False, deterministic=True,
-                                   num_parallel_reads=1, num_parallel_calls=1, name=name)
+        ds = TrajDataset.from_rlds(
+            builder,
+            default_split(builder, False),
+            shuffle=False,
+            deterministic=True,
+            num_parallel_reads=1,
+            num_parallel_calls=1,
+            name=name,
+        )
         ds = ds.traj_map(standardize).filter(make_validator(name, dataclasses.replace(cfg, on_bad_data="skip"), None))
 
         def normalize(traj, a_stats=a_stats, mask=mask):
@@ -269,10 +330,16 @@ def read_episodes(cfg, tok, act_tok, stats: Mapping[str, Mapping], n: int) -> li
             images = np.stack([X.decode_image(im, size).numpy() for im in traj["observation"]["image"][:, 0]])
             x = images.astype(np.float32) / 255.0
             rows, label_ids = split_batch(traj["input_ids"].numpy(), traj["labels"].numpy(), len(mask))
-            eps.append({"dataset": name,
-                        "instruction": traj["task"]["language_instruction"][0].numpy().decode(),
-                        "pixel_values": (np.concatenate([x, x], -1) - mean) / std, "rows": rows,
-                        "label_ids": label_ids, "gt_norm": traj["action"].numpy()[:, 0].tolist()})
+            eps.append(
+                {
+                    "dataset": name,
+                    "instruction": traj["task"]["language_instruction"][0].numpy().decode(),
+                    "pixel_values": (np.concatenate([x, x], -1) - mean) / std,
+                    "rows": rows,
+                    "label_ids": label_ids,
+                    "gt_norm": traj["action"].numpy()[:, 0].tolist(),
+                }
+            )
         per_dataset[name] = eps
     out = []
     for i in range(n):  # round-robin order

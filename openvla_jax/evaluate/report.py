@@ -72,14 +72,22 @@ def plot_report(results: dict, path: os.PathLike) -> None:
     x = np.arange(a_dim)
     for k, (name, m) in enumerate(per_dataset.items()):
         l1 = np.asarray(m["per_dim"]["l1"])
-        spread = np.sqrt(np.maximum(np.asarray(m["per_dim"]["mse"]) - l1 ** 2, 0.0))
-        ax.bar(x + (k - (len(per_dataset) - 1) / 2) * width, l1, width, yerr=spread, capsize=2,
-               label=f"{name} (acc {m['action_accuracy']:.3f}, {m['frames']} frames)")
+        spread = np.sqrt(np.maximum(np.asarray(m["per_dim"]["mse"]) - l1**2, 0.0))
+        ax.bar(
+            x + (k - (len(per_dataset) - 1) / 2) * width,
+            l1,
+            width,
+            yerr=spread,
+            capsize=2,
+            label=f"{name} (acc {m['action_accuracy']:.3f}, {m['frames']} frames)",
+        )
     ax.set_xticks(x, names)
     ax.set_ylabel("L1, normalised action")
     overall = results["metrics"]["overall"]
-    ax.set_title(f"offline eval: token accuracy {overall['action_accuracy']:.3f}, L1 {overall['l1']:.4f}, "
-                 f"{overall['frames']} frames" + _closed_loop_text(results))
+    ax.set_title(
+        f"offline eval: token accuracy {overall['action_accuracy']:.3f}, L1 {overall['l1']:.4f}, "
+        f"{overall['frames']} frames" + _closed_loop_text(results)
+    )
     ax.legend(fontsize=7, loc="upper left")
 
     for r, ep in enumerate(episodes, start=1):

@@ -52,17 +52,27 @@ class ActionServer:
     """Serves `vla.predict_action(images, instructions, unnorm_key)` (any object with that method
     and a `norm_stats` dict) over HTTP. `port=0` picks a free port (see `.url`)."""
 
-    def __init__(self, vla, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
-                 max_wait_ms: float = 5.0, max_body_bytes: int = MAX_BODY_BYTES,
-                 request_timeout_s: float = 120.0, access_log: bool = False):
+    def __init__(
+        self,
+        vla,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        max_batch: int = 8,
+        max_wait_ms: float = 5.0,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        request_timeout_s: float = 120.0,
+        access_log: bool = False,
+    ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         extra = {k: getattr(vla, k) for k, d in (("num_images", 1), ("proprio_dim", 0)) if getattr(vla, k, d) != d}
         if extra:
-            raise ValueError(f"the /act protocol carries one image and no robot state; this model has {extra} "
-                             "(OFT options): call OpenVLA.predict_action directly")
+            raise ValueError(
+                f"the /act protocol carries one image and no robot state; this model has {extra} "
+                "(OFT options): call OpenVLA.predict_action directly"
+            )
         self.vla = vla
         self.max_batch, self.max_wait_ms = int(max_batch), float(max_wait_ms)
         self.max_body_bytes, self.request_timeout_s = int(max_body_bytes), float(request_timeout_s)
@@ -156,8 +166,7 @@ class ActionServer:
                 "dtype": dtype,
                 "unnorm_keys": sorted(vla.norm_stats),
             },
-            "batching": {"enabled": self.max_batch > 1, "max_batch": self.max_batch,
-                         "max_wait_ms": self.max_wait_ms},
+            "batching": {"enabled": self.max_batch > 1, "max_batch": self.max_batch, "max_wait_ms": self.max_wait_ms},
             "max_body_bytes": self.max_body_bytes,
             "stats": self.stats(),
         }
@@ -201,8 +210,9 @@ class ActionServer:
             groups.setdefault(p.unnorm_key, []).append(p)
         for key, group in groups.items():
             try:
-                actions = np.asarray(self.vla.predict_action([p.image for p in group],
-                                                             [p.instruction for p in group], unnorm_key=key))
+                actions = np.asarray(
+                    self.vla.predict_action([p.image for p in group], [p.instruction for p in group], unnorm_key=key)
+                )
                 if actions.ndim not in (2, 3) or actions.shape[0] != len(group):  # [n, 7] or chunks [n, K, 7]
                     raise RuntimeError(f"predict_action returned shape {actions.shape} for {len(group)} requests")
                 for p, a in zip(group, actions):

@@ -87,20 +87,22 @@ def attention(
         raise ValueError(f"{h} query heads is not a multiple of {kv_heads} key/value heads")
     if impl == "cudnn" and jax.default_backend() != "gpu":
         # jax would fail deep inside lowering; say what to pick instead (same results: tested).
-        raise ValueError(f"attention_impl='cudnn' (cuDNN flash attention) needs a GPU; this backend is "
-                         f"{jax.default_backend()!r}: use 'dpa' (jax.nn.dot_product_attention, XLA) or 'xla'")
-    if impl != "xla":
-        return jax.nn.dot_product_attention(
-            q, k, v, mask=mask, implementation=None if impl == "dpa" else "cudnn"
+        raise ValueError(
+            f"attention_impl='cudnn' (cuDNN flash attention) needs a GPU; this backend is "
+            f"{jax.default_backend()!r}: use 'dpa' (jax.nn.dot_product_attention, XLA) or 'xla'"
         )
+    if impl != "xla":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None if impl == "dpa" else "cudnn")
     groups = h // kv_heads
     qg = q.reshape(b, t, kv_heads, groups, d)
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
     logits = logits * np.float32(1.0 / np.sqrt(d))
     if mask is not None:
         # mask [B, 1|H, T, S] -> [B, 1|K, 1|G, T, S]
-        m = mask.reshape(mask.shape[0], -1, 1, t, mask.shape[-1]) if mask.shape[1] == 1 else (
-            mask.reshape(mask.shape[0], kv_heads, groups, t, mask.shape[-1])
+        m = (
+            mask.reshape(mask.shape[0], -1, 1, t, mask.shape[-1])
+            if mask.shape[1] == 1
+            else (mask.reshape(mask.shape[0], kv_heads, groups, t, mask.shape[-1]))
         )
         logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

@@ -47,8 +47,9 @@ def kernel_layout(path: Sequence[str], shape: Sequence[int]) -> KernelLayout:
     stack = int(any(n in STACK_NAMES for n in names[:-1]))
     dims = len(shape) - stack
     if dims < 2:
-        raise ValueError(f"{'/'.join(names)} has shape {tuple(shape)}: not a linear kernel (needs >= 2 axes "
-                         f"besides a scan axis)")
+        raise ValueError(
+            f"{'/'.join(names)} has shape {tuple(shape)}: not a linear kernel (needs >= 2 axes besides a scan axis)"
+        )
     owner = names[-2] if len(names) >= 2 else ""
     n_in = dims - 1 if owner in OUTPUT_PROJECTIONS else 1
     return KernelLayout(stack, n_in, dims - n_in)

@@ -70,9 +70,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param(
-            "scale", partitioned(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.param_dtype
-        )
+        scale = self.param("scale", partitioned(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.param_dtype)
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return scale.astype(self.dtype) * xf.astype(self.dtype)
@@ -100,8 +98,12 @@ class Attention(nn.Module):
         c = self.config
         h, k, dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         dense = lambda feats, names, name: nn.DenseGeneral(  # noqa: E731
-            feats, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=_init(c, names), name=name,
+            feats,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=_init(c, names),
+            name=name,
         )
         q = dense((h, dh), ("embed", "heads", "kv"), "q_proj")(x)
         kk = dense((k, dh), ("embed", "heads", "kv"), "k_proj")(x)
@@ -117,8 +119,13 @@ class Attention(nn.Module):
             kk, v = kk.astype(self.dtype), v.astype(self.dtype)
         out = attention(q, kk, v, mask, impl=self.attention_impl)
         out = nn.DenseGeneral(
-            c.hidden_size, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=_init(c, ("heads", "kv", "embed")), name="o_proj",
+            c.hidden_size,
+            axis=(-2, -1),
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=_init(c, ("heads", "kv", "embed")),
+            name="o_proj",
         )(out)
         return out, new_kv
 
@@ -134,8 +141,12 @@ class MLP(nn.Module):
     def __call__(self, x):
         c = self.config
         dense = lambda feats, names, name: nn.Dense(  # noqa: E731
-            feats, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=_init(c, names), name=name,
+            feats,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=_init(c, names),
+            name=name,
         )
         gate = dense(c.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
         up = dense(c.intermediate_size, ("embed", "mlp"), "up_proj")(x)
@@ -161,10 +172,9 @@ class DecoderLayer(nn.Module):
         return x, new_kv
 
 
-
-
-def attention_mask_4d(keys_valid: Array, t: int, cache_index: Any = 0,
-                      bidirectional: Optional[tuple[int, int]] = None) -> Array:
+def attention_mask_4d(
+    keys_valid: Array, t: int, cache_index: Any = 0, bidirectional: Optional[tuple[int, int]] = None
+) -> Array:
     """Who attends to whom: bool `[B, 1, T, S]` (True = attend) for T queries at slots
     `cache_index..cache_index+T-1` over S key slots, `keys_valid` `[B, S]`. Causal (slot j <= i),
     except that the slots of the `bidirectional` (start, length) block also see the block's later
@@ -201,7 +211,10 @@ class Llama(nn.Module):
     def setup(self):
         c = self.config
         self.embed_tokens = nn.Embed(
-            c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+            c.vocab_size,
+            c.hidden_size,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
             embedding_init=_init(c, ("vocab", "embed")),
         )
         layer_cls = DecoderLayer
@@ -223,7 +236,10 @@ class Llama(nn.Module):
             self.layers = [layer_cls(**kwargs, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
         self.lm_head = nn.Dense(
-            c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+            c.vocab_size,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
             kernel_init=_init(c, ("embed", "vocab")),
         )
 

@@ -128,8 +128,9 @@ def check_preprocessing(resize: str, center_crop: float) -> None:
         raise ValueError(f"center_crop is an area fraction in [0, 1] (0: none), got {center_crop}")
 
 
-def resize_uint8_images(images, size: int = IMAGE_SIZE, resize: str = "processor",
-                        center_crop: float = 0.0) -> np.ndarray:
+def resize_uint8_images(
+    images, size: int = IMAGE_SIZE, resize: str = "processor", center_crop: float = 0.0
+) -> np.ndarray:
     """A list of uint8 `[H_i, W_i, 3]` images or a uint8 `[B, H, W, 3]` batch -> uint8
     `[B, size, size, 3]`, resized as `resize` says (see the module docstring), then center-cropped
     when `center_crop` > 0."""
@@ -151,8 +152,9 @@ def resize_uint8_images(images, size: int = IMAGE_SIZE, resize: str = "processor
     return out
 
 
-def preprocess_images(images, size: int = IMAGE_SIZE, resize: str = "processor",
-                      center_crop: float = 0.0) -> np.ndarray:
+def preprocess_images(
+    images, size: int = IMAGE_SIZE, resize: str = "processor", center_crop: float = 0.0
+) -> np.ndarray:
     """A list of uint8 `[H_i, W_i, 3]` images or a uint8 `[B, H, W, 3]` batch -> `[B, size, size, 6]`
     (`resize_uint8_images`, then `normalize_uint8`)."""
     return normalize_uint8(resize_uint8_images(images, size, resize, center_crop))

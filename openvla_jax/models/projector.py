@@ -50,7 +50,10 @@ class Projector(nn.Module):
                 x = nn.gelu(x, approximate=False)
             names = _NAMES[i]
             x = nn.Dense(
-                out, dtype=self.dtype, param_dtype=self.param_dtype, name=f"fc{i + 1}",
+                out,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"fc{i + 1}",
                 kernel_init=partitioned(nn.initializers.lecun_normal(), names),
                 bias_init=partitioned(nn.initializers.zeros_init(), names[1:]),
             )(x)

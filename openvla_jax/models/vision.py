@@ -48,8 +48,13 @@ class VisionBackbone(nn.Module):
     take_block: int = -2  # which block's output the featurizers return (negative: from the end)
 
     def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, scan_layers=self.scan_layers,
-                  remat_policy=self.remat_policy, attention_impl=self.attention_impl)
+        kw = dict(
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            scan_layers=self.scan_layers,
+            remat_policy=self.remat_policy,
+            attention_impl=self.attention_impl,
+        )
         self.featurizer = ViT(self.featurizer_config, **kw)
         self.fused_featurizer = ViT(self.fused_config, **kw) if self.fused_config is not None else None
 
@@ -68,8 +73,11 @@ class VisionBackbone(nn.Module):
         if pixel_values.ndim != 4 or pixel_values.shape[-1] != self.channels:
             raise ValueError(
                 f"expected NHWC pixel_values [B, {size}, {size}, {self.channels}], got shape {pixel_values.shape}"
-                + ("; NCHW input goes through openvla_jax.models.vision.to_nhwc" if pixel_values.ndim == 4
-                   and pixel_values.shape[1] == self.channels else "")
+                + (
+                    "; NCHW input goes through openvla_jax.models.vision.to_nhwc"
+                    if pixel_values.ndim == 4 and pixel_values.shape[1] == self.channels
+                    else ""
+                )
             )
         feats = self.featurizer.features(pixel_values[..., :3], block=self.take_block)
         if self.fused_featurizer is None:

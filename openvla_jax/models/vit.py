@@ -112,9 +112,7 @@ def vit_config(
 
 def tower_from_config(tower: ml_collections.ConfigDict, img_size: int = 224) -> ViTConfig:
     """`configs/model.py` tower section (model_id, embed_dim, depth, num_heads) -> ViTConfig."""
-    return vit_config(
-        tower.model_id, img_size, tower.get("embed_dim"), tower.get("depth"), tower.get("num_heads")
-    )
+    return vit_config(tower.model_id, img_size, tower.get("embed_dim"), tower.get("depth"), tower.get("num_heads"))
 
 
 def resample_pos_embed(
@@ -146,7 +144,10 @@ def _zeros(names):
 
 def _layer_norm(cfg: ViTConfig, dtype, param_dtype, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(
-        epsilon=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name,
+        epsilon=cfg.norm_eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
         scale_init=partitioned(nn.initializers.ones_init(), ("embed",)),
         bias_init=_zeros(("embed",)),
     )
@@ -162,11 +163,23 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         d = x.shape[-1]
-        x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1",
-                     kernel_init=_dense_init(("embed", "mlp")), bias_init=_zeros(("mlp",)))(x)
+        x = nn.Dense(
+            self.hidden,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="fc1",
+            kernel_init=_dense_init(("embed", "mlp")),
+            bias_init=_zeros(("mlp",)),
+        )(x)
         x = nn.gelu(x, approximate=False)
-        return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2",
-                        kernel_init=_dense_init(("mlp", "embed")), bias_init=_zeros(("embed",)))(x)
+        return nn.Dense(
+            d,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="fc2",
+            kernel_init=_dense_init(("mlp", "embed")),
+            bias_init=_zeros(("embed",)),
+        )(x)
 
 
 class SelfAttention(nn.Module):
@@ -181,13 +194,22 @@ class SelfAttention(nn.Module):
     def __call__(self, x: Array) -> Array:
         c = self.cfg
         qkv = nn.DenseGeneral(
-            (3, c.num_heads, c.head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name="qkv",
-            kernel_init=_dense_init(("embed", None, "heads", "kv")), bias_init=_zeros((None, "heads", "kv")),
+            (3, c.num_heads, c.head_dim),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="qkv",
+            kernel_init=_dense_init(("embed", None, "heads", "kv")),
+            bias_init=_zeros((None, "heads", "kv")),
         )(x)  # [B, T, 3, Hd, Dh]
         out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], None, impl=self.attention_impl)
         return nn.DenseGeneral(
-            c.embed_dim, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name="proj",
-            kernel_init=_dense_init(("heads", "kv", "embed")), bias_init=_zeros(("embed",)),
+            c.embed_dim,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="proj",
+            kernel_init=_dense_init(("heads", "kv", "embed")),
+            bias_init=_zeros(("embed",)),
         )(out)
 
 
@@ -244,12 +266,19 @@ class AttentionPool(nn.Module):
     def __call__(self, x: Array) -> Array:
         c, dt, pdt = self.cfg, self.dtype, self.param_dtype
         latent = self.param(
-            "latent", partitioned(nn.initializers.normal(c.embed_dim**-0.5), (None, None, "embed")),
-            (1, 1, c.embed_dim), pdt,
+            "latent",
+            partitioned(nn.initializers.normal(c.embed_dim**-0.5), (None, None, "embed")),
+            (1, 1, c.embed_dim),
+            pdt,
         )
         dense = lambda feats, names, bias_names, name, **kw: nn.DenseGeneral(  # noqa: E731
-            feats, dtype=dt, param_dtype=pdt, name=name, kernel_init=_dense_init(names),
-            bias_init=_zeros(bias_names), **kw,
+            feats,
+            dtype=dt,
+            param_dtype=pdt,
+            name=name,
+            kernel_init=_dense_init(names),
+            bias_init=_zeros(bias_names),
+            **kw,
         )
         q = dense((c.num_heads, c.head_dim), ("embed", "heads", "kv"), ("heads", "kv"), "q")(latent.astype(dt))
         kv = dense((2, c.num_heads, c.head_dim), ("embed", None, "heads", "kv"), (None, "heads", "kv"), "kv")(x)
@@ -291,7 +320,10 @@ class ViT(nn.Module):
                 outs.append(x)
             return x, (jnp.stack(outs) if return_blocks else None)
         scanned = nn.scan(
-            block_cls, variable_axes={"params": 0}, split_rngs={"params": True}, length=n,
+            block_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=n,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         if n < c.depth:
@@ -313,14 +345,22 @@ class ViT(nn.Module):
             n = c.depth  # create every parameter, including the blocks a featurizer skips
 
         x = nn.Conv(
-            c.embed_dim, (c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size), padding="VALID",
-            dtype=dt, param_dtype=pdt, name="patch_embed",
-            kernel_init=_dense_init((None, None, None, "embed")), bias_init=_zeros(("embed",)),
+            c.embed_dim,
+            (c.patch_size, c.patch_size),
+            strides=(c.patch_size, c.patch_size),
+            padding="VALID",
+            dtype=dt,
+            param_dtype=pdt,
+            name="patch_embed",
+            kernel_init=_dense_init((None, None, None, "embed")),
+            bias_init=_zeros(("embed",)),
         )(images.astype(dt))
         b, gh, gw, d = x.shape
         pos = self.param(
-            "pos_embed", partitioned(nn.initializers.normal(0.02), (None, "pos", "embed")),
-            (1, c.num_pos_prefix + c.num_patches, d), pdt,
+            "pos_embed",
+            partitioned(nn.initializers.normal(0.02), (None, "pos", "embed")),
+            (1, c.num_pos_prefix + c.num_patches, d),
+            pdt,
         )
         pos = resample_pos_embed(pos, c.grid, (gh, gw), c.num_pos_prefix).astype(dt)
         x = x.reshape(b, gh * gw, d)
@@ -328,12 +368,14 @@ class ViT(nn.Module):
             x = x + pos
         prefix = []
         if c.class_token:
-            cls = self.param("cls_token", partitioned(nn.initializers.normal(1e-6), (None, None, "embed")),
-                             (1, 1, d), pdt)
+            cls = self.param(
+                "cls_token", partitioned(nn.initializers.normal(1e-6), (None, None, "embed")), (1, 1, d), pdt
+            )
             prefix.append(jnp.broadcast_to(cls.astype(dt), (b, 1, d)))
         if c.reg_tokens:
-            reg = self.param("reg_token", partitioned(nn.initializers.normal(1e-6), (None, None, "embed")),
-                             (1, c.reg_tokens, d), pdt)
+            reg = self.param(
+                "reg_token", partitioned(nn.initializers.normal(1e-6), (None, None, "embed")), (1, c.reg_tokens, d), pdt
+            )
             prefix.append(jnp.broadcast_to(reg.astype(dt), (b, c.reg_tokens, d)))
         x = jnp.concatenate(prefix + [x], axis=1) if prefix else x
         if not c.no_embed_class:  # original ViT: prefix tokens have positions too, add after concat
@@ -354,7 +396,7 @@ class ViT(nn.Module):
         """Patch tokens `[B, N, D]` of block `block` (negative counts from the end), without the final
         norm and without prefix tokens: what OpenVLA's featurizers return (block -2)."""
         n = (block % self.cfg.depth) + 1
-        return self(images, num_blocks=n)["tokens"][:, self.cfg.num_prefix_tokens:]
+        return self(images, num_blocks=n)["tokens"][:, self.cfg.num_prefix_tokens :]
 
 
 def from_config(

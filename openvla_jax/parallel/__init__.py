@@ -6,5 +6,15 @@ from openvla_jax.parallel.mesh import default_mesh_config, make_mesh, single_dev
 from openvla_jax.parallel.rules import RULES, default_rules
 from openvla_jax.parallel.sharding import opt_state_shardings, param_shardings, replicated
 
-__all__ = ["RULES", "default_mesh_config", "default_rules", "global_batch", "make_mesh", "maybe_initialize",
-           "opt_state_shardings", "param_shardings", "replicated", "single_device_mesh"]
+__all__ = [
+    "RULES",
+    "default_mesh_config",
+    "default_rules",
+    "global_batch",
+    "make_mesh",
+    "maybe_initialize",
+    "opt_state_shardings",
+    "param_shardings",
+    "replicated",
+    "single_device_mesh",
+]

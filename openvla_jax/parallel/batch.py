@@ -27,8 +27,9 @@ def dataset_indices(names: np.ndarray, dataset_names: Sequence[str]) -> np.ndarr
     return out
 
 
-def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh,
-                 dataset_names: Optional[Sequence[str]] = None) -> dict:
+def global_batch(
+    host_batch: Mapping[str, np.ndarray], mesh: Mesh, dataset_names: Optional[Sequence[str]] = None
+) -> dict:
     """dict of NumPy `[B_host, ...]` -> dict of global `jax.Array` `[B_host * processes, ...]`.
 
     `dataset_name` (strings) is dropped, replaced by `dataset_index` when `dataset_names` is given.
@@ -51,6 +52,8 @@ def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh,
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     n = next(iter(rows.values()), 0) * jax.process_count()
     if n % shards:
-        raise ValueError(f"global batch of {n} rows ({n // jax.process_count()} per host x "
-                         f"{jax.process_count()} hosts) is not divisible by data x fsdp = {shards} devices")
+        raise ValueError(
+            f"global batch of {n} rows ({n // jax.process_count()} per host x "
+            f"{jax.process_count()} hosts) is not divisible by data x fsdp = {shards} devices"
+        )
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in out.items()}

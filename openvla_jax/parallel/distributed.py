@@ -20,9 +20,14 @@ def _env_int(name: str) -> Optional[int]:
     return int(value) if value not in (None, "") else None
 
 
-def maybe_initialize(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
-                     process_id: Optional[int] = None, *, auto: bool = False,
-                     cpu_collectives: str = "gloo") -> bool:
+def maybe_initialize(
+    coordinator: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    *,
+    auto: bool = False,
+    cpu_collectives: str = "gloo",
+) -> bool:
     """Join the process group if multi-process is requested; returns True when initialised (now or
     before). Idempotent. Must run before anything touches `jax.devices()`.
 
@@ -36,16 +41,17 @@ def maybe_initialize(coordinator: Optional[str] = None, num_processes: Optional[
     if not auto and (num_processes is None or num_processes <= 1):
         return False
     if not auto and (coordinator is None or process_id is None):
-        raise ValueError(f"multi-process run ({num_processes} processes) needs a coordinator address and a "
-                         f"process id (got coordinator={coordinator!r}, process_id={process_id}); set "
-                         "JAX_COORDINATOR_ADDRESS / JAX_PROCESS_ID or pass them")
+        raise ValueError(
+            f"multi-process run ({num_processes} processes) needs a coordinator address and a "
+            f"process id (got coordinator={coordinator!r}, process_id={process_id}); set "
+            "JAX_COORDINATOR_ADDRESS / JAX_PROCESS_ID or pass them"
+        )
     # Only affects the CPU client (cross-process ops on CPU arrays); harmless on GPU / TPU runs.
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     if auto:
         jax.distributed.initialize()
     else:
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     _initialized = True
     return True
 

@@ -30,20 +30,25 @@ def _resolve(sizes: Sequence[int], total: int, what: str, requested) -> list[int
     """Replace a single -1 in `sizes` by total / prod(others); check the product equals `total`."""
     sizes = [int(s) for s in sizes]
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh{what} sizes must be positive or -1, got {dict(zip(AXES, sizes))} "
-                         f"(requested {requested})")
+        raise ValueError(
+            f"mesh{what} sizes must be positive or -1, got {dict(zip(AXES, sizes))} (requested {requested})"
+        )
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one mesh{what} size may be -1, got {dict(zip(AXES, sizes))}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if total % known:
-            raise ValueError(f"{total} devices{' per slice' if what else ''} cannot be split into "
-                             f"{dict(zip(AXES, sizes))}: {total} is not a multiple of {known} "
-                             f"(requested {requested})")
+            raise ValueError(
+                f"{total} devices{' per slice' if what else ''} cannot be split into "
+                f"{dict(zip(AXES, sizes))}: {total} is not a multiple of {known} "
+                f"(requested {requested})"
+            )
         sizes[sizes.index(-1)] = total // known
     if math.prod(sizes) != total:
-        raise ValueError(f"mesh{what} shape {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices but "
-                         f"there are {total} (requested {requested})")
+        raise ValueError(
+            f"mesh{what} shape {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices but "
+            f"there are {total} (requested {requested})"
+        )
     return sizes
 
 

@@ -65,8 +65,12 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_params
     # MaskedNode marks a frozen param (multi_transform / masked): no state there, keep the node.
     masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
     return optax.tree_map_params(
-        optimizer, lambda leaf, sharding: leaf if masked(leaf) else sharding, state, params_shardings,
-        transform_non_params=lambda _: rep, is_leaf=masked,
+        optimizer,
+        lambda leaf, sharding: leaf if masked(leaf) else sharding,
+        state,
+        params_shardings,
+        transform_non_params=lambda _: rep,
+        is_leaf=masked,
     )
 
 

@@ -3,12 +3,43 @@ jit), `save_quantized` / `load_quantized`, `param_bytes`, `memory_report`."""
 
 from openvla_jax.quant.checkpoint import is_quantized_dir, load_quantized, save_quantized
 from openvla_jax.quant.memory import format_report, memory_report
-from openvla_jax.quant.weights import (DEFAULT_GROUP_SIZE, MODES, DequantizingModule, QTensor, cast_floats,
-                                       dequantize, dequantize_tree, is_quantized, pack_int4, param_bytes,
-                                       quant_mode, quantize, quantize_params, total_bytes, unpack_int4)
+from openvla_jax.quant.weights import (
+    DEFAULT_GROUP_SIZE,
+    MODES,
+    DequantizingModule,
+    QTensor,
+    cast_floats,
+    dequantize,
+    dequantize_tree,
+    is_quantized,
+    pack_int4,
+    param_bytes,
+    quant_mode,
+    quantize,
+    quantize_params,
+    total_bytes,
+    unpack_int4,
+)
 
 __all__ = [
-    "DEFAULT_GROUP_SIZE", "MODES", "DequantizingModule", "QTensor", "cast_floats", "dequantize", "dequantize_tree",
-    "format_report", "is_quantized", "is_quantized_dir", "load_quantized", "memory_report", "pack_int4",
-    "param_bytes", "quant_mode", "quantize", "quantize_params", "save_quantized", "total_bytes", "unpack_int4",
+    "DEFAULT_GROUP_SIZE",
+    "MODES",
+    "DequantizingModule",
+    "QTensor",
+    "cast_floats",
+    "dequantize",
+    "dequantize_tree",
+    "format_report",
+    "is_quantized",
+    "is_quantized_dir",
+    "load_quantized",
+    "memory_report",
+    "pack_int4",
+    "param_bytes",
+    "quant_mode",
+    "quantize",
+    "quantize_params",
+    "save_quantized",
+    "total_bytes",
+    "unpack_int4",
 ]

@@ -43,8 +43,14 @@ def _flatten(tree, prefix=()) -> dict:
     return out
 
 
-def save_quantized(out_dir, qparams, model_config: ml_collections.ConfigDict, norm_stats: Optional[dict] = None,
-                   tokenizer_dir=None, group_size: Optional[int] = None) -> Path:
+def save_quantized(
+    out_dir,
+    qparams,
+    model_config: ml_collections.ConfigDict,
+    norm_stats: Optional[dict] = None,
+    tokenizer_dir=None,
+    group_size: Optional[int] = None,
+) -> Path:
     """Write `qparams` (from `quantize_params`) with its model config. Refuses a non-empty
     `out_dir` and a tree without QTensors (save a float tree with `scripts/convert.py`)."""
     qparams = nn.meta.unbox(qparams)
@@ -77,7 +83,9 @@ def load_quantized(path):
     path = Path(path)
     cfg_path = path / CONFIG_NAME
     if not cfg_path.exists():
-        raise FileNotFoundError(f"{path} is not a quantized checkpoint: no {CONFIG_NAME} (write one with save_quantized)")
+        raise FileNotFoundError(
+            f"{path} is not a quantized checkpoint: no {CONFIG_NAME} (write one with save_quantized)"
+        )
     config = json.loads(cfg_path.read_text())
     if config.get("format") != FORMAT:
         raise ValueError(f"{cfg_path}: format {config.get('format')!r}, expected {FORMAT!r}")
@@ -89,10 +97,19 @@ def load_quantized(path):
         missing = [f"{key}/{s}" for s in ("q", "scale") if f"{key}/{s}" not in keys]
         if missing:
             raise ValueError(f"{path / WEIGHTS_NAME} lacks {missing}, which {CONFIG_NAME} lists")
-        qt = QTensor(reader[f"{key}/q"], reader[f"{key}/scale"], int(meta["bits"]), tuple(meta["shape"]),
-                     int(meta["lead"]), int(meta["in_dims"]), int(meta["groups"]))
+        qt = QTensor(
+            reader[f"{key}/q"],
+            reader[f"{key}/scale"],
+            int(meta["bits"]),
+            tuple(meta["shape"]),
+            int(meta["lead"]),
+            int(meta["in_dims"]),
+            int(meta["groups"]),
+        )
         if qt.scale.shape != tuple(qt.grouped_shape[:-2]) + qt.grouped_shape[-1:]:
-            raise ValueError(f"{key}/scale has shape {qt.scale.shape}, expected {qt.grouped_shape[:-2] + qt.grouped_shape[-1:]}")
+            raise ValueError(
+                f"{key}/scale has shape {qt.scale.shape}, expected {qt.grouped_shape[:-2] + qt.grouped_shape[-1:]}"
+            )
         flat[key] = qt
         keys -= {f"{key}/q", f"{key}/scale"}
     for key in keys:
@@ -106,6 +123,9 @@ def load_quantized(path):
         node[leaf] = v
     model_config = ml_collections.ConfigDict(json.loads((path / "model_config.json").read_text()))
     stats = path / "dataset_statistics.json"
-    extras = dict(norm_stats=json.loads(stats.read_text()) if stats.exists() else None,
-                  mode=config["mode"], group_size=config.get("group_size"))
+    extras = dict(
+        norm_stats=json.loads(stats.read_text()) if stats.exists() else None,
+        mode=config["mode"],
+        group_size=config.get("group_size"),
+    )
     return model_config, tree, extras

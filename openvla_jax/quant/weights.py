@@ -6,9 +6,10 @@ norms, biases, LayerScale, pos/cls/register tokens or the patch-embed conv: they
 embedding table) a gather, not a matmul.
 
 Layout. A kernel is `[*lead, *in_dims, *out_dims]`: `lead` is the stacked layer axis of a scanned
-Llama or ViT (`language_model/layers/...`, `.../blocks/...`), `in_dims` the contracted input axes (two for o_proj / ViT proj,
-which contract `(heads, head_dim)`; one otherwise). It is viewed as `[*lead, K, N]` with K the
-product of the input dims and N of the output dims, and K split into G groups of g = K / G rows:
+Llama or ViT (`language_model/layers/...`, `.../blocks/...`), `in_dims` the contracted input axes (two
+for o_proj / ViT proj, which contract `(heads, head_dim)`; one otherwise; see `models/kernels.py`).
+It is viewed as `[*lead, K, N]` with K the product of the input dims and N of the output dims,
+and K split into G groups of g = K / G rows:
   int8: symmetric per output channel (G = 1): scale = max|w| / 127 over the K input rows.
   int4: symmetric per (group of `group_size` input rows, output channel): scale = max|w| / 7; a K
         that `group_size` does not divide falls back to per channel (G = 1). Two signed nibbles per
@@ -56,8 +57,8 @@ class QTensor:
     def grouped_shape(self) -> tuple:
         """`[*lead, G, g, N]`: the view the scale broadcasts against."""
         lead = self.shape[: self.lead]
-        k = math.prod(self.shape[self.lead: self.lead + self.in_dims])
-        n = math.prod(self.shape[self.lead + self.in_dims:])
+        k = math.prod(self.shape[self.lead : self.lead + self.in_dims])
+        n = math.prod(self.shape[self.lead + self.in_dims :])
         return (*lead, self.groups, k // self.groups, n)
 
     def metadata(self) -> dict:
@@ -98,7 +99,7 @@ def quantize(w, bits: int, lead: int = 0, in_dims: int = 1, group_size: Optional
     shape = tuple(w.shape)
     if w.ndim < lead + in_dims + 1:
         raise ValueError(f"kernel of shape {shape} has no output axis after lead={lead}, in_dims={in_dims}")
-    k = math.prod(shape[lead: lead + in_dims])
+    k = math.prod(shape[lead : lead + in_dims])
     groups = 1
     if bits == 4 and group_size is not None:
         if group_size <= 0:
@@ -168,7 +169,7 @@ def is_quantized(params) -> bool:
 
 
 def quant_mode(params) -> Optional[str]:
-    """"int8", "int4", or None for a float tree."""
+    """ "int8", "int4", or None for a float tree."""
     bits = {x.bits for x in jax.tree.leaves(params, is_leaf=is_qtensor) if is_qtensor(x)}
     if len(bits) > 1:
         raise ValueError(f"params mix quantization widths {sorted(bits)}")
@@ -177,8 +178,9 @@ def quant_mode(params) -> Optional[str]:
 
 def cast_floats(params, dtype):
     """Device arrays: non-quantized leaves in `dtype`, QTensors as they are (int8 + float32 scales)."""
-    return jax.tree.map(lambda x: jax.tree.map(jnp.asarray, x) if is_qtensor(x) else jnp.asarray(x, dtype),
-                        params, is_leaf=is_qtensor)
+    return jax.tree.map(
+        lambda x: jax.tree.map(jnp.asarray, x) if is_qtensor(x) else jnp.asarray(x, dtype), params, is_leaf=is_qtensor
+    )
 
 
 def _nbytes(x) -> int:

@@ -17,9 +17,13 @@ def synthetic_batch(batch: int, length: int, image_size: int, seed: int = 0, act
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, 31000, (batch, length)).astype(np.int32)
     ids[:, 0] = 1
-    ids[:, -action_dim - 1:-1] = rng.integers(31744, 32000, (batch, action_dim))
+    ids[:, -action_dim - 1 : -1] = rng.integers(31744, 32000, (batch, action_dim))
     ids[:, -1] = 2
     labels = np.full((batch, length), -100, np.int32)
-    labels[:, -action_dim - 1:] = ids[:, -action_dim - 1:]
-    return dict(pixel_values=rng.normal(size=(batch, image_size, image_size, 6)).astype(np.float32),
-                input_ids=ids, attention_mask=np.ones((batch, length), bool), labels=labels)
+    labels[:, -action_dim - 1 :] = ids[:, -action_dim - 1 :]
+    return dict(
+        pixel_values=rng.normal(size=(batch, image_size, image_size, 6)).astype(np.float32),
+        input_ids=ids,
+        attention_mask=np.ones((batch, length), bool),
+        labels=labels,
+    )

@@ -17,8 +17,7 @@ class ActionTokenizer:
     id = vocab_size - d. Decoding maps id -> bin_centers[clip(vocab_size - id - 1, 0, n_bins - 2)].
     """
 
-    def __init__(self, vocab_size: int = 32000, n_bins: int = 256, min_action: float = -1.0,
-                 max_action: float = 1.0):
+    def __init__(self, vocab_size: int = 32000, n_bins: int = 256, min_action: float = -1.0, max_action: float = 1.0):
         if vocab_size <= n_bins:
             raise ValueError(f"vocab_size {vocab_size} must exceed n_bins {n_bins}")
         self.vocab_size = int(vocab_size)

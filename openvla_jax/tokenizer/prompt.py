@@ -37,12 +37,13 @@ def inference_prompt_ids(tok: TextTokenizer, instruction: str) -> list[int]:
     return ids
 
 
-def training_example(tok: TextTokenizer, act_tok: ActionTokenizer, instruction: str,
-                     action: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def training_example(
+    tok: TextTokenizer, act_tok: ActionTokenizer, instruction: str, action: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """One example: (`input_ids [L]`, `labels [L]`) int32 for a normalised action `[D]`."""
     prefix = prompt_prefix_ids(tok, instruction)
     act_ids = act_tok.encode(np.asarray(action).reshape(-1)).tolist()
     ids = np.array(prefix + act_ids + [tok.eos_id], np.int32)
     labels = np.full_like(ids, IGNORE_INDEX)
-    labels[len(prefix):] = ids[len(prefix):]
+    labels[len(prefix) :] = ids[len(prefix) :]
     return ids, labels

@@ -18,8 +18,9 @@ class TextTokenizer:
     def __init__(self, path: str, pad_id: int | None = None):
         model = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
         if not os.path.exists(model):
-            raise FileNotFoundError(f"no sentencepiece model at {model!r} (expected `tokenizer.model` "
-                                    "from the checkpoint directory)")
+            raise FileNotFoundError(
+                f"no sentencepiece model at {model!r} (expected `tokenizer.model` from the checkpoint directory)"
+            )
         self.model_path = model
         self.sp = spm.SentencePieceProcessor(model_file=model)
         self.sp_vocab_size = self.sp.get_piece_size()
@@ -45,8 +46,7 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         ids = [int(i) for i in ids]
         if skip_special:
-            ids = [i for i in ids if i not in (self.pad_id, self.bos_id, self.eos_id)
-                   and 0 <= i < self.sp_vocab_size]
+            ids = [i for i in ids if i not in (self.pad_id, self.bos_id, self.eos_id) and 0 <= i < self.sp_vocab_size]
         return self.sp.decode(ids)
 
     def __getstate__(self):  # picklable for tf.data / multiprocessing

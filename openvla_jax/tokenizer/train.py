@@ -22,10 +22,24 @@ def train_sentencepiece(instructions: Sequence[str], vocab_size: int = 400) -> b
     sentences = [PROMPT.format(t) for t in texts] + list(texts) + [PROMPT.format("")]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences * 4), model_writer=buf, vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, split_digits=True, hard_vocab_limit=False,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+        sentence_iterator=iter(sentences * 4),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        hard_vocab_limit=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
     proto = buf.getvalue()
     sp = spm.SentencePieceProcessor(model_proto=proto)
     if sp.piece_to_id("▁") == sp.unk_id():

@@ -50,6 +50,7 @@ class CheckpointError(RuntimeError):
 
 # --- side files and manifests ----------------------------------------------------------------------
 
+
 def atomic_write_text(path, text: str) -> Path:
     """Write `text` to `path` via a temp file in the same dir + rename (readers never see a part)."""
     path = Path(path)
@@ -90,8 +91,10 @@ def verify_manifest(step_dir, step: int, checksum: bool = True) -> dict:
     step_dir = Path(step_dir)
     path = step_dir / MANIFEST
     if not path.exists():
-        raise CheckpointError(f"checkpoint step {step} at {step_dir} has no {MANIFEST}: the save did "
-                              "not finish (or was not written by TrainCheckpointer)")
+        raise CheckpointError(
+            f"checkpoint step {step} at {step_dir} has no {MANIFEST}: the save did "
+            "not finish (or was not written by TrainCheckpointer)"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -99,23 +102,29 @@ def verify_manifest(step_dir, step: int, checksum: bool = True) -> dict:
     for rel, want in manifest["files"].items():
         f = step_dir / rel
         if not f.is_file():
-            raise CheckpointError(f"checkpoint step {step}: file {rel} is missing from {step_dir} "
-                                  f"(expected {want['size']} bytes)")
+            raise CheckpointError(
+                f"checkpoint step {step}: file {rel} is missing from {step_dir} (expected {want['size']} bytes)"
+            )
         size = f.stat().st_size
         if size != want["size"]:
-            raise CheckpointError(f"checkpoint step {step}: file {rel} is {size} bytes, expected "
-                                  f"{want['size']} (truncated or overwritten)")
+            raise CheckpointError(
+                f"checkpoint step {step}: file {rel} is {size} bytes, expected "
+                f"{want['size']} (truncated or overwritten)"
+            )
         if checksum and "crc32" in want and _crc32(f) != want["crc32"]:
-            raise CheckpointError(f"checkpoint step {step}: file {rel} has crc32 {_crc32(f)}, "
-                                  f"expected {want['crc32']} (corrupt)")
+            raise CheckpointError(
+                f"checkpoint step {step}: file {rel} has crc32 {_crc32(f)}, expected {want['crc32']} (corrupt)"
+            )
     return manifest
 
 
 def params_to_numpy(params):
     """Device arrays -> host NumPy arrays, one leaf at a time, each in its own dtype."""
+
     def get(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             from jax.experimental import multihost_utils
+
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(jax.device_get(x))
 
@@ -123,6 +132,7 @@ def params_to_numpy(params):
 
 
 # --- the checkpointer ----------------------------------------------------------------------------
+
 
 class TrainCheckpointer:
     """Async orbax checkpoints of (params, opt_state, meta) under `workdir/checkpoints`.
@@ -133,8 +143,16 @@ class TrainCheckpointer:
     checkpoint once more each way; sizes alone, always checked, already catch truncation).
     """
 
-    def __init__(self, workdir, *, save_every: int, keep_last: int, keep_every: Optional[int] = None,
-                 async_save: bool = True, checksum: bool = True):
+    def __init__(
+        self,
+        workdir,
+        *,
+        save_every: int,
+        keep_last: int,
+        keep_every: Optional[int] = None,
+        async_save: bool = True,
+        checksum: bool = True,
+    ):
         if save_every < 1 or keep_last < 1:
             raise ValueError(f"save_every and keep_last must be >= 1, got {save_every}, {keep_last}")
         self.workdir = Path(workdir).absolute()
@@ -146,20 +164,22 @@ class TrainCheckpointer:
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             # Multiples of save_every only (orbax's default also saves the first step it sees).
-            save_decision_policy=policies.AnySavePolicy([policies.FixedIntervalPolicy(save_every),
-                                                         policies.PreemptionCheckpointingPolicy()]),
-            max_to_keep=keep_last, keep_period=keep_every,
+            save_decision_policy=policies.AnySavePolicy(
+                [policies.FixedIntervalPolicy(save_every), policies.PreemptionCheckpointingPolicy()]
+            ),
+            max_to_keep=keep_last,
+            keep_period=keep_every,
             cleanup_tmp_directories=True,  # leftovers of a crashed save are never resumed anyway
             enable_async_checkpointing=True,  # always: the manifest hook exists only on this path
-            async_options=ocp.AsyncOptions(post_finalization_callback=lambda: self._write_manifest()))
+            async_options=ocp.AsyncOptions(post_finalization_callback=lambda: self._write_manifest()),
+        )
         self._mngr = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
 
     # ------------------------------------------------------------------------------------ saving
     def should_save(self, step: int) -> bool:
         return self._mngr.should_save(step)
 
-    def save(self, step: int, params, opt_state, meta: dict, force: bool = False,
-             data_iterator=None) -> bool:
+    def save(self, step: int, params, opt_state, meta: dict, force: bool = False, data_iterator=None) -> bool:
         """Save if `step` is on schedule (or `force`) and not saved already; True if it saves.
 
         Call on every host. `meta` must be JSON-serialisable (step and rng key data as lists);
@@ -175,9 +195,11 @@ class TrainCheckpointer:
             meta["data_state"] = str(self.data_state_dir(step).relative_to(self.workdir))
             meta["data_position"] = int(data_iterator.position)
         self._pending = int(step)
-        args = ocp.args.Composite(params=ocp.args.StandardSave(nn.meta.unbox(params)),
-                                  opt_state=ocp.args.StandardSave(nn.meta.unbox(opt_state)),
-                                  meta=ocp.args.JsonSave(_jsonable(meta)))
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(nn.meta.unbox(params)),
+            opt_state=ocp.args.StandardSave(nn.meta.unbox(opt_state)),
+            meta=ocp.args.JsonSave(_jsonable(meta)),
+        )
         self._mngr.save(step, args=args, force=True)
         if not self.async_save:
             self.wait()
@@ -208,8 +230,9 @@ class TrainCheckpointer:
         self._raise_callback_error()
         step, self._pending = self._pending, None
         if step is not None and jax.process_index() == 0 and not self._is_complete(step):
-            raise CheckpointError(f"checkpoint step {step} was not finalized in {self.directory} "
-                                  "(see the orbax error logged above)")
+            raise CheckpointError(
+                f"checkpoint step {step} was not finalized in {self.directory} (see the orbax error logged above)"
+            )
         self._prune_data_states()
 
     def close(self) -> None:
@@ -238,11 +261,17 @@ class TrainCheckpointer:
             for d in self.directory.iterdir():
                 if d.is_dir() and d.name.isdigit() and not self._is_complete(int(d.name)):
                     aside = d.with_name(f"{d.name}.incomplete-{int(time.time())}")
-                    log.warning("checkpoint step dir %s has no %s or %s: an interrupted save; moved to %s "
-                                "and not resumed", d, MANIFEST, COMMITTED, aside.name)
+                    log.warning(
+                        "checkpoint step dir %s has no %s or %s: an interrupted save; moved to %s and not resumed",
+                        d,
+                        MANIFEST,
+                        COMMITTED,
+                        aside.name,
+                    )
                     os.replace(d, aside)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
+
             multihost_utils.sync_global_devices("TrainCheckpointer:quarantine")
 
     def _is_complete(self, step: int) -> bool:
@@ -260,8 +289,9 @@ class TrainCheckpointer:
             if self._is_complete(int(d.name)):
                 steps.append(int(d.name))
             else:
-                log.warning("checkpoint step dir %s has no %s or %s: an interrupted save, skipped",
-                            d, MANIFEST, COMMITTED)
+                log.warning(
+                    "checkpoint step dir %s has no %s or %s: an interrupted save, skipped", d, MANIFEST, COMMITTED
+                )
         return sorted(steps)
 
     def latest_step(self) -> Optional[int]:
@@ -274,8 +304,7 @@ class TrainCheckpointer:
             if step is None:
                 raise CheckpointError(f"no complete checkpoint in {self.directory}")
         elif not self.step_dir(step).exists():
-            raise CheckpointError(f"no checkpoint step {step} in {self.directory}; complete steps: "
-                                  f"{self.all_steps()}")
+            raise CheckpointError(f"no checkpoint step {step} in {self.directory}; complete steps: {self.all_steps()}")
         verify_manifest(self.step_dir(step), step, self.checksum)
         return int(step)
 
@@ -286,10 +315,14 @@ class TrainCheckpointer:
         `jax.eval_shape` + the sharding rules): each host reads only its shards, placed directly
         with those shardings, so a sharded 7B state is never gathered on one host."""
         step = self._resolve(step)
-        out = self._mngr.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(nn.meta.unbox(abstract_params)),
-            opt_state=ocp.args.StandardRestore(nn.meta.unbox(abstract_opt_state)),
-            meta=ocp.args.JsonRestore()))
+        out = self._mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(nn.meta.unbox(abstract_params)),
+                opt_state=ocp.args.StandardRestore(nn.meta.unbox(abstract_opt_state)),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
         return out.params, out.opt_state, out.meta
 
     def restore_params(self, step: Optional[int] = None, abstract_params=None):
@@ -299,10 +332,10 @@ class TrainCheckpointer:
         if abstract_params is None:
             meta = self._mngr.item_metadata(step)["params"]
             dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            abstract_params = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta)
-        out = self._mngr.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(nn.meta.unbox(abstract_params))))
+            abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta)
+        out = self._mngr.restore(
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(nn.meta.unbox(abstract_params)))
+        )
         return out.params
 
     def restore_meta(self, step: Optional[int] = None) -> dict:
@@ -314,8 +347,9 @@ class TrainCheckpointer:
         try:
             iterator.restore(self.data_state_dir(step))
         except Exception as e:
-            raise CheckpointError(f"checkpoint step {step}: data iterator state in "
-                                  f"{self.data_state_dir(step)} cannot be restored: {e}") from e
+            raise CheckpointError(
+                f"checkpoint step {step}: data iterator state in {self.data_state_dir(step)} cannot be restored: {e}"
+            ) from e
 
     def _prune_data_states(self) -> None:
         """Drop this host's data states of steps orbax no longer keeps (after its deletions ran)."""
@@ -334,9 +368,15 @@ class TrainCheckpointer:
     # --------------------------------------------------------------------------------- side files
     def write_config(self, config) -> Optional[Path]:
         """`workdir/config.json` (a ConfigDict, dict or JSON string); process 0 only."""
-        text = config if isinstance(config, str) else (
-            config.to_json(indent=2, sort_keys=True) if hasattr(config, "to_json")
-            else json.dumps(_jsonable(config), indent=2, sort_keys=True))
+        text = (
+            config
+            if isinstance(config, str)
+            else (
+                config.to_json(indent=2, sort_keys=True)
+                if hasattr(config, "to_json")
+                else json.dumps(_jsonable(config), indent=2, sort_keys=True)
+            )
+        )
         return self._write_side("config.json", text)
 
     def write_dataset_statistics(self, stats: dict) -> Optional[Path]:
@@ -351,8 +391,9 @@ class TrainCheckpointer:
             return None
         return atomic_write_text(self.workdir / name, text.rstrip("\n") + "\n")
 
-    def export_for_inference(self, step: Optional[int], out_dir, model_config, norm_stats=None,
-                             tokenizer_dir=None, params=None) -> Path:
+    def export_for_inference(
+        self, step: Optional[int], out_dir, model_config, norm_stats=None, tokenizer_dir=None, params=None
+    ) -> Path:
         """Write the converted layout `OpenVLA.load` reads (`convert.checkpoint.save_converted`):
         params of `step` (or the given `params`) as NumPy in their dtype, model config, norm stats
         (default: `workdir/dataset_statistics.json`) and the tokenizer files of `tokenizer_dir`.
@@ -360,8 +401,10 @@ class TrainCheckpointer:
         from openvla_jax.convert.checkpoint import save_converted
 
         if jax.process_count() > 1:
-            raise NotImplementedError("export_for_inference runs in one process; export from a "
-                                      "single-host job that calls restore_params(step) on one device")
+            raise NotImplementedError(
+                "export_for_inference runs in one process; export from a "
+                "single-host job that calls restore_params(step) on one device"
+            )
         if params is None:
             params = self.restore_params(step)
         if norm_stats is None:

@@ -44,11 +44,20 @@ def _model_counts(model_config) -> dict:
             t = vit.tower_from_config(tower, model_config.vision.image_size)
             run = t.depth - 1  # OpenVLA takes the second-to-last block's output: the last never runs
             tp = p["vision_backbone"][key]
-            blocks = (_count(tp["blocks"]) * run // t.depth if "blocks" in tp  # scanned: [depth, ...]
-                      else sum(_count(tp[f"blocks_{i}"]) for i in range(run)))
+            blocks = (
+                _count(tp["blocks"]) * run // t.depth
+                if "blocks" in tp  # scanned: [depth, ...]
+                else sum(_count(tp[f"blocks_{i}"]) for i in range(run))
+            )
             towers.append(dict(params=blocks + _count(tp["patch_embed"]), run=run, width=t.embed_dim))
-    return dict(decoder=_count(lm) - _count(lm["embed_tokens"]) - head, head=head, projector=_count(p["projector"]),
-                towers=towers, patches=module.num_patches, total=_count(p))
+    return dict(
+        decoder=_count(lm) - _count(lm["embed_tokens"]) - head,
+        head=head,
+        projector=_count(p["projector"]),
+        towers=towers,
+        patches=module.num_patches,
+        total=_count(p),
+    )
 
 
 def _vision_forward(c: dict) -> float:
@@ -88,13 +97,22 @@ def param_count(model_config) -> int:
 
 # Dense bf16 peak FLOP/s of known accelerators (vendor datasheets, without sparsity).
 PEAK_FLOPS = {
-    "H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
-    "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
 }
 
 # HBM bandwidth in bytes/s (datasheets): batch-1 decoding reads every weight once per token.
 HBM_BANDWIDTH = {
-    "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "TPU v4": 1.2e12, "TPU v5 lite": 0.82e12,
+    "H100": 3.35e12,
+    "H200": 4.8e12,
+    "A100": 2.0e12,
+    "TPU v4": 1.2e12,
+    "TPU v5 lite": 0.82e12,
     "TPU v5p": 2.76e12,
 }
 

@@ -48,9 +48,11 @@ def data_config(config: ml_collections.ConfigDict, train: bool, dataset_statisti
     opts = action_options(config.model)
     chunk, cams = opts["action_chunk"], opts["num_images"]
     if chunk > 1 and (d.window_size, d.future_action_window_size) != (1, chunk - 1):
-        raise ValueError(f"model.action_chunk={chunk} needs data.window_size=1 and "
-                         f"data.future_action_window_size={chunk - 1}; got {d.window_size} and "
-                         f"{d.future_action_window_size}")
+        raise ValueError(
+            f"model.action_chunk={chunk} needs data.window_size=1 and "
+            f"data.future_action_window_size={chunk - 1}; got {d.window_size} and "
+            f"{d.future_action_window_size}"
+        )
     extra = {}  # the OFT inputs: several cameras, proprio
     views = tuple(d.get("image_views", None) or ())
     if (views and len(views) != cams) or (not views and cams > 1):
@@ -60,14 +62,27 @@ def data_config(config: ml_collections.ConfigDict, train: bool, dataset_statisti
         extra["pad_missing_views"] = bool(d.get("pad_missing_views", False))
     if opts["proprio_dim"]:
         extra["proprio"] = True
-    return DataConfig(**extra,
-        data_dir=d.data_dir, mixture=d.mixture, train=train, batch_size=d.batch_size,
-        image_size=config.model.vision.image_size, image_view=d.image_view, window_size=d.window_size,
-        future_action_window_size=d.future_action_window_size, normalization=d.normalization,
-        augment=d.augment, shuffle_buffer=d.shuffle_buffer, seed=config.seed, deterministic=d.deterministic,
-        ram_budget_gb=d.ram_budget_gb, num_parallel_calls=auto(d.num_parallel_calls),
-        num_parallel_reads=auto(d.num_parallel_reads), dataset_statistics=dataset_statistics,
-        progress=jax.process_index() == 0)
+    return DataConfig(
+        **extra,
+        data_dir=d.data_dir,
+        mixture=d.mixture,
+        train=train,
+        batch_size=d.batch_size,
+        image_size=config.model.vision.image_size,
+        image_view=d.image_view,
+        window_size=d.window_size,
+        future_action_window_size=d.future_action_window_size,
+        normalization=d.normalization,
+        augment=d.augment,
+        shuffle_buffer=d.shuffle_buffer,
+        seed=config.seed,
+        deterministic=d.deterministic,
+        ram_budget_gb=d.ram_budget_gb,
+        num_parallel_calls=auto(d.num_parallel_calls),
+        num_parallel_reads=auto(d.num_parallel_reads),
+        dataset_statistics=dataset_statistics,
+        progress=jax.process_index() == 0,
+    )
 
 
 def trained_preprocessing(config, pipeline) -> dict:
@@ -85,7 +100,8 @@ def tokenizer_dir(config) -> str:
     if not path or not (Path(path) / "tokenizer.model").exists():
         raise FileNotFoundError(
             f"no tokenizer.model in {path!r}: set --config.data.tokenizer_dir to a directory holding the "
-            "Llama 2 tokenizer.model (an HF or converted openvla checkpoint has one), or init_from")
+            "Llama 2 tokenizer.model (an HF or converted openvla checkpoint has one), or init_from"
+        )
     return str(path)
 
 
@@ -150,7 +166,7 @@ def flatten_metrics(metrics: dict, dataset_names, prefix: str) -> dict:
         if k.startswith("dataset_"):
             if len(dataset_names) > 1:
                 for name, x in zip(dataset_names, v.reshape(-1)):
-                    out[f"{prefix}/{name}/{k[len('dataset_'):]}"] = float(x)
+                    out[f"{prefix}/{name}/{k[len('dataset_') :]}"] = float(x)
         else:
             out[f"{prefix}/{k}"] = float(v) if v.dtype != bool else bool(v)
     return out
@@ -161,7 +177,8 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
     """Run (or resume) training; returns a summary dict (final metrics, steps, export dir)."""
     from openvla_jax.data.iterator import CheckpointableIterator
     from openvla_jax.data.rlds import RLDSPipeline
-    from openvla_jax.parallel import distributed, rules as R
+    from openvla_jax.parallel import distributed
+    from openvla_jax.parallel import rules as R
     from openvla_jax.parallel.batch import global_batch
     from openvla_jax.parallel.mesh import make_mesh
     from openvla_jax.tokenizer.actions import ActionTokenizer
@@ -184,9 +201,14 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
     tok_dir = tokenizer_dir(config)
     tokenizer = TextTokenizer(tok_dir)
 
-    ckpt = ckpt_lib.TrainCheckpointer(workdir, save_every=tc.save_every, keep_last=tc.keep_last,
-                                      keep_every=tc.keep_every or None, async_save=tc.async_save,
-                                      checksum=tc.checksum)
+    ckpt = ckpt_lib.TrainCheckpointer(
+        workdir,
+        save_every=tc.save_every,
+        keep_last=tc.keep_last,
+        keep_every=tc.keep_every or None,
+        async_save=tc.async_save,
+        checksum=tc.checksum,
+    )
     latest = ckpt.latest_step()
     stats = ckpt.read_dataset_statistics() if latest is not None else None
     action_tokenizer = ActionTokenizer.for_model(config.model)
@@ -200,9 +222,17 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
     module = build_module(config)
     optimizer, schedule = make_optimizer(config.optimizer, abstract_params(module))
     k = supervised_tokens(config)
-    step_fn = make_train_step(module, optimizer, schedule, mesh, rules, num_datasets=len(dataset_names),
-                              accumulate_steps=config.optimizer.accumulate_steps, freeze=config.optimizer.freeze,
-                              supervised_tokens=k)
+    step_fn = make_train_step(
+        module,
+        optimizer,
+        schedule,
+        mesh,
+        rules,
+        num_datasets=len(dataset_names),
+        accumulate_steps=config.optimizer.accumulate_steps,
+        freeze=config.optimizer.freeze,
+        supervised_tokens=k,
+    )
     shardings = step_fn.shardings
     if latest is not None:
         state = _restore(ckpt, latest, module, optimizer, shardings, data)
@@ -213,8 +243,9 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
             from openvla_jax.convert.checkpoint import load_converted
 
             _, params, _ = load_converted(config.init_from)
-        state = init_train_state(module, config.model, optimizer, mesh, rules, jax.random.key(config.seed),
-                                 params=params)
+        state = init_train_state(
+            module, config.model, optimizer, mesh, rules, jax.random.key(config.seed), params=params
+        )
     from openvla_jax.train.optimizer import cast_frozen
 
     state = state.replace(params=cast_frozen(state.params, config.optimizer))  # optimizer.frozen_dtype
@@ -225,8 +256,17 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
 
     eval_fn = None
     if tc.eval_every and tc.eval_batches:
-        eval_fn = _make_evaluator(config, module, mesh, rules, tokenizer, action_tokenizer, pipeline.statistics,
-                                  dataset_names, shardings.params)
+        eval_fn = _make_evaluator(
+            config,
+            module,
+            mesh,
+            rules,
+            tokenizer,
+            action_tokenizer,
+            pipeline.statistics,
+            dataset_names,
+            shardings.params,
+        )
 
     writer = MetricsWriter(workdir, dataset_names, main)
     bar = None
@@ -251,25 +291,31 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
                     raise ValueError(
                         f"step {step + 1}: {int(metrics['dropped'])} rows do not hold exactly "
                         f"{module.num_action_positions} action tokens + EOS (model.action_chunk x action_dim): "
-                        "set data.future_action_window_size = model.action_chunk - 1")
+                        "set data.future_action_window_size = model.action_chunk - 1"
+                    )
                 if float(metrics.get("dropped", 0)):
                     raise ValueError(
                         f"step {step + 1}: {int(metrics['dropped'])} supervised label tokens lie beyond the "
                         f"{k} per row the loss computes logits for (train.supervised_tokens); raise it, or set "
-                        "it to 0 to compute logits at every position")
+                        "it to 0 to compute logits at every position"
+                    )
                 if not bool(metrics["finite"]):
                     good = ckpt.latest_step()
                     raise TrainingDiverged(
                         f"step {step + 1}: loss {float(metrics['loss'])} / grad norm {float(metrics['grad_norm'])} "
                         f"is not finite; the update was skipped and training stopped. The last good checkpoint "
                         f"is step {good} in {ckpt.directory} (nothing after it was saved). Lower the learning "
-                        "rate or check the data, then resume.")
+                        "rate or check the data, then resume."
+                    )
                 step += 1
                 steps_since += 1
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
-                                    acc=f"{float(metrics['action_accuracy']):.3f}", refresh=False)
+                    bar.set_postfix(
+                        loss=f"{float(metrics['loss']):.3f}",
+                        acc=f"{float(metrics['action_accuracy']):.3f}",
+                        refresh=False,
+                    )
                 if step % tc.log_every == 0 or step == tc.steps:
                     now = time.perf_counter()
                     dt = (now - t_last) / max(steps_since, 1)
@@ -279,8 +325,11 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
                 if eval_fn is not None and (step % tc.eval_every == 0 or step == tc.steps):
                     last.update(writer.write(step, eval_fn(state.params), prefix="eval"))
                 if tc.get("offline_eval_every") and (step % tc.offline_eval_every == 0 or step == tc.steps):
-                    last.update(writer.write(step, offline_eval(config, state.params, pipeline.statistics,
-                                                                tok_dir), prefix="offline"))
+                    last.update(
+                        writer.write(
+                            step, offline_eval(config, state.params, pipeline.statistics, tok_dir), prefix="offline"
+                        )
+                    )
                 ckpt.save(step, state.params, state.opt_state, meta, data_iterator=data)
                 if on_step is not None:
                     on_step(step, metrics)
@@ -324,31 +373,39 @@ def offline_eval(config, params, statistics, tok_dir) -> dict:
     vla = OpenVLA(config.model, params, statistics, tok_dir, dtype=config.model.dtype)
     cfg = data_config(config, train=False, dataset_statistics=statistics)
     cfg.progress = False
-    overall = evaluate_offline(vla, cfg, max_batches=config.train.eval_batches, episodes_to_plot=0)["metrics"]["overall"]
+    overall = evaluate_offline(vla, cfg, max_batches=config.train.eval_batches, episodes_to_plot=0)["metrics"][
+        "overall"
+    ]
     return {k: v for k, v in overall.items() if isinstance(v, (int, float))}
 
 
 def _restore(ckpt, step: int, module, optimizer, shardings, data):
+    import flax.linen as nn
+
     from openvla_jax.train.state import TrainState
     from openvla_jax.train.step import abstract_params
 
-    import flax.linen as nn
-
     boxed = nn.meta.unbox(abstract_params(module))
-    abs_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=s), boxed,
-                              shardings.params)
-    abs_opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                           jax.eval_shape(optimizer.init, abs_params), shardings.opt_state)
+    abs_params = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=s), boxed, shardings.params
+    )
+    abs_opt = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(optimizer.init, abs_params),
+        shardings.opt_state,
+    )
     params, opt_state, meta = ckpt.restore(step, abstract_params=abs_params, abstract_opt_state=abs_opt)
     ckpt.restore_data_iterator(step, data)
     rep = shardings.step
     rng = jax.device_put(np.asarray(meta["rng"], np.uint32), rep)
-    return TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), rep), params=params,
-                      opt_state=opt_state, rng=rng)
+    return TrainState(
+        step=jax.device_put(jnp.asarray(step, jnp.int32), rep), params=params, opt_state=opt_state, rng=rng
+    )
 
 
-def _make_evaluator(config, module, mesh, rules, tokenizer, action_tokenizer, statistics, dataset_names,
-                    params_shardings):
+def _make_evaluator(
+    config, module, mesh, rules, tokenizer, action_tokenizer, statistics, dataset_names, params_shardings
+):
     """-> fn(params) -> metrics over `eval_batches` batches of the validation split (a fresh,
     deterministic pass each time, so numbers are comparable across steps)."""
     from openvla_jax.data.rlds import RLDSPipeline
@@ -356,8 +413,14 @@ def _make_evaluator(config, module, mesh, rules, tokenizer, action_tokenizer, st
     from openvla_jax.train.loss import summarize
     from openvla_jax.train.step import make_eval_step
 
-    eval_step = make_eval_step(module, mesh, rules, num_datasets=len(dataset_names),
-                               params_shardings=params_shardings, supervised_tokens=supervised_tokens(config))
+    eval_step = make_eval_step(
+        module,
+        mesh,
+        rules,
+        num_datasets=len(dataset_names),
+        params_shardings=params_shardings,
+        supervised_tokens=supervised_tokens(config),
+    )
     cfg = data_config(config, train=not config.data.eval_split, dataset_statistics=statistics)
 
     def evaluate(params):

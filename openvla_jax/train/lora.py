@@ -54,6 +54,7 @@ class LoraConfig:
     """`target` / `exclude`: regexes `re.fullmatch`ed against '/'-joined param paths; a kernel is
     adapted when it matches `target` and not `exclude`. Defaults: every linear kernel but lm_head (and
     the conv patch embeddings)."""
+
     rank: int = 32
     alpha: float = 16.0
     dropout: float = 0.0
@@ -64,8 +65,10 @@ class LoraConfig:
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
         if self.dropout != 0.0:
-            raise ValueError(f"LoRA dropout {self.dropout} is not supported (adapters are merged into the "
-                             "weights; dropout on the adapter input has no merged form); use 0.0 as the original")
+            raise ValueError(
+                f"LoRA dropout {self.dropout} is not supported (adapters are merged into the "
+                "weights; dropout on the adapter input has no merged form); use 0.0 as the original"
+            )
 
     @property
     def scale(self) -> float:
@@ -88,11 +91,16 @@ def targets(params, cfg: LoraConfig) -> dict:
     """'/'-joined path -> kernel shape, for every adapted kernel (params boxed or not, arrays or shapes)."""
     params = nn.meta.unbox(params)
     target, exclude = re.compile(cfg.target), re.compile(cfg.exclude) if cfg.exclude else None
-    out = {p: tuple(x.shape) for p, x in zip(jax.tree.leaves(param_paths(params)), jax.tree.leaves(params))
-           if target.fullmatch(p) and not (exclude and exclude.fullmatch(p))}
+    out = {
+        p: tuple(x.shape)
+        for p, x in zip(jax.tree.leaves(param_paths(params)), jax.tree.leaves(params))
+        if target.fullmatch(p) and not (exclude and exclude.fullmatch(p))
+    }
     if not out:
-        raise ValueError(f"LoRA target {cfg.target!r} (exclude {cfg.exclude!r}) matches no parameter; paths look "
-                         f"like {jax.tree.leaves(param_paths(params))[:3]}")
+        raise ValueError(
+            f"LoRA target {cfg.target!r} (exclude {cfg.exclude!r}) matches no parameter; paths look "
+            f"like {jax.tree.leaves(param_paths(params))[:3]}"
+        )
     return out
 
 
@@ -170,9 +178,16 @@ def init_lora_state(base_params, cfg: LoraConfig, optimizer: optax.GradientTrans
     return TrainState.create(adapters, optimizer, rng)
 
 
-def make_lora_train_step(module, optimizer: optax.GradientTransformation, lr_schedule: Callable, cfg: LoraConfig,
-                         *, supervised_tokens: Optional[int] = None, donate: bool = True,
-                         compiler_options: Optional[dict] = None) -> Callable:
+def make_lora_train_step(
+    module,
+    optimizer: optax.GradientTransformation,
+    lr_schedule: Callable,
+    cfg: LoraConfig,
+    *,
+    supervised_tokens: Optional[int] = None,
+    donate: bool = True,
+    compiler_options: Optional[dict] = None,
+) -> Callable:
     """-> `step(state, base_params, batch) -> (state, metrics)`, jitted (single device / replicated).
 
     `state.params` are the adapters; `base_params` are a frozen argument (no gradient, never donated,
@@ -191,6 +206,7 @@ def make_lora_train_step(module, optimizer: optax.GradientTransformation, lr_sch
         return guarded_update(state, grads, loss_sum, sums, optimizer, lr_schedule)
 
     jitted = jax.jit(train_step, donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
+
     def step(state, base_params, batch):
         return jitted(state, base_params, select_batch(batch))
 
@@ -230,8 +246,14 @@ def load_adapters(path) -> tuple[dict, LoraConfig]:
     return adapters, cfg
 
 
-def merge_and_export(base_dir, adapters: dict, cfg: LoraConfig, out_dir, norm_stats: Optional[dict] = None,
-                     model_config_updates: Optional[dict] = None) -> Path:
+def merge_and_export(
+    base_dir,
+    adapters: dict,
+    cfg: LoraConfig,
+    out_dir,
+    norm_stats: Optional[dict] = None,
+    model_config_updates: Optional[dict] = None,
+) -> Path:
     """Base converted checkpoint + adapters -> a converted checkpoint with merged weights (the base's
     dtype, its tokenizer and hf_config; `norm_stats` replaces its dataset statistics when given, e.g.
     those of the fine-tuning dataset; `model_config_updates` are set on its model config, e.g. the
@@ -246,5 +268,11 @@ def merge_and_export(base_dir, adapters: dict, cfg: LoraConfig, out_dir, norm_st
     except ValueError as e:
         raise ValueError(f"{base_dir}: {e}") from None
     tok = Path(base_dir) if extras["tokenizer_files"] else None
-    return save_converted(out_dir, model_config, merged, norm_stats if norm_stats is not None else extras["norm_stats"],
-                          tok, extras["hf_config"] or None)
+    return save_converted(
+        out_dir,
+        model_config,
+        merged,
+        norm_stats if norm_stats is not None else extras["norm_stats"],
+        tok,
+        extras["hf_config"] or None,
+    )

@@ -40,8 +40,10 @@ def _per_token(logits, labels, num_patches, tok):
     """-> per-target arrays `[B, T-1]`: ce (0 where ignored), valid, correct, action, l1."""
     b, t = labels.shape
     if logits.shape[:2] != (b, t + num_patches):
-        raise ValueError(f"logits {logits.shape} do not match labels {labels.shape} + {num_patches} patches: "
-                         f"expected [B, T + P, V] = [{b}, {t + num_patches}, V]")
+        raise ValueError(
+            f"logits {logits.shape} do not match labels {labels.shape} + {num_patches} patches: "
+            f"expected [B, T + P, V] = [{b}, {t + num_patches}, V]"
+        )
     return _per_target(logits[:, num_patches:-1], labels[:, 1:], tok)
 
 
@@ -75,20 +77,28 @@ def supervised_positions(labels: jax.Array, num_patches: int, k: int) -> tuple[j
     return order + num_patches, picked, dropped
 
 
-def loss_and_sums(logits: jax.Array, labels: jax.Array, num_patches: int, *,
-                  dataset_index: jax.Array | None = None, num_datasets: int = 1,
-                  tokenizer: ActionTokenizer | None = None) -> tuple[jax.Array, dict]:
+def loss_and_sums(
+    logits: jax.Array,
+    labels: jax.Array,
+    num_patches: int,
+    *,
+    dataset_index: jax.Array | None = None,
+    num_datasets: int = 1,
+    tokenizer: ActionTokenizer | None = None,
+) -> tuple[jax.Array, dict]:
     """-> (CE summed over all supervised targets, scalar fp32 -- divide by the total token count for
     the mean; differentiate this), per-dataset sums (metrics, no gradient), each `[num_datasets]` fp32.
 
     logits `[B, T + P, V]`, labels `[B, T]` int; or, with `num_patches=None`, logits `[B, K, V]` at
-    chosen positions and the targets they predict `[B, K]` (see `supervised_positions`); dataset_index `[B]` int32 in [0, num_datasets).
+    chosen positions and the targets they predict `[B, K]` (see `supervised_positions`); dataset_index
+    `[B]` int32 in [0, num_datasets).
     Sum keys: loss_sum (CE over supervised targets), tokens (their count), correct / action_tokens
     (argmax hits and count over action targets), l1_sum (summed |decoded pred - decoded label|)."""
     tok = tokenizer or ActionTokenizer()
     p = _per_token(logits, labels, num_patches, tok) if num_patches is not None else _per_target(logits, labels, tok)
-    per_row = jnp.stack([p["ce"].sum(1), p["valid"].sum(1), p["correct"].sum(1), p["action"].sum(1),
-                         p["l1"].sum(1)], axis=-1).astype(jnp.float32)  # [B, 5]
+    per_row = jnp.stack(
+        [p["ce"].sum(1), p["valid"].sum(1), p["correct"].sum(1), p["action"].sum(1), p["l1"].sum(1)], axis=-1
+    ).astype(jnp.float32)  # [B, 5]
     return p["ce"].sum(), _per_dataset(per_row, dataset_index, num_datasets)
 
 
@@ -111,8 +121,14 @@ def action_targets(labels: jax.Array, num_actions: int) -> tuple[jax.Array, jax.
     return targets, ~valid, bad
 
 
-def continuous_sums(pred: jax.Array, target: jax.Array, *, dataset_index: jax.Array | None = None,
-                    num_datasets: int = 1, tokenizer: ActionTokenizer | None = None) -> tuple[jax.Array, dict]:
+def continuous_sums(
+    pred: jax.Array,
+    target: jax.Array,
+    *,
+    dataset_index: jax.Array | None = None,
+    num_datasets: int = 1,
+    tokenizer: ActionTokenizer | None = None,
+) -> tuple[jax.Array, dict]:
     """The continuous head: pred / target normalised actions `[B, K, A]` -> (summed L1, the sums of
     `loss_and_sums`: loss_sum = l1_sum = sum |pred - target|, tokens = action_tokens = B*K*A count,
     correct = elements whose pred and target land in the same action bin)."""
@@ -122,10 +138,11 @@ def continuous_sums(pred: jax.Array, target: jax.Array, *, dataset_index: jax.Ar
     pred, target = pred.astype(jnp.float32), target.astype(jnp.float32)
     err = jnp.abs(pred - target).reshape(pred.shape[0], -1)
     bins = jnp.asarray(tok.bins.astype(np.float32))
-    same = (jnp.digitize(jnp.clip(pred, -1, 1), bins) == jnp.digitize(jnp.clip(target, -1, 1), bins))
+    same = jnp.digitize(jnp.clip(pred, -1, 1), bins) == jnp.digitize(jnp.clip(target, -1, 1), bins)
     count = jnp.full((pred.shape[0],), err.shape[1], jnp.float32)
-    per_row = jnp.stack([err.sum(1), count, same.reshape(pred.shape[0], -1).sum(1).astype(jnp.float32), count,
-                         err.sum(1)], axis=-1)
+    per_row = jnp.stack(
+        [err.sum(1), count, same.reshape(pred.shape[0], -1).sum(1).astype(jnp.float32), count, err.sum(1)], axis=-1
+    )
     return err.sum(), _per_dataset(per_row, dataset_index, num_datasets)
 
 

@@ -34,11 +34,23 @@ _STACKED = ("layers", "blocks")  # module names of nn.scan stacks (models/llama.
 
 
 def default_optimizer_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        lr=2e-5, schedule="constant", warmup_steps=0, total_steps=0, end_lr_ratio=0.0,
-        weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8,
-        freeze=(), frozen_dtype="float32", accumulate_steps=1,
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            lr=2e-5,
+            schedule="constant",
+            warmup_steps=0,
+            total_steps=0,
+            end_lr_ratio=0.0,
+            weight_decay=0.0,
+            grad_clip=1.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            freeze=(),
+            frozen_dtype="float32",
+            accumulate_steps=1,
+        )
+    )
 
 
 def make_schedule(cfg: ml_collections.ConfigDict) -> Callable:
@@ -47,11 +59,13 @@ def make_schedule(cfg: ml_collections.ConfigDict) -> Callable:
         return optax.constant_schedule(cfg.lr)
     if cfg.schedule == "warmup_cosine":
         if cfg.total_steps <= cfg.warmup_steps:
-            raise ValueError(f"warmup_cosine needs total_steps > warmup_steps, got {cfg.total_steps} <= "
-                             f"{cfg.warmup_steps}")
+            raise ValueError(
+                f"warmup_cosine needs total_steps > warmup_steps, got {cfg.total_steps} <= {cfg.warmup_steps}"
+            )
         # As HF get_cosine_schedule_with_warmup: 0 -> lr linearly, then cosine to end_lr by total_steps.
-        return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, cfg.total_steps,
-                                                  end_value=cfg.lr * cfg.end_lr_ratio)
+        return optax.warmup_cosine_decay_schedule(
+            0.0, cfg.lr, cfg.warmup_steps, cfg.total_steps, end_value=cfg.lr * cfg.end_lr_ratio
+        )
     raise ValueError(f"unknown lr schedule {cfg.schedule!r}; expected one of {SCHEDULES}")
 
 
@@ -69,11 +83,13 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
 
 def param_paths(params) -> dict:
     """Unboxed or boxed params -> same tree of '/'-joined path strings."""
+
     def key(k):
         return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
 
-    return jax.tree_util.tree_map_with_path(lambda path, _: "/".join(key(k) for k in path), params,
-                                            is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "/".join(key(k) for k in path), params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
 
 
 def trainable_mask(params, freeze: Sequence[str]):
@@ -82,8 +98,9 @@ def trainable_mask(params, freeze: Sequence[str]):
     patterns = [re.compile(p) for p in freeze]
     for pat in patterns:
         if not any(pat.match(p) for p in jax.tree.leaves(paths)):
-            raise ValueError(f"freeze pattern {pat.pattern!r} matches no parameter; paths look like "
-                             f"{jax.tree.leaves(paths)[:3]}")
+            raise ValueError(
+                f"freeze pattern {pat.pattern!r} matches no parameter; paths look like {jax.tree.leaves(paths)[:3]}"
+            )
     return jax.tree.map(lambda p: not any(pat.match(p) for pat in patterns), paths)
 
 
@@ -105,8 +122,14 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params) -> tuple[optax.Gradie
     """-> (optax transformation over the params tree, lr schedule). `params`: boxed or unboxed, arrays or
     ShapeDtypeStruct (only the tree, names and shapes are read)."""
     schedule = make_schedule(cfg)
-    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                        mask=nn.meta.unbox(decay_mask(params)) if cfg.weight_decay else None)
+    adamw = optax.adamw(
+        schedule,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=nn.meta.unbox(decay_mask(params)) if cfg.weight_decay else None,
+    )
     parts = ([clip_by_global_norm_torch(cfg.grad_clip)] if cfg.grad_clip else []) + [adamw]
     tx = optax.chain(*parts)
     if cfg.get("freeze"):
@@ -125,5 +148,6 @@ def cast_frozen(params, cfg: ml_collections.ConfigDict):
     if not cfg.get("freeze") or name == "float32":
         return params
     dtype = jnp.dtype(name)
-    return jax.tree.map(lambda x, trained: x if trained else x.astype(dtype), params,
-                        trainable_mask(params, cfg.freeze))
+    return jax.tree.map(
+        lambda x, trained: x if trained else x.astype(dtype), params, trainable_mask(params, cfg.freeze)
+    )

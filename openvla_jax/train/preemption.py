@@ -45,8 +45,9 @@ class PreemptionWatcher:
 
     def install(self) -> "PreemptionWatcher":
         if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("PreemptionWatcher must be installed from the main thread "
-                               "(Python delivers signals only there)")
+            raise RuntimeError(
+                "PreemptionWatcher must be installed from the main thread (Python delivers signals only there)"
+            )
         for s in self.signals:
             if s not in self._previous:
                 self._previous[s] = signal.signal(s, self._handle)

@@ -25,8 +25,7 @@ class TrainState:
 
     @classmethod
     def create(cls, params, optimizer: optax.GradientTransformation, rng) -> "TrainState":
-        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                   rng=key_data(rng))
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=key_data(rng))
 
     def step_key(self) -> jax.Array:
         """A typed key for this step (dropout etc.): fold_in(rng, step)."""

@@ -21,8 +21,14 @@ from jax.sharding import PartitionSpec as P
 
 from openvla_jax.parallel import rules as R
 from openvla_jax.parallel.sharding import opt_state_shardings, param_shardings, replicated
-from openvla_jax.train.loss import (SUM_KEYS, action_targets, continuous_sums, loss_and_sums, summarize,
-                                    supervised_positions)
+from openvla_jax.train.loss import (
+    SUM_KEYS,
+    action_targets,
+    continuous_sums,
+    loss_and_sums,
+    summarize,
+    supervised_positions,
+)
 from openvla_jax.train.optimizer import trainable_mask
 from openvla_jax.train.state import TrainState, key_data
 
@@ -38,8 +44,10 @@ def sample_inputs(module, batch: int = 1, length: int = 8):
     vb = module.vision_backbone
     size = vb.featurizer_config.img_size
     cams = () if module.num_images == 1 else (module.num_images,)
-    return (jax.ShapeDtypeStruct((batch, *cams, size, size, vb.channels), jnp.float32),
-            jax.ShapeDtypeStruct((batch, length), jnp.int32))
+    return (
+        jax.ShapeDtypeStruct((batch, *cams, size, size, vb.channels), jnp.float32),
+        jax.ShapeDtypeStruct((batch, length), jnp.int32),
+    )
 
 
 def abstract_params(module) -> dict:
@@ -59,17 +67,31 @@ def train_state_shardings(module, optimizer: optax.GradientTransformation, mesh:
 def _check_params(params, boxed, where: str):
     want = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed))[0]
     got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-    bad = [f"{jax.tree_util.keystr(k)}: want {v.shape}, got {'missing' if k not in got else got[k].shape}"
-           for k, v in want if k not in got or tuple(got[k].shape) != tuple(v.shape)]
+    bad = [
+        f"{jax.tree_util.keystr(k)}: want {v.shape}, got {'missing' if k not in got else got[k].shape}"
+        for k, v in want
+        if k not in got or tuple(got[k].shape) != tuple(v.shape)
+    ]
     extra = set(got) - {k for k, _ in want}
     if bad or extra:
-        raise ValueError(f"{where} do not fit the model: " + "; ".join(
-            bad[:5] + [f"unexpected {jax.tree_util.keystr(k)}" for k in list(extra)[:5]])
-            + (f" (and {len(bad) + len(extra) - 10} more)" if len(bad) + len(extra) > 10 else ""))
+        raise ValueError(
+            f"{where} do not fit the model: "
+            + "; ".join(bad[:5] + [f"unexpected {jax.tree_util.keystr(k)}" for k in list(extra)[:5]])
+            + (f" (and {len(bad) + len(extra) - 10} more)" if len(bad) + len(extra) > 10 else "")
+        )
 
 
-def init_train_state(module, model_config, optimizer: optax.GradientTransformation, mesh: Mesh, rules, rng,
-                     sample_batch_shapes=None, params=None, compiler_options: Optional[dict] = None) -> TrainState:
+def init_train_state(
+    module,
+    model_config,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    rules,
+    rng,
+    sample_batch_shapes=None,
+    params=None,
+    compiler_options: Optional[dict] = None,
+) -> TrainState:
     """A TrainState created already sharded (never the whole model on one device or host).
 
     Without `params`: `module.init` runs under jit with out_shardings. With `params` (NumPy tree from
@@ -85,6 +107,7 @@ def init_train_state(module, model_config, optimizer: optax.GradientTransformati
         inputs = tuple(jax.ShapeDtypeStruct(tuple(s), d) for s, d in zip(sample_batch_shapes, (jnp.float32, jnp.int32)))
     rng = key_data(rng)
     if params is None:
+
         def init(key):
             variables = module.init(jax.random.wrap_key_data(key), *(jnp.zeros(x.shape, x.dtype) for x in inputs))
             p = jax.tree.map(lambda x: x.astype(jnp.float32), nn.meta.unbox(variables["params"]))
@@ -102,8 +125,12 @@ def init_train_state(module, model_config, optimizer: optax.GradientTransformati
     placed = jax.tree.map(place, params, shardings.params)
     opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state, compiler_options=compiler_options)(placed)
     rep = shardings.step
-    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=placed, opt_state=opt_state,
-                      rng=jax.device_put(rng, rep))
+    return TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), rep),
+        params=placed,
+        opt_state=opt_state,
+        rng=jax.device_put(rng, rep),
+    )
 
 
 def _microbatches(x: jax.Array, n: int, mesh: Mesh) -> jax.Array:
@@ -146,8 +173,9 @@ class _Context:
             self._stack.pop().__exit__(*exc)
 
 
-def forward_sums(module, params, batch, num_datasets: int = 1, mesh: Optional[Mesh] = None,
-                 supervised_tokens: Optional[int] = None):
+def forward_sums(
+    module, params, batch, num_datasets: int = 1, mesh: Optional[Mesh] = None, supervised_tokens: Optional[int] = None
+):
     """(summed loss, per-dataset metric sums) of one batch: what the train, eval and LoRA steps
     differentiate / add up. `mesh`: constrain the logits' sharding on it (None: leave it to XLA).
     With `supervised_tokens` K, the lm_head runs only at each row's first K
@@ -166,14 +194,25 @@ def forward_sums(module, params, batch, num_datasets: int = 1, mesh: Optional[Me
     index, targets, dropped = None, labels, None
     if supervised_tokens:
         index, targets, dropped = supervised_positions(labels, module.num_patches, supervised_tokens)
-    logits = module.apply({"params": params}, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                          batch.get("proprio"), logits_index=index)
+    logits = module.apply(
+        {"params": params},
+        batch["pixel_values"],
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch.get("proprio"),
+        logits_index=index,
+    )
     if mesh is not None:
         spec = R.fit_spec(P(R.BATCH_AXES, None, "tensor"), logits.shape, dict(mesh.shape))
         logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, spec))
-    loss, sums = loss_and_sums(logits, targets, None if supervised_tokens else module.num_patches,
-                               dataset_index=batch.get("dataset_index"), num_datasets=num_datasets,
-                               tokenizer=_action_tokenizer(module))
+    loss, sums = loss_and_sums(
+        logits,
+        targets,
+        None if supervised_tokens else module.num_patches,
+        dataset_index=batch.get("dataset_index"),
+        num_datasets=num_datasets,
+        tokenizer=_action_tokenizer(module),
+    )
     if dropped is not None:
         sums = dict(sums, dropped=jnp.zeros((num_datasets,), jnp.float32).at[0].set(dropped.astype(jnp.float32)))
     return loss, sums
@@ -187,21 +226,39 @@ def _action_tokenizer(module):
 def _parallel_sums(module, params, batch, num_datasets):
     n = module.num_action_positions
     targets, prompt, bad = action_targets(batch["labels"], n)
-    out = module.apply({"params": params}, batch["pixel_values"], batch["input_ids"],
-                       batch["attention_mask"].astype(bool) & prompt, batch.get("proprio"),
-                       method=type(module).parallel_actions)
+    out = module.apply(
+        {"params": params},
+        batch["pixel_values"],
+        batch["input_ids"],
+        batch["attention_mask"].astype(bool) & prompt,
+        batch.get("proprio"),
+        method=type(module).parallel_actions,
+    )
     if module.action_head is None:
-        loss, sums = loss_and_sums(out, targets, None, dataset_index=batch.get("dataset_index"),
-                                   num_datasets=num_datasets, tokenizer=_action_tokenizer(module))
+        loss, sums = loss_and_sums(
+            out,
+            targets,
+            None,
+            dataset_index=batch.get("dataset_index"),
+            num_datasets=num_datasets,
+            tokenizer=_action_tokenizer(module),
+        )
     else:
         if "action" not in batch:
             raise ValueError("the continuous action head trains on batch['action'] [B, K, A]; the batch has none")
         action = batch["action"]
         if action.shape[1:] != (module.action_chunk, module.action_dim):
-            raise ValueError(f"batch['action'] is {action.shape}; the model predicts [B, {module.action_chunk}, "
-                             f"{module.action_dim}] (data.future_action_window_size = action_chunk - 1)")
-        loss, sums = continuous_sums(out, action, dataset_index=batch.get("dataset_index"), num_datasets=num_datasets,
-                                     tokenizer=_action_tokenizer(module))
+            raise ValueError(
+                f"batch['action'] is {action.shape}; the model predicts [B, {module.action_chunk}, "
+                f"{module.action_dim}] (data.future_action_window_size = action_chunk - 1)"
+            )
+        loss, sums = continuous_sums(
+            out,
+            action,
+            dataset_index=batch.get("dataset_index"),
+            num_datasets=num_datasets,
+            tokenizer=_action_tokenizer(module),
+        )
     dropped = jnp.zeros((num_datasets,), jnp.float32).at[0].set(bad.astype(jnp.float32))
     return loss, dict(sums, dropped=dropped)
 
@@ -214,8 +271,9 @@ def select_batch(batch: dict) -> dict:
     return {k: batch[k] for k in BATCH_KEYS if k in batch}
 
 
-def guarded_update(state: TrainState, grads, loss_sum, sums: dict, optimizer: optax.GradientTransformation,
-                   lr_schedule: Callable):
+def guarded_update(
+    state: TrainState, grads, loss_sum, sums: dict, optimizer: optax.GradientTransformation, lr_schedule: Callable
+):
     """Gradients of the summed loss -> mean over supervised tokens -> one optimizer update, unless the
     loss or gradient norm is not finite: then every leaf of the old state is kept (a select, so
     shardings are unchanged) and `finite` is False. -> (new state, metrics)."""
@@ -231,11 +289,21 @@ def guarded_update(state: TrainState, grads, loss_sum, sums: dict, optimizer: op
     return new, metrics
 
 
-def make_train_step(module, optimizer: optax.GradientTransformation, lr_schedule: Callable, mesh: Mesh, rules=None,
-                    *, num_datasets: int = 1, accumulate_steps: int = 1, freeze: Sequence[str] = (),
-                    supervised_tokens: Optional[int] = None,
-                    state_shardings: Optional[TrainState] = None, donate: bool = True,
-                    compiler_options: Optional[dict] = None) -> Callable:
+def make_train_step(
+    module,
+    optimizer: optax.GradientTransformation,
+    lr_schedule: Callable,
+    mesh: Mesh,
+    rules=None,
+    *,
+    num_datasets: int = 1,
+    accumulate_steps: int = 1,
+    freeze: Sequence[str] = (),
+    supervised_tokens: Optional[int] = None,
+    state_shardings: Optional[TrainState] = None,
+    donate: bool = True,
+    compiler_options: Optional[dict] = None,
+) -> Callable:
     """-> `step(state, batch) -> (state, metrics)`, jitted with in/out shardings, state donated.
 
     batch: global arrays (see `parallel.global_batch`): pixel_values `[B, S, S, 6]`, input_ids /
@@ -270,19 +338,25 @@ def make_train_step(module, optimizer: optax.GradientTransformation, lr_schedule
 
             def body(carry, mb):
                 g_acc, s_acc, l_acc = carry
-                (l, s), g = grad_fn(state.params, mb)
+                (loss, s), g = grad_fn(state.params, mb)
                 g_acc = constrain_like_params(jax.tree.map(jnp.add, g_acc, g))
-                return (g_acc, jax.tree.map(jnp.add, s_acc, s), l_acc + l), None
+                return (g_acc, jax.tree.map(jnp.add, s_acc, s), l_acc + loss), None
 
             zeros = constrain_like_params(jax.tree.map(jnp.zeros_like, state.params))
-            s0 = {k: jnp.zeros((num_datasets,), jnp.float32) for k in SUM_KEYS
-                  + (("dropped",) if supervised_tokens or getattr(module, "parallel", False) else ())}
+            s0 = {
+                k: jnp.zeros((num_datasets,), jnp.float32)
+                for k in SUM_KEYS + (("dropped",) if supervised_tokens or getattr(module, "parallel", False) else ())
+            }
             (grads, sums, loss_sum), _ = jax.lax.scan(body, (zeros, s0, jnp.zeros((), jnp.float32)), micro)
         return guarded_update(state, grads, loss_sum, sums, optimizer, lr_schedule)
 
-    jitted = jax.jit(train_step, in_shardings=(shardings, NamedSharding(mesh, P(R.BATCH_AXES))),
-                     out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,) if donate else (),
-                     compiler_options=compiler_options)
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(shardings, NamedSharding(mesh, P(R.BATCH_AXES))),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=(0,) if donate else (),
+        compiler_options=compiler_options,
+    )
 
     def step(state: TrainState, batch: dict):
         with context:  # the models' nn.with_logical_constraint needs the rules and a mesh while tracing
@@ -294,19 +368,28 @@ def make_train_step(module, optimizer: optax.GradientTransformation, lr_schedule
     return step
 
 
-def make_eval_step(module, mesh: Mesh, rules=None, *, num_datasets: int = 1, params_shardings=None,
-                   supervised_tokens: Optional[int] = None,
-                   compiler_options: Optional[dict] = None) -> Callable:
+def make_eval_step(
+    module,
+    mesh: Mesh,
+    rules=None,
+    *,
+    num_datasets: int = 1,
+    params_shardings=None,
+    supervised_tokens: Optional[int] = None,
+    compiler_options: Optional[dict] = None,
+) -> Callable:
     """-> `eval_step(params, batch) -> sums` (per-dataset `[num_datasets]` sums of `train.loss`; add them
     over batches, then `train.loss.summarize`). No update, nothing donated."""
     rules = R.RULES if rules is None else rules
     boxed = abstract_params(module)
     p_sh = params_shardings or param_shardings(boxed, mesh, rules)
     context = _Context(mesh, rules, mesh_context_safe(boxed))
-    jitted = jax.jit(lambda params, batch: forward_sums(module, params, batch, num_datasets, mesh,
-                                                                  supervised_tokens)[1],
-                     in_shardings=(p_sh, NamedSharding(mesh, P(R.BATCH_AXES))), out_shardings=replicated(mesh),
-                     compiler_options=compiler_options)
+    jitted = jax.jit(
+        lambda params, batch: forward_sums(module, params, batch, num_datasets, mesh, supervised_tokens)[1],
+        in_shardings=(p_sh, NamedSharding(mesh, P(R.BATCH_AXES))),
+        out_shardings=replicated(mesh),
+        compiler_options=compiler_options,
+    )
 
     def eval_step(params, batch: dict):
         with context:

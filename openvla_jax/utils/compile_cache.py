@@ -25,8 +25,9 @@ def cache_dir_from(path: Optional[str] = None) -> Optional[str]:
     return path or os.environ.get(ENV_VAR) or os.environ.get("JAX_COMPILATION_CACHE_DIR") or None
 
 
-def enable_compilation_cache(path: Optional[str] = None, min_compile_secs: float = 0.0,
-                             min_entry_bytes: int = 0) -> Optional[str]:
+def enable_compilation_cache(
+    path: Optional[str] = None, min_compile_secs: float = 0.0, min_entry_bytes: int = 0
+) -> Optional[str]:
     """Turn on jax's persistent cache at `cache_dir_from(path)`; returns the directory (None: left off).
 
     By default jax caches only programs that took over 1 s to compile; we cache every program
@@ -46,7 +47,7 @@ def enable_compilation_cache(path: Optional[str] = None, min_compile_secs: float
 class CacheHits:
     """Counts persistent-cache hits in this process (jax's monitoring event), e.g. to log or test them.
 
-        hits = CacheHits(); f(x); print(hits.count)
+    hits = CacheHits(); f(x); print(hits.count)
     """
 
     def __init__(self):

@@ -23,8 +23,9 @@ def median_seconds(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 5,
-                        block=None, rounds: bool = True) -> dict[str, float]:
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 5, block=None, rounds: bool = True
+) -> dict[str, float]:
     """Median wall time of each `fns[name]()`. -> {name: seconds}.
 
     rounds=True: timed in rounds (one call of each per round), so every function sees the same
