@@ -3,13 +3,12 @@
 from openvla_jax.parallel.batch import global_batch
 from openvla_jax.parallel.distributed import maybe_initialize
 from openvla_jax.parallel.mesh import default_mesh_config, make_mesh, single_device_mesh
-from openvla_jax.parallel.rules import RULES, default_rules
+from openvla_jax.parallel.rules import RULES
 from openvla_jax.parallel.sharding import opt_state_shardings, param_shardings, replicated
 
 __all__ = [
     "RULES",
     "default_mesh_config",
-    "default_rules",
     "global_batch",
     "make_mesh",
     "maybe_initialize",

@@ -54,7 +54,3 @@ def maybe_initialize(
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     _initialized = True
     return True
-
-
-def is_main_process() -> bool:
-    return jax.process_index() == 0

@@ -39,10 +39,6 @@ RULES: tuple[tuple[str, object], ...] = (
 LOGICAL_NAMES = tuple(name for name, _ in RULES)
 
 
-def default_rules() -> tuple[tuple[str, object], ...]:
-    return RULES
-
-
 def _axes(entry) -> tuple[str, ...]:
     if entry is None:
         return ()

@@ -79,11 +79,6 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     return NamedSharding(mesh, P(R.BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def constrain(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
-    """`with_sharding_constraint` with a concrete mesh (usable inside jit without a mesh context)."""
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-
 def describe(shardings: Any) -> dict:
     """'/'-joined path -> PartitionSpec, for logs and tests."""
     flat = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]

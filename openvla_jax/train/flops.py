@@ -90,11 +90,6 @@ def predict_flops(model_config, batch: int, prompt_len: int, num_tokens: int = 7
     return float(batch * (_vision_forward(c) + prefill + steps))
 
 
-def param_count(model_config) -> int:
-    """All parameters of the model (embedding table included): what decoding reads per token."""
-    return _model_counts(model_config)["total"]
-
-
 # Dense bf16 peak FLOP/s of known accelerators (vendor datasheets, without sparsity).
 PEAK_FLOPS = {
     "H100": 989e12,
