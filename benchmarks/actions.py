@@ -1,5 +1,5 @@
 """Benchmark case `actions`: actions per second of the parallel chunk decoders against token-by-token
-decoding, same model size, same machine, one process (issue 9).
+decoding, same model size, same machine, one process.
 
     python scripts/bench.py --case actions --config tiny,small
 

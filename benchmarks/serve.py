@@ -18,8 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from openvla_jax.evaluate.client import ActionClient
-from openvla_jax.evaluate.server import ActionServer
+from openvla_jax.serving.client import ActionClient
+from openvla_jax.serving.server import ActionServer
 
 INSTRUCTIONS = ("pick up the red block", "open the drawer", "put the cup on the plate", "push the button")
 

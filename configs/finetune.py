@@ -1,6 +1,6 @@
 """Fine-tuning configs: `python scripts/finetune.py --config=configs/finetune.py:<variant> --workdir=DIR`.
 
-Variants (the original OpenVLA fine-tuning recipe, spec section 9: AdamW lr 5e-4, weight decay 0.01,
+Variants (the original OpenVLA fine-tuning recipe: AdamW lr 5e-4, weight decay 0.01,
 batch 16, image augmentation on, constant lr, clip 1.0, seed 7):
   lora   LoRA rank 32, alpha 16, dropout 0, every linear layer but lm_head (`train/lora.py`); the base
          stays frozen in `base_dtype`; writes adapters, dataset_statistics.json and a merged export

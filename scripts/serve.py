@@ -4,7 +4,7 @@
 
 The checkpoint is an HF OpenVLA directory or a `scripts/convert.py to-jax` one, with tokenizer.model.
 Binds 127.0.0.1 unless --host says otherwise (the server has no authentication). `--port=0` picks a
-free port; the first line printed is `serving on <url>`. Request format: openvla_jax/evaluate/server.py.
+free port; the first line printed is `serving on <url>`. Request format: openvla_jax/serving/server.py.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from openvla_jax.evaluate.server import ActionServer
     from openvla_jax.policy import OpenVLA
+    from openvla_jax.serving.server import ActionServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     vla = OpenVLA.load(

@@ -1,4 +1,4 @@
-"""Every fast path computes what the plain path computes (issue 10), on CPU.
+"""Every fast path computes what the plain path computes, on CPU.
 
 attention_impl (dpa vs xla, VLA level; cudnn refused off GPU), scan + named remat policies (a whole
 train step), bf16 storage of frozen params, the persistent compilation cache (a second process hits

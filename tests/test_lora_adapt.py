@@ -172,7 +172,7 @@ def test_lora_adapts_the_demo_model_to_a_shifted_task(demo, base):
 
 
 def test_quantized_demo_model_agrees_with_fp32(demo, base):
-    """Issue 8: int8 and int4 (groups of 32, the tiny model's widths being 48..128) greedy action
+    """int8 and int4 (groups of 32, the tiny model's widths being 48..128) greedy action
     tokens against fp32 on the held-out frames of the trained base (a trained model has real logit
     margins, unlike the random one in test_quant.py). Measured here: int8 1.000, int4 1.000 of all
     tokens (48 frames); on the 400-step `make demo` model (group 128) over 32 demo-env frames:

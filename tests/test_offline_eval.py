@@ -1,5 +1,5 @@
-"""Offline evaluation: metrics equal an independent NumPy computation (spec sections 5-6 formulas)
-on a two-dataset mixture with known predictions; end to end with a random tiny model and the
+"""Offline evaluation: metrics equal an independent NumPy computation (OpenVLA's action tokenizer and
+normalisation formulas) on a two-dataset mixture with known predictions; end to end with a random tiny model and the
 evaluate script (results.json consistent, report.png a real PNG)."""
 
 import json
@@ -47,7 +47,7 @@ STATS = {
 }
 
 
-# --- independent NumPy reference (spec sections 5-6, written out here) ----------------------------
+# --- independent NumPy reference (the tokenizer and normalisation formulas, written out here) ------------
 
 BINS = np.linspace(-1, 1, 256)
 CENTERS = (BINS[:-1] + BINS[1:]) / 2

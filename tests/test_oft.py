@@ -1,4 +1,4 @@
-"""The OFT options of the VLA (issue 9): off = OpenVLA exactly; the parallel decoder's mask and its
+"""The OFT options of the VLA: off = OpenVLA exactly; the parallel decoder's mask and its
 effect on outputs; several cameras and the proprio token; the continuous head; the policy API."""
 
 import jax

@@ -21,9 +21,9 @@ from vla_refs import NORM_STATS, build_torch_vla, write_hf_dir
 
 from benchmarks.serve import bench_server
 from openvla_jax import OpenVLA
-from openvla_jax.evaluate import jsonnp
-from openvla_jax.evaluate.client import ActionClient, ServerError
-from openvla_jax.evaluate.server import ActionServer
+from openvla_jax.serving import jsonnp
+from openvla_jax.serving.client import ActionClient, ServerError
+from openvla_jax.serving.server import ActionServer
 
 ROOT = Path(__file__).resolve().parents[1]
 # A second dataset with other bounds, so the unnorm_key routing shows in the values.

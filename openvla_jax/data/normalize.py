@@ -1,4 +1,4 @@
-"""Action / proprio normalisation (spec section 6) in NumPy and TensorFlow, and `unnorm_key` lookup.
+"""Action / proprio normalisation (OpenVLA's `normalize_action_and_proprio`) in NumPy and TensorFlow, and `unnorm_key` lookup.
 
 Statistics layout (as `norm_stats` in the HF config and `dataset_statistics.json`):
     {dataset: {"action": {mean, std, max, min, q01, q99, mask}, "proprio": {mean, std, max, min, q01, q99},

@@ -1,4 +1,4 @@
-"""The RLDS -> model-batch pipeline (spec section 8), on our tf.data layer (`traj.py`).
+"""The RLDS -> model-batch pipeline (OpenVLA's `make_interleaved_dataset` path), on our tf.data layer (`traj.py`).
 
 Per dataset:  read this host's episodes -> standardize (dataset config) -> validate -> normalize
 actions -> [filter unlabeled] -> chunk / subsample -> tokenize (once per trajectory) -> flatten.

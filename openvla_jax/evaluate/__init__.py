@@ -1,8 +1,6 @@
-"""Evaluation and serving.
+"""Evaluation of a policy.
 
-- `server.ActionServer`: HTTP `POST /act` compatible with OpenVLA's deploy server, dynamic batching.
-- `client.ActionClient`: its client; `jsonnp`: the json-numpy wire format (throughput and latency
-  of the server on loopback: `benchmarks/serve.py`).
-
-Nothing is imported here, so `import openvla_jax.evaluate.client` stays light (no JAX).
+- `closed_loop`: episodes of the demo tabletop env driven by a policy, beside the scripted expert.
+- `offline`: greedy decoding on a dataset's frames against its actions (per-dimension L1 / MSE).
+- `filmstrip` / `report`: pictures and tables of those results.
 """

@@ -1,6 +1,6 @@
 """OpenVLA prompt: token ids and labels built directly (no string round trip through action text).
 
-Training sequence (spec section 4):
+Training sequence (OpenVLA's `PurePromptBuilder` + `RLDSBatchTransform`):
     BOS + sp("In: What action should the robot take to {instruction.lower()}?\\nOut:") + [▁]
         + 7 action ids + [EOS]
 which is what the original gets from tokenising "In: ...?\\nOut: " + action string + "</s>" with BOS.

@@ -1,6 +1,6 @@
 """AdamW with the OpenVLA recipe as the default, optional warmup-cosine, freezing by regex.
 
-Recipe (spec section 9; Prismatic's FSDP strategy): AdamW lr 2e-5 constant, no warmup, weight decay 0,
+Recipe (OpenVLA's, from Prismatic's FSDP strategy): AdamW lr 2e-5 constant, no warmup, weight decay 0,
 betas (0.9, 0.999), eps 1e-8 (torch defaults), gradient clip 1.0 on the global norm (torch's
 `clip_grad_norm_`: g * min(1, max_norm / (norm + 1e-6))).
 

@@ -1,4 +1,4 @@
-"""Several cameras, proprioception and action chunks in model batches (issue 9, data side).
+"""Several cameras, proprioception and action chunks in model batches (the OFT inputs, data side).
 
 References are independent of the pipeline: images decoded from the stored JPEG bytes with PIL
 (and exactly with tf.io.decode_jpeg, the original's decoder),

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import numpy as np
 
 from openvla_jax.data.normalize import select_unnorm_key
-from openvla_jax.evaluate import jsonnp
+from openvla_jax.serving import jsonnp
 
 MAX_IMAGE_SIDE = 4096
 

@@ -5,7 +5,7 @@
     server.stop()
 
 Endpoints
-- `POST /act`, body one of (parsed in `act_format.py`)
+- `POST /act`, body one of (parsed in `wire.py`)
     {"image": [H][W][3] ints 0..255, "instruction": str, "unnorm_key": str (optional)}   plain JSON
     {"image": <json-numpy uint8 [H, W, 3]>, "instruction": ..., "unnorm_key": ...}        json-numpy
     {"encoded": "<JSON text of either form above>"}              the original's "double encoding"
@@ -41,7 +41,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from openvla_jax.evaluate.act_format import BadRequest, Pending, encode_action, parse_act
+from openvla_jax.serving.wire import BadRequest, Pending, encode_action, parse_act
 
 log = logging.getLogger(__name__)
 

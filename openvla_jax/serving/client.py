@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from openvla_jax.evaluate import jsonnp
+from openvla_jax.serving import jsonnp
 
 ENCODINGS = ("json_numpy", "list", "encoded")
 
