@@ -35,11 +35,15 @@ format: $(VENV)/.dev
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Two pytest workers (pytest-xdist): most cases are single-threaded jit compiles, so two cores run
+# two cases at once; TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 test-slow: $(VENV)/.dev
-	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]  # 5: no slow case collected yet
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m slow || [ $$? -eq 5 ]  # 5: no slow case collected yet
 
 bench: $(VENV)/.dev
 	$(PY) scripts/bench.py --case all
