@@ -182,3 +182,13 @@ def test_chunked_continuous_variant_learns_the_demo_task(data_dir, tmp_path):
 
     vla = OpenVLA.load(tmp_path / "oft" / "export", dtype="float32")
     assert (vla.action_chunk, vla.proprio_dim, vla.continuous) == (4, 4, True)
+
+
+def test_a_non_finite_step_stops_the_run_before_anything_after_it_is_saved(data_dir, tmp_path):
+    """The loop reads metrics only on log / save steps; a NaN at step 2 is found at step 5, and the
+    skipped update is sticky, so step 5 is never saved with a state that went on after step 1."""
+    workdir = tmp_path / "nan"
+    proc = run(data_dir, workdir, 8, "--nan-at", 2, expect_rc=1)
+    assert "TrainingDiverged: step 2: loss nan" in proc.stderr, proc.stderr[-2000:]
+    assert not (workdir / "checkpoints" / "5").exists()
+    assert not (workdir / "metrics.jsonl").exists() or "train/loss" not in (workdir / "metrics.jsonl").read_text()

@@ -327,6 +327,30 @@ def test_nan_guard_keeps_state(reference):
         np.testing.assert_array_equal(a, b)  # NaN == NaN here; everything else bit-identical
 
 
+def test_a_skipped_update_is_sticky_when_the_loop_passes_its_step(reference):
+    """`expected_step`: once a step was skipped (state.step lags the loop's count), later finite
+    steps keep the state too; without it (or when the counts agree) they update."""
+    tx, _ = O.make_optimizer(opt_config(), reference["params"])
+    state = ST.init_train_state(
+        MODULE,
+        CFG,
+        tx,
+        reference["mesh"],
+        None,
+        jax.random.key(0),
+        params=reference["params"],
+        compiler_options=ST.FAST_COMPILE,
+    )
+    batch = global_batch(reference["batch"], reference["mesh"], NAMES)
+    before = jax.tree.map(np.asarray, state.params)
+    lagging, metrics = reference["step"](state, batch, expected_step=1)  # the loop counted a skipped step
+    assert bool(metrics["finite"]) and int(lagging.step) == 0
+    for a, b in zip(jax.tree.leaves(jax.tree.map(np.asarray, lagging.params)), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(a, b)
+    new, _ = reference["step"](lagging, batch, expected_step=0)
+    assert int(new.step) == 1 and _max_rel(jax.tree.map(np.asarray, new.params), reference["new"]) < 1e-5
+
+
 def test_freeze_vision(reference):
     metrics, state, _, _ = run_step(None, reference["params"], reference["batch"], freeze=["vision_backbone/.*"])
     new = jax.tree.map(np.asarray, state.params)

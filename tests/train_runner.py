@@ -6,6 +6,7 @@
 --kill-after-save K: after step K+1, wait until checkpoint K is complete, then SIGKILL itself (no
 chance to clean up): the resumed run must continue from K.
 --learn 1: the learning check's settings (one save at the end, lr schedule over STEPS, log every 10).
+--nan-at K: the batch of step K has NaN pixels (its loss is NaN), logged and saved every 5 steps.
 --oft 1: the OFT variant of configs/train.py:oft_demo (chunks of 4, parallel decoding, L1 head,
 proprio token) on the same small model.
 """
@@ -84,6 +85,20 @@ def main(argv):
             config.model[k] = oft.model[k]
         config.data.future_action_window_size = oft.data.future_action_window_size
         config.train.offline_eval_every = 0  # offline eval decodes OpenVLA token rows only
+    if opts.get("--nan-at"):
+        from openvla_jax.parallel import batch as loop  # the loop imports global_batch from here when it starts
+
+        config.train.log_every = config.train.save_every = 5
+        calls, real = [0], loop.global_batch
+
+        def poisoned(host, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == opts["--nan-at"]:
+                host = dict(host, pixel_values=host["pixel_values"] * float("nan"))
+            return real(host, *args, **kwargs)
+
+        loop.global_batch = poisoned
+        on_step = None  # no per-step callback: the loop reads metrics only when it logs or saves
     config.init_from = os.environ.get("INIT_FROM", "")
     summary = train(config, workdir, on_step=on_step)
     print("SUMMARY " + json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}))

@@ -279,43 +279,62 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
     t_last, steps_since = time.perf_counter(), 0
     stopped_by = None
     step = start
+    pending: list = []  # (step, device metrics) since the last check: read only at checks
+
+    def check(step_now: int) -> dict:
+        """Host-side checks of the steps since the last one (one device->host copy): a step whose
+        rows were dropped raises ValueError; a non-finite step raises TrainingDiverged (its update
+        and, being sticky, every later one were skipped: the state is that of the step before).
+        -> the latest step's metrics as host values."""
+        got = jax.device_get(pending)
+        pending.clear()
+        for s, m in got:
+            if float(m.get("dropped", 0)) and getattr(module, "parallel", False):
+                raise ValueError(
+                    f"step {s}: {int(m['dropped'])} rows do not hold exactly "
+                    f"{module.num_action_positions} action tokens + EOS (model.action_chunk x action_dim): "
+                    "set data.future_action_window_size = model.action_chunk - 1"
+                )
+            if float(m.get("dropped", 0)):
+                raise ValueError(
+                    f"step {s}: {int(m['dropped'])} supervised label tokens lie beyond the "
+                    f"{k} per row the loss computes logits for (train.supervised_tokens); raise it, or set "
+                    "it to 0 to compute logits at every position"
+                )
+            if not bool(m["finite"]):
+                good = ckpt.latest_step()
+                raise TrainingDiverged(
+                    f"step {s}: loss {float(m['loss'])} / grad norm {float(m['grad_norm'])} "
+                    f"is not finite; the update was skipped and training stopped. The last good checkpoint "
+                    f"is step {good} in {ckpt.directory} (nothing after it was saved). Lower the learning "
+                    "rate or check the data, then resume."
+                )
+        applied = int(jax.device_get(state.step))
+        if applied != step_now:  # cannot happen without a non-finite step above; never save a wrong step
+            raise TrainingDiverged(f"the state holds {applied} updates after {step_now} steps")
+        return got[-1][1] if got else {}
+
     try:
         with PreemptionWatcher() as watcher:
             while step < tc.steps:
                 host = next(data)
                 batch = global_batch(host, mesh, dataset_names)
                 seq_tokens = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] + module.num_patches)
-                state, metrics = step_fn(state, batch)
-                metrics = jax.device_get(metrics)
-                if float(metrics.get("dropped", 0)) and getattr(module, "parallel", False):
-                    raise ValueError(
-                        f"step {step + 1}: {int(metrics['dropped'])} rows do not hold exactly "
-                        f"{module.num_action_positions} action tokens + EOS (model.action_chunk x action_dim): "
-                        "set data.future_action_window_size = model.action_chunk - 1"
-                    )
-                if float(metrics.get("dropped", 0)):
-                    raise ValueError(
-                        f"step {step + 1}: {int(metrics['dropped'])} supervised label tokens lie beyond the "
-                        f"{k} per row the loss computes logits for (train.supervised_tokens); raise it, or set "
-                        "it to 0 to compute logits at every position"
-                    )
-                if not bool(metrics["finite"]):
-                    good = ckpt.latest_step()
-                    raise TrainingDiverged(
-                        f"step {step + 1}: loss {float(metrics['loss'])} / grad norm {float(metrics['grad_norm'])} "
-                        f"is not finite; the update was skipped and training stopped. The last good checkpoint "
-                        f"is step {good} in {ckpt.directory} (nothing after it was saved). Lower the learning "
-                        "rate or check the data, then resume."
-                    )
+                state, metrics = step_fn(state, batch, expected_step=step)
                 step += 1
                 steps_since += 1
+                pending.append((step, metrics))
+                logging_now = step % tc.log_every == 0 or step == tc.steps
+                if logging_now or ckpt.should_save(step) or on_step is not None:
+                    metrics = check(step)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{float(metrics['loss']):.3f}",
-                        acc=f"{float(metrics['action_accuracy']):.3f}",
-                        refresh=False,
-                    )
+                    if logging_now:
+                        bar.set_postfix(
+                            loss=f"{float(metrics['loss']):.3f}",
+                            acc=f"{float(metrics['action_accuracy']):.3f}",
+                            refresh=False,
+                        )
                 if step % tc.log_every == 0 or step == tc.steps:
                     now = time.perf_counter()
                     dt = (now - t_last) / max(steps_since, 1)
@@ -335,10 +354,12 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
                     on_step(step, metrics)
                 if watcher.should_stop(step):
                     stopped_by = "preemption"
+                    check(step)
                     ckpt.save(step, state.params, state.opt_state, meta, force=True, data_iterator=data)
                     log.warning("preemption signal: saved step %d, exiting", step)
                     break
             else:
+                check(step)
                 ckpt.save(step, state.params, state.opt_state, meta, force=True, data_iterator=data)
         ckpt.wait()
         summary = dict(step=step, stopped_by=stopped_by or "done", workdir=str(workdir), **last)
