@@ -1,4 +1,4 @@
-"""The OFT additions (spec section 11): a proprioception token and a continuous action head.
+"""The OpenVLA-OFT additions: a proprioception token and a continuous action head.
 
 `ProprioProjector`: proprio `[B, P]` -> one LLM token `[B, 1, D]`: fc1 [P -> D] -> GELU -> fc2 [D -> D]
 (as OpenVLA-OFT's ProprioProjector). It is placed after the image patches.
@@ -22,15 +22,25 @@ from openvla_jax.models.common import partitioned
 
 
 def _dense(features: int, names: tuple[str, str], dtype, param_dtype, name: str) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=partitioned(nn.initializers.lecun_normal(), names),
-                    bias_init=partitioned(nn.initializers.zeros_init(), names[1:]))
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+        kernel_init=partitioned(nn.initializers.lecun_normal(), names),
+        bias_init=partitioned(nn.initializers.zeros_init(), names[1:]),
+    )
 
 
 def _norm(dtype, param_dtype, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, name=name,
-                        scale_init=partitioned(nn.initializers.ones_init(), ("embed",)),
-                        bias_init=partitioned(nn.initializers.zeros_init(), ("embed",)))
+    return nn.LayerNorm(
+        epsilon=1e-5,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+        scale_init=partitioned(nn.initializers.ones_init(), ("embed",)),
+        bias_init=partitioned(nn.initializers.zeros_init(), ("embed",)),
+    )
 
 
 class ProprioProjector(nn.Module):

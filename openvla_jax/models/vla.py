@@ -5,7 +5,7 @@ after position 0 and labels get P x -100; positions run 0..N-1 contiguously. Log
 HF model's positions: `[B, T + P, V]`. Parameter tree: `vision_backbone/{featurizer,fused_featurizer}`,
 `projector/fc{1,2,3}`, `language_model/...` — the HF checkpoint's prefixes.
 
-Options beyond OpenVLA (OpenVLA-OFT, spec section 11), all off by default (then the module, its
+Options beyond OpenVLA (OpenVLA-OFT), all off by default (then the module, its
 parameters and its outputs are exactly OpenVLA's):
   num_images N      pixel_values `[B, N, S, S, 6]`: each image through the same backbone and
                     projector, the N patch blocks placed one after the other (N x P tokens)
@@ -71,8 +71,10 @@ class VLA(nn.Module):
         if self.num_images == 1 and pixel_values.ndim == 4:
             return pixel_values
         if pixel_values.ndim != 5 or pixel_values.shape[1] != self.num_images:
-            raise ValueError(f"this model takes {self.num_images} images per row: pixel_values "
-                             f"[B, {self.num_images}, S, S, 6], got shape {pixel_values.shape}")
+            raise ValueError(
+                f"this model takes {self.num_images} images per row: pixel_values "
+                f"[B, {self.num_images}, S, S, 6], got shape {pixel_values.shape}"
+            )
         return pixel_values.reshape(-1, *pixel_values.shape[2:])
 
     def embed_inputs(self, pixel_values: Array, input_ids: Array, proprio: Optional[Array] = None) -> Array:
@@ -110,11 +112,15 @@ class VLA(nn.Module):
         (defaults to the multimodal attention mask padded with False). Returns `(logits, cache)`."""
         b = input_ids.shape[0]
         if self.action_head is not None and self.is_initializing():  # create the head's params too
-            self.action_head(jnp.zeros((b, self.num_action_positions, self.language_model.config.hidden_size),
-                                       self.language_model.dtype))
+            self.action_head(
+                jnp.zeros(
+                    (b, self.num_action_positions, self.language_model.config.hidden_size), self.language_model.dtype
+                )
+            )
         x = self.embed_inputs(pixel_values, input_ids, proprio)
-        mask = multimodal_mask(attention_mask if attention_mask is not None else jnp.ones(input_ids.shape, bool),
-                               self.num_patches)
+        mask = multimodal_mask(
+            attention_mask if attention_mask is not None else jnp.ones(input_ids.shape, bool), self.num_patches
+        )
         if cache is None:
             logits, _ = self.language_model(embeddings=x, attention_mask=mask, logits_index=logits_index)
             return logits
@@ -125,8 +131,14 @@ class VLA(nn.Module):
             embeddings=x, attention_mask=kv_mask, cache=cache, cache_index=0, logits_index=logits_index
         )
 
-    def parallel_actions(self, pixel_values: Array, input_ids: Array, attention_mask: Optional[Array] = None,
-                         proprio: Optional[Array] = None, action_embeddings: Optional[Array] = None) -> Array:
+    def parallel_actions(
+        self,
+        pixel_values: Array,
+        input_ids: Array,
+        attention_mask: Optional[Array] = None,
+        proprio: Optional[Array] = None,
+        action_embeddings: Optional[Array] = None,
+    ) -> Array:
         """One forward pass for the whole action chunk.
 
         input_ids / attention_mask `[B, T]`: right-padded prompts (BOS .. "▁"); the K x A placeholder
@@ -140,15 +152,23 @@ class VLA(nn.Module):
         attention_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         x = self.embed_inputs(pixel_values, input_ids, proprio)
         n = x.shape[1]
-        block = (jnp.zeros((b, n_act, x.shape[-1]), x.dtype) if action_embeddings is None
-                 else action_embeddings.astype(x.dtype))
+        block = (
+            jnp.zeros((b, n_act, x.shape[-1]), x.dtype)
+            if action_embeddings is None
+            else action_embeddings.astype(x.dtype)
+        )
         x = jnp.concatenate([x, block], axis=1)
         valid = jnp.concatenate([multimodal_mask(attention_mask, self.num_patches), jnp.ones((b, n_act), bool)], 1)
         positions = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
         index = jnp.broadcast_to(n + jnp.arange(n_act, dtype=jnp.int32), (b, n_act))
         logits, _, hidden = self.language_model(
-            embeddings=x, attention_mask=valid, positions=positions, bidirectional=(n, n_act),
-            logits_index=index[:, :1] if self.action_head is not None else index, return_hidden=True)
+            embeddings=x,
+            attention_mask=valid,
+            positions=positions,
+            bidirectional=(n, n_act),
+            logits_index=index[:, :1] if self.action_head is not None else index,
+            return_hidden=True,
+        )
         if self.action_head is None:
             return logits
         return self.action_head(hidden[:, n:])
@@ -171,8 +191,15 @@ def multimodal_labels(labels: Array, num_patches: int) -> Array:
     return jnp.concatenate([labels[:, :1], pad, labels[:, 1:]], axis=1)
 
 
-def greedy_decode(module: VLA, params, pixel_values: Array, input_ids: Array, attention_mask: Array,
-                  num_tokens: int = 7, proprio: Optional[Array] = None) -> Array:
+def greedy_decode(
+    module: VLA,
+    params,
+    pixel_values: Array,
+    input_ids: Array,
+    attention_mask: Array,
+    num_tokens: int = 7,
+    proprio: Optional[Array] = None,
+) -> Array:
     """Greedy ids `[B, num_tokens]` for right-padded prompts: one prefill, then `num_tokens - 1`
     cached steps in a `lax.fori_loop`. Each row continues at its own length (slots of padding are
     masked out and RoPE positions count only real tokens), so a row's result does not depend on
@@ -186,7 +213,13 @@ def greedy_decode(module: VLA, params, pixel_values: Array, input_ids: Array, at
     kv_mask = jnp.zeros((b, slots), bool).at[:, :n].set(prompt_mask)
     lengths = prompt_mask.sum(axis=1).astype(jnp.int32)  # real tokens per row (right padding)
     logits, cache = module.apply(
-        {"params": params}, pixel_values, input_ids, attention_mask, proprio, cache=cache, kv_mask=kv_mask,
+        {"params": params},
+        pixel_values,
+        input_ids,
+        attention_mask,
+        proprio,
+        cache=cache,
+        kv_mask=kv_mask,
         logits_index=lengths - 1,
     )
     first = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
@@ -197,8 +230,13 @@ def greedy_decode(module: VLA, params, pixel_values: Array, input_ids: Array, at
         slot = n + i
         kv_mask = kv_mask.at[:, slot].set(True)
         logits, cache = module.apply(
-            {"params": params}, jax.lax.dynamic_slice_in_dim(out, i, 1, axis=1),
-            (lengths + i)[:, None], kv_mask, cache, slot, method=VLA.decode_step,
+            {"params": params},
+            jax.lax.dynamic_slice_in_dim(out, i, 1, axis=1),
+            (lengths + i)[:, None],
+            kv_mask,
+            cache,
+            slot,
+            method=VLA.decode_step,
         )
         nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
         return cache, kv_mask, out.at[:, i + 1].set(nxt)
@@ -207,12 +245,14 @@ def greedy_decode(module: VLA, params, pixel_values: Array, input_ids: Array, at
     return out
 
 
-def parallel_decode(module: VLA, params, pixel_values: Array, input_ids: Array, attention_mask: Array,
-                    proprio: Optional[Array] = None) -> Array:
+def parallel_decode(
+    module: VLA, params, pixel_values: Array, input_ids: Array, attention_mask: Array, proprio: Optional[Array] = None
+) -> Array:
     """The parallel decoder's prediction in one forward pass: greedy action ids `[B, K * A]` (token
     head) or normalised actions `[B, K, A]` (continuous head). Jit this."""
-    out = module.apply({"params": params}, pixel_values, input_ids, attention_mask, proprio,
-                       method=VLA.parallel_actions)
+    out = module.apply(
+        {"params": params}, pixel_values, input_ids, attention_mask, proprio, method=VLA.parallel_actions
+    )
     if module.action_head is not None:
         return out
     return jnp.argmax(out, axis=-1).astype(jnp.int32)
@@ -249,8 +289,7 @@ def action_options(model_config: ml_collections.ConfigDict) -> dict:
 def oft_options(model_config: ml_collections.ConfigDict) -> dict:
     """The options of `model_config` that differ from OpenVLA's ({} for OpenVLA itself)."""
     opts = action_options(model_config)
-    openvla = dict(opts, action_chunk=1, decoding="autoregressive", action_head="tokens", proprio_dim=0,
-                   num_images=1)
+    openvla = dict(opts, action_chunk=1, decoding="autoregressive", action_head="tokens", proprio_dim=0, num_images=1)
     return {k: v for k, v in opts.items() if v != openvla[k]}
 
 
