@@ -31,7 +31,7 @@ DECODERS = {  # name -> model options
 def _decoder(variant: str, options: dict, batch: int, seed: int = 0):
     """-> (a no-argument function that runs one jitted prediction for `batch` rows, actions per call)."""
     from configs import model as model_configs
-    from openvla_jax.models import vla
+    from openvla_jax.models import decoding, vla
 
     cfg = model_configs.get_config(variant)
     cfg.dtype = "float32"
@@ -48,9 +48,9 @@ def _decoder(variant: str, options: dict, batch: int, seed: int = 0):
     params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
     k = options["action_chunk"]
     if module.parallel:
-        fn = jax.jit(lambda p: vla.parallel_decode(module, p, pv, ids, mask))
+        fn = jax.jit(lambda p: decoding.parallel_decode(module, p, pv, ids, mask))
     else:
-        fn = jax.jit(lambda p: vla.greedy_decode(module, p, pv, ids, mask, num_tokens=k * cfg.action_dim))
+        fn = jax.jit(lambda p: decoding.greedy_decode(module, p, pv, ids, mask, num_tokens=k * cfg.action_dim))
     return (lambda: fn(params)), batch * k
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from openvla_jax import quant
 from openvla_jax.data.normalize import action_stats, unnormalize
+from openvla_jax.models import decoding
 from openvla_jax.models import vla as vla_lib
 from openvla_jax.models.common import as_dtype
 from openvla_jax.models.preprocess import check_preprocessing, preprocess_images
@@ -89,11 +90,11 @@ class OpenVLA:
             module = quant.DequantizingModule(module, dtype)  # dequantize in the trace, next to each use
         self._logits = jax.jit(lambda p, pv, ids, m, pr: module.apply({"params": p}, pv, ids, m, pr))
         if self.module.parallel:
-            self._decode = jax.jit(lambda p, pv, ids, m, pr: vla_lib.parallel_decode(module, p, pv, ids, m, pr))
+            self._decode = jax.jit(lambda p, pv, ids, m, pr: decoding.parallel_decode(module, p, pv, ids, m, pr))
         else:
             n = self.action_dim * self.action_chunk
             self._decode = jax.jit(
-                lambda p, pv, ids, m, pr: vla_lib.greedy_decode(module, p, pv, ids, m, num_tokens=n, proprio=pr)
+                lambda p, pv, ids, m, pr: decoding.greedy_decode(module, p, pv, ids, m, num_tokens=n, proprio=pr)
             )
 
     # ------------------------------------------------------------------------------------ loading

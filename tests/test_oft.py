@@ -10,7 +10,7 @@ from helpers import max_abs
 from vla_refs import build_torch_vla, inputs, torch_greedy, torch_logits, valid_positions, write_hf_dir
 
 from configs import model as model_configs
-from openvla_jax.models import llama, vla
+from openvla_jax.models import decoding, llama, vla
 from openvla_jax.train.loss import IGNORE_INDEX
 
 
@@ -73,7 +73,7 @@ def test_chunk_1_one_camera_no_proprio_is_openvla(tmp_path):
     out = np.asarray(jax.jit(lambda p: module.apply({"params": p}, pv_nhwc, ids, mask))(params))
     ref = torch_logits(model, pv, ids, mask)
     assert max_abs(valid_positions(out, lengths), valid_positions(ref, lengths)) < 1e-4
-    got = jax.jit(lambda p: vla.greedy_decode(module, p, pv_nhwc, ids, mask, num_tokens=7))(params)
+    got = jax.jit(lambda p: decoding.greedy_decode(module, p, pv_nhwc, ids, mask, num_tokens=7))(params)
     np.testing.assert_array_equal(np.asarray(got), torch_greedy(model, pv, ids, lengths))
 
 
@@ -120,7 +120,7 @@ def test_parallel_decoding_is_independent_of_padding_and_batch():
     cfg = tiny(action_chunk=2, decoding="parallel")
     module, params = init(cfg)
     pv, ids, mask, lengths = prompts(b=3)
-    dec = jax.jit(lambda p, x, i, mk: vla.parallel_decode(module, p, x, i, mk))
+    dec = jax.jit(lambda p, x, i, mk: decoding.parallel_decode(module, p, x, i, mk))
     batched = np.asarray(dec(params, pv, ids, mask))
     assert batched.shape == (3, 14) and batched.dtype == np.int32
     for r, n in enumerate(lengths):
@@ -171,7 +171,7 @@ def test_continuous_head_shapes_and_values():
     cfg = tiny(action_chunk=3, decoding="parallel", action_head="l1")
     module, params = init(cfg)
     pv, ids, mask, _ = prompts(b=2)
-    out = jax.jit(lambda p: vla.parallel_decode(module, p, pv, ids, mask))(params)
+    out = jax.jit(lambda p: decoding.parallel_decode(module, p, pv, ids, mask))(params)
     assert out.shape == (2, 3, 7) and out.dtype == jnp.float32
     # The head on the hidden states of the 21 placeholders, by hand (LayerNorm, fc_in, 2 blocks, fc_out).
     x = module.apply({"params": params}, pv, ids, method=vla.VLA.embed_inputs)
@@ -281,7 +281,7 @@ def test_continuous_variant_learns_a_fixed_batch_with_cameras_and_proprio():
     _, state, step = make_step(cfg, params)
     state, first = step(state, batch)
     pred = np.asarray(
-        vla.parallel_decode(
+        decoding.parallel_decode(
             module,
             params,
             batch["pixel_values"],
@@ -354,7 +354,7 @@ def test_predict_action_returns_unnormalised_chunks(tmp_path):
         pv = preprocess_images(images[i], 56)[None]
         ids = np.array([inference_prompt_ids(policy.tokenizer, texts[i])], np.int32)
         pr = normalize(state[i : i + 1], stats["robot"]["proprio"])
-        raw = vla.parallel_decode(module, params, pv, ids, np.ones_like(ids, bool), pr)
+        raw = decoding.parallel_decode(module, params, pv, ids, np.ones_like(ids, bool), pr)
         want = unnormalize(np.asarray(raw, np.float64), stats["robot"]["action"])
         np.testing.assert_allclose(got[i], want[0], atol=1e-5)
         # batch 1 vs batch 3 (bucket 4): continuous outputs agree to float32 summation order only

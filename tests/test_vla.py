@@ -11,7 +11,7 @@ from vla_refs import build_torch_vla, inputs, torch_greedy, torch_logits, valid_
 
 from configs import model as model_configs
 from openvla_jax.convert.hf import load_hf, save_hf
-from openvla_jax.models import vla
+from openvla_jax.models import decoding, vla
 from openvla_jax.models.vision import to_nhwc
 
 
@@ -41,7 +41,7 @@ def jax_logits(cfg, params, pv, ids, mask):
 
 def jax_greedy(cfg, params, pv, ids, mask):
     module = vla.from_config(cfg, dtype=jnp.float32)
-    fn = jax.jit(lambda p, x, i, m: vla.greedy_decode(module, p, x, i, m, num_tokens=7))
+    fn = jax.jit(lambda p, x, i, m: decoding.greedy_decode(module, p, x, i, m, num_tokens=7))
     return np.asarray(fn(params, to_nhwc(pv), ids, mask))
 
 

@@ -207,7 +207,7 @@ def total_bytes(params) -> int:
 
 class DequantizingModule:
     """A VLA module whose `apply` takes quantized params and dequantizes them in the trace; every
-    other attribute is the wrapped module's. Lets `vla.greedy_decode` (which calls `module.apply`
+    other attribute is the wrapped module's. Lets `decoding.greedy_decode` (which calls `module.apply`
     for the prefill and inside its decode loop) run on a quantized tree unchanged."""
 
     def __init__(self, module, dtype):
