@@ -29,9 +29,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
-from openvla_jax.convert.hf import TOKENIZER_FILES, atomic_output, copy_tokenizer, vla_specs
+from openvla_jax.convert.hf import TOKENIZER_FILES, copy_tokenizer, vla_specs
 from openvla_jax.convert.hf_config import OPENVLA_7B_FIELDS
 from openvla_jax.convert.mapping import check_flax_params, flatten_params, unflatten_params
+from openvla_jax.utils.files import atomic_output, read_json
 
 MARKER = "COMPLETE"
 
@@ -133,13 +134,13 @@ def load_converted(path):
             f"{path} is not a complete converted checkpoint (no {MARKER} marker); "
             "expected the output of `scripts/convert.py to-jax`"
         )
-    model_config = ml_collections.ConfigDict(json.loads((path / "model_config.json").read_text()))
+    model_config = ml_collections.ConfigDict(read_json(path / "model_config.json", "model config"))
     params = ocp.PyTreeCheckpointer().restore(str(params_tree_dir(path / "params").absolute()))
     stats = path / "dataset_statistics.json"
     hf_config = path / "hf_config.json"
     extras = dict(
-        norm_stats=json.loads(stats.read_text()) if stats.exists() else None,
-        hf_config=json.loads(hf_config.read_text()) if hf_config.exists() else {},
+        norm_stats=read_json(stats, "dataset statistics") if stats.exists() else None,
+        hf_config=read_json(hf_config, "HF config") if hf_config.exists() else {},
         tokenizer_files=[str(path / n) for n in TOKENIZER_FILES if (path / n).exists()],
     )
     return model_config, params, extras

@@ -7,13 +7,10 @@ key names); writing streams one tensor at a time into shards `model-0000i-of-000
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Optional
@@ -29,6 +26,7 @@ from openvla_jax.convert.llama import llama_specs
 from openvla_jax.convert.mapping import ParamSpec, hf_getter, iter_hf_to_flax, unflatten_params
 from openvla_jax.convert.vision import prismatic_to_hf, vision_specs
 from openvla_jax.models.llama import LlamaConfig
+from openvla_jax.utils.files import atomic_output, read_json
 
 __all__ = [
     "model_config_from_hf",
@@ -118,7 +116,7 @@ def read_config(hf_dir: Path) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{hf_dir} has no config.json; expected an OpenVLA HF checkpoint directory")
-    return json.loads(path.read_text())
+    return read_json(path, "HF config")
 
 
 def open_hf(hf_dir, scanned: bool = False, dtype=None):
@@ -150,7 +148,7 @@ def open_hf(hf_dir, scanned: bool = False, dtype=None):
     leaves = _checked_first(leaves)
     norm_stats = config_json.get("norm_stats")
     if norm_stats is None and (hf_dir / "dataset_statistics.json").exists():
-        norm_stats = json.loads((hf_dir / "dataset_statistics.json").read_text())
+        norm_stats = read_json(hf_dir / "dataset_statistics.json", "dataset statistics")
     extras = dict(
         norm_stats=norm_stats,
         config_json=config_json,
@@ -234,35 +232,6 @@ def copy_tokenizer(tokenizer_dir, out_dir: Path) -> list[str]:
             shutil.copyfile(src, out_dir / name)
             copied.append(name)
     return copied
-
-
-def atomic_dir(out_dir: Path):
-    """A fresh temp directory beside `out_dir` (same filesystem, so the final rename is atomic)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"output directory {out_dir} exists and is not empty")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-
-
-@contextlib.contextmanager
-def atomic_output(out_dir):
-    """`with atomic_output(out) as tmp:` write into `tmp`; renamed to `out` only if the block
-    completes, removed on any error or interrupt (a partial output never looks complete)."""
-    tmp = atomic_dir(out_dir)
-    try:
-        yield tmp
-        commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def commit_dir(tmp: Path, out_dir: Path) -> None:
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        out_dir.rmdir()  # empty (checked in atomic_dir)
-    os.replace(tmp, out_dir)
 
 
 def save_hf(

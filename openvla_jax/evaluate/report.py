@@ -8,12 +8,13 @@ one panel per dimension.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
 import numpy as np
+
+from openvla_jax.utils.files import write_json
 
 DIM_NAMES = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
 
@@ -42,9 +43,7 @@ def write_report(results: dict, out_dir: os.PathLike) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "results.json"
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_jsonable(results), indent=1))
-    os.replace(tmp, json_path)  # readers never see a half-written file
+    write_json(json_path, _jsonable(results), indent=1)  # readers never see a half-written file
     png_path = out / "report.png"
     plot_report(results, png_path)
     return {"json": str(json_path), "png": str(png_path)}

@@ -19,9 +19,10 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from openvla_jax.convert.hf import atomic_output, copy_tokenizer
+from openvla_jax.convert.hf import copy_tokenizer
 from openvla_jax.convert.io import open_state_dict, save_state_dict
 from openvla_jax.quant.weights import QTensor, is_qtensor, quant_mode
+from openvla_jax.utils.files import atomic_output, read_json
 
 FORMAT = "openvla_jax-quantized-v1"
 CONFIG_NAME = "quant_config.json"
@@ -86,7 +87,7 @@ def load_quantized(path):
         raise FileNotFoundError(
             f"{path} is not a quantized checkpoint: no {CONFIG_NAME} (write one with save_quantized)"
         )
-    config = json.loads(cfg_path.read_text())
+    config = read_json(cfg_path, "quantization config")
     if config.get("format") != FORMAT:
         raise ValueError(f"{cfg_path}: format {config.get('format')!r}, expected {FORMAT!r}")
     reader = open_state_dict(path / WEIGHTS_NAME)
@@ -121,10 +122,10 @@ def load_quantized(path):
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = v
-    model_config = ml_collections.ConfigDict(json.loads((path / "model_config.json").read_text()))
+    model_config = ml_collections.ConfigDict(read_json(path / "model_config.json", "model config"))
     stats = path / "dataset_statistics.json"
     extras = dict(
-        norm_stats=json.loads(stats.read_text()) if stats.exists() else None,
+        norm_stats=read_json(stats, "dataset statistics") if stats.exists() else None,
         mode=config["mode"],
         group_size=config.get("group_size"),
     )

@@ -35,6 +35,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
+from openvla_jax.utils.files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 ITEMS = ("params", "opt_state", "meta")
@@ -49,16 +51,6 @@ class CheckpointError(RuntimeError):
 
 
 # --- side files and manifests ----------------------------------------------------------------------
-
-
-def atomic_write_text(path, text: str) -> Path:
-    """Write `text` to `path` via a temp file in the same dir + rename (readers never see a part)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 def _crc32(path: Path) -> str:
