@@ -8,8 +8,9 @@ robot's action units and offset): it moves every action token to another bin, so
 base scores ~0 on it. LoRA (rank 8, `make_lora_train_step`, base frozen) trains on the shifted
 training frames; the accuracy on the shifted validation frames must rise far above the base's.
 
-Measured (2 shared CPU cores, ~40 s): base 0.68 on the original task and 0.00 on the variant; after
-40 LoRA steps 0.68 on the variant (and 0.02 on the original: it adapted, not just learned more).
+Measured (2 shared CPU cores, two-block tabletop task, 2026-12-04): base 0.82 on the original task and
+0.00 on the variant; after 40 LoRA steps 0.74 on the variant (and 0.25 on the original: it adapted,
+not just learned more).
 """
 
 import sys
@@ -163,9 +164,9 @@ def test_lora_adapts_the_demo_model_to_a_shifted_task(demo, base):
         f"\nheld-out action-token accuracy: base {base_orig:.3f} on the task, {base_shift:.3f} on the shifted "
         f"variant; after {LORA_STEPS} LoRA steps {after_shift:.3f} on the variant, {after_orig:.3f} on the task"
     )
-    assert base_orig >= 0.5, "the base did not learn the original task"  # measured 0.68
+    assert base_orig >= 0.5, "the base did not learn the original task"  # measured 0.82
     assert base_shift <= 0.1  # every token moved: measured 0.00
-    assert after_shift >= base_shift + 0.4 and after_shift >= 0.5  # measured 0.68
+    assert after_shift >= base_shift + 0.4 and after_shift >= 0.5  # measured 0.74
     assert after_orig < base_orig - 0.2  # it adapted to the variant (measured 0.02)
     # the base is untouched: only the adapters trained
     np.testing.assert_allclose(accuracy(params, val), base_orig)
