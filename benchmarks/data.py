@@ -52,7 +52,7 @@ def _write_synthetic(data_dir: str, n_episodes: int, steps: int, seed: int = 0) 
 
 
 def _tiny_tokenizer(out_dir: str) -> str:
-    from openvla_jax.tokenizer.train import write_sentencepiece
+    from openvla_jax.tokenizer.small_spm import write_sentencepiece
 
     return write_sentencepiece(out_dir, ["put the bowl on the plate"], vocab_size=300)
 

@@ -144,7 +144,7 @@ def case_predict(variant: str, opts: Options) -> list[dict]:
     from openvla_jax.policy import OpenVLA
     from openvla_jax.testing.torch_reference import build_torch_vla, hf_state_dict
     from openvla_jax.tokenizer.prompt import inference_prompt_ids
-    from openvla_jax.tokenizer.train import write_sentencepiece
+    from openvla_jax.tokenizer.small_spm import write_sentencepiece
     from openvla_jax.train.flops import predict_flops
 
     torch = _torch() if opts.torch else None

@@ -120,7 +120,7 @@ def tiny_random_vla(variant: str = "tiny", dtype: str = "float32", seed: int = 0
         jax.random.key(seed)
     )["params"]
     stats = {"bench": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]}}}
-    from openvla_jax.tokenizer.train import write_sentencepiece
+    from openvla_jax.tokenizer.small_spm import write_sentencepiece
 
     tok_dir = write_sentencepiece(tempfile.mkdtemp(prefix="serve_bench_tok_"), INSTRUCTIONS)
     return OpenVLA(config, params, stats, tok_dir, dtype)

@@ -12,25 +12,23 @@ Skips the build when a complete one exists (``--force`` rebuilds).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import sys
 import time
 
-import sentencepiece as spm
 from absl import app, flags
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from openvla_jax.data.rlds_writer import write_rlds  # noqa: E402
 from openvla_jax.envs import tabletop  # noqa: E402
+from openvla_jax.tokenizer.small_spm import train_sentencepiece  # noqa: E402
 
 DATASET_NAME = tabletop.DATASET_NAME
 MANIFEST = "demo_manifest.json"
 DEMO_EPISODES = 6000  # about 1.5 min to build on 2 cores
-PROMPT = "In: What action should the robot take to {}?\nOut:"
 
 FLAGS = flags.FLAGS
 
@@ -43,36 +41,6 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Episode i of the dataset uses env seed (seed, 0, i).")
     flags.DEFINE_integer("vocab_size", 400, "Upper bound on the sentencepiece vocabulary size.")
     flags.DEFINE_bool("force", False, "Rebuild even if a complete build exists.")
-
-
-def train_tokenizer(texts: list[str], vocab_size: int) -> bytes:
-    """Train a Llama-like sentencepiece BPE model on instructions and prompts; returns its bytes."""
-    sentences = [PROMPT.format(t) for t in texts] + texts + [PROMPT.format("")]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences * 4),
-        model_writer=buf,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        split_digits=True,
-        hard_vocab_limit=False,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=True,
-        character_coverage=1.0,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
-    proto = buf.getvalue()
-    sp = spm.SentencePieceProcessor(model_proto=proto)
-    if sp.piece_to_id("▁") == sp.unk_id():
-        raise RuntimeError("tokenizer lacks the piece '▁' that the prompt builder appends")
-    return proto
 
 
 def build(out_dir: str, episodes: int, val_fraction: float, seed: int, vocab_size: int) -> dict:
@@ -101,7 +69,7 @@ def build(out_dir: str, episodes: int, val_fraction: float, seed: int, vocab_siz
     bar.close()
     texts = [tabletop.instruction_for(t, c) for t in tabletop.TASKS for c in tabletop.COLORS]
     with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
-        f.write(train_tokenizer(texts, vocab_size))
+        f.write(train_sentencepiece(texts, vocab_size))
     return {
         "dataset": DATASET_NAME,
         "version": "1.0.0",

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import max_abs
-from rlds_fixtures import train_tiny_sentencepiece
-from vla_refs import NORM_STATS, build_torch_vla, inputs, torch_greedy, torch_logits, write_hf_dir
 
 from openvla_jax import OpenVLA
 from openvla_jax.models.preprocess import preprocess_images
 from openvla_jax.tokenizer.prompt import inference_prompt_ids
 from openvla_jax.tokenizer.text import TextTokenizer
+from tests.support.helpers import max_abs
+from tests.support.rlds_fixtures import train_tiny_sentencepiece
+from tests.support.vla_refs import NORM_STATS, build_torch_vla, inputs, torch_greedy, torch_logits, write_hf_dir
 
 INSTRUCTIONS = ["Pick up the red block", "open the drawer", "put the green cup to the left of the big bowl"]
 

@@ -4,7 +4,7 @@ import types
 
 import pytest
 
-from rlds_fixtures import train_tiny_sentencepiece, write_bridge, write_fractal, write_libero
+from tests.support.rlds_fixtures import train_tiny_sentencepiece, write_bridge, write_fractal, write_libero
 
 
 @pytest.fixture(scope="session")
@@ -18,13 +18,3 @@ def rlds(tmp_path_factory):
 
     tok = TextTokenizer(train_tiny_sentencepiece(f"{d}/tok"))
     return types.SimpleNamespace(dir=d, raw=raw, tok=tok, stats_dir=f"{d}/stats")
-
-
-def make_cfg(rlds, **kw):
-    from openvla_jax.data.rlds import DataConfig
-
-    args = dict(data_dir=rlds.dir, batch_size=8, image_size=32, shuffle_buffer=64,
-                statistics_dir=rlds.stats_dir, process_index=0, process_count=1, progress=False,
-                deterministic=True)
-    args.update(kw)
-    return DataConfig(**args)

@@ -6,8 +6,8 @@ import types
 import numpy as np
 import pytest
 
-from conftest import make_cfg
-from rlds_fixtures import write_libero
+from tests.support.rlds_fixtures import make_cfg
+from tests.support.rlds_fixtures import write_libero
 from openvla_jax.data.oxe import REGISTRY, register_dataset, transforms
 from openvla_jax.data.rlds import DataError, RLDSPipeline
 from openvla_jax.data.traj import DatasetNotFoundError

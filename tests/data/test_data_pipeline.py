@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from conftest import make_cfg
+from tests.support.rlds_fixtures import make_cfg
 from openvla_jax.data.rlds import RLDSPipeline
 from openvla_jax.data.traj import TrajDataset, open_builder
 from openvla_jax.models.preprocess import FUSED_MEAN, FUSED_STD

@@ -3,8 +3,8 @@ full pipeline; actions compared with a NumPy computation of each dataset's conve
 
 import numpy as np
 
-from conftest import make_cfg
-from test_data_transforms import np_binarize, np_rel2abs
+from tests.support.rlds_fixtures import make_cfg
+from tests.data.test_data_transforms import np_binarize, np_rel2abs
 from openvla_jax.data import normalize as N
 from openvla_jax.data.oxe import get_dataset_config
 from openvla_jax.data.rlds import RLDSPipeline, make_standardize

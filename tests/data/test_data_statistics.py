@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from conftest import make_cfg
-from test_data_standardize import np_standardized
+from tests.support.rlds_fixtures import make_cfg
+from tests.data.test_data_standardize import np_standardized
 from openvla_jax.data import normalize as N
 from openvla_jax.data import statistics as S
 from openvla_jax.data.oxe import REGISTRY, register_dataset

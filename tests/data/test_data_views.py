@@ -12,11 +12,11 @@ import types
 import numpy as np
 import pytest
 
-from conftest import make_cfg
+from tests.support.rlds_fixtures import make_cfg
 from openvla_jax.data.prepare import DataError
 from openvla_jax.data.rlds import RLDSPipeline
 from openvla_jax.models.preprocess import FUSED_MEAN, FUSED_STD
-from rlds_fixtures import write_libero
+from tests.support.rlds_fixtures import write_libero
 
 NAME = "libero_10_no_noops"  # registered with primary = image, wrist = wrist_image
 
