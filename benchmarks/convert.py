@@ -55,7 +55,7 @@ _CHILD = """
 import resource, sys, time
 sys.path.insert(0, {root!r})
 import jax, orbax.checkpoint  # what the converter imports anyway: the baseline
-from openvla_jax.convert import checkpoint
+from openvla_jax.checkpoints import converted as checkpoint
 if {convert!r}:
     t = time.perf_counter()
     checkpoint.convert_to_jax({src!r}, {out!r}, scanned={scanned!r})

@@ -56,7 +56,7 @@ class OpenVLA:
         center_crop: Optional[float] = None,
     ):
         """`quantize`: None, "int8" or "int4" (weight-only, see `openvla_jax.quant`); params that are
-        already quantized (from `quant.load_quantized`) are used as they are. Quantized kernels stay
+        already quantized (from `checkpoints.quantized.load_quantized`) are used as they are. Quantized kernels stay
         int8 in memory and are dequantized to `dtype` inside the jitted calls.
 
         `image_resize` ("processor", "train", "train_jpeg") and `center_crop` (area fraction, 0 =
@@ -109,21 +109,22 @@ class OpenVLA:
         center_crop: Optional[float] = None,
     ) -> "OpenVLA":
         """An HF OpenVLA directory (`config.json` + safetensors), a `scripts/convert.py to-jax` one, or
-        a `quant.save_quantized` one. `quantize` ("int8" / "int4") quantizes a float checkpoint on load;
+        a `checkpoints.quantized.save_quantized` one. `quantize` ("int8" / "int4") quantizes a float checkpoint on load;
         `image_resize` / `center_crop` override the checkpoint's image preprocessing (see `__init__`)."""
-        from openvla_jax.convert import checkpoint, hf
+        from openvla_jax.checkpoints import converted, quantized
+        from openvla_jax.convert import hf
 
         path = Path(path)
-        if quant.is_quantized_dir(path):
-            model_config, params, extras = quant.load_quantized(path)
+        if quantized.is_quantized_dir(path):
+            model_config, params, extras = quantized.load_quantized(path)
         elif (path / "model_config.json").exists():
-            model_config, params, extras = checkpoint.load_converted(path)
+            model_config, params, extras = converted.load_converted(path)
         elif (path / "config.json").exists():
             model_config, params, extras = hf.load_hf(path)
         else:
             raise FileNotFoundError(
                 f"{path} is not an OpenVLA checkpoint: expected config.json (HF) or model_config.json "
-                "(converted with scripts/convert.py to-jax) or quant_config.json (quant.save_quantized)"
+                "(converted with scripts/convert.py to-jax) or quant_config.json (checkpoints.quantized.save_quantized)"
             )
         tok_dir = path if (path / "tokenizer.model").exists() else None
         return cls(

@@ -34,7 +34,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from openvla_jax.convert.checkpoint import convert_to_hf, convert_to_jax
+    from openvla_jax.checkpoints.converted import convert_to_hf, convert_to_jax
 
     start = time.time()
     try:

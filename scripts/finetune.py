@@ -9,7 +9,7 @@ LoRA writes to the work dir: adapters/ (`train.lora.save_adapters`, every `train
 and at the end), dataset_statistics.json (the new dataset's, for unnormalizing), metrics.jsonl and
 export/ (the base with the adapters merged, a converted checkpoint: `OpenVLA.load` or
 `scripts/convert.py to-hf export/ OUT`), and checkpoints/ (adapters + optimizer state + data position,
-`train/checkpoint.py`): re-running with the same --workdir resumes. LoRA runs single-process on one
+`checkpoints/training.py`): re-running with the same --workdir resumes. LoRA runs single-process on one
 device; `:full` is `train/loop.py` (sharded, resumable).
 """
 
@@ -36,7 +36,7 @@ def with_model_of_checkpoint(config):
     and remat policy (they do not change the params; the checkpoint's scan_layers does: kept as saved)."""
     import ml_collections
 
-    from openvla_jax.convert.checkpoint import is_converted
+    from openvla_jax.checkpoints.converted import is_converted
 
     if not config.init_from or not is_converted(config.init_from):
         raise FileNotFoundError(
@@ -58,14 +58,14 @@ def finetune_lora(config, workdir) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from openvla_jax.convert.checkpoint import load_converted
+    from openvla_jax.checkpoints.converted import load_converted
+    from openvla_jax.checkpoints.training import TrainCheckpointer
     from openvla_jax.data.iterator import CheckpointableIterator
     from openvla_jax.data.rlds import RLDSPipeline
     from openvla_jax.models import vla
     from openvla_jax.tokenizer.actions import ActionTokenizer
     from openvla_jax.tokenizer.text import TextTokenizer
     from openvla_jax.train import lora as L
-    from openvla_jax.train.checkpoint import TrainCheckpointer
     from openvla_jax.train.loop import (
         MetricsWriter,
         data_config,

@@ -36,8 +36,18 @@ def imports(path: Path, modules=frozenset()) -> set[str]:
 
 
 def graph() -> dict[str, set[str]]:
+    """module -> the modules importing it runs: what it imports, and the `__init__` of every package
+    above those (importing `a.b.c` runs `a/__init__` and `a/b/__init__` first)."""
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    return {m: {d for d in imports(p, frozenset(modules)) if d in modules and d != m} for m, p in modules.items()}
+    out = {}
+    for m, p in modules.items():
+        deps = set()
+        for d in imports(p, frozenset(modules)):
+            parts = d.split(".")
+            deps.update(".".join(parts[:i]) for i in range(2, len(parts) + 1))  # not the root package
+        own = {".".join(m.split(".")[:i]) for i in range(1, len(m.split(".")) + 1)}  # itself, its parents
+        out[m] = {d for d in deps if d in modules and d not in own}
+    return out
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:

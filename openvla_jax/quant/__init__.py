@@ -1,7 +1,6 @@
 """Weight-only int8 / int4 quantization for inference: `quantize_params`, `dequantize_tree` (inside
-jit), `save_quantized` / `load_quantized`, `param_bytes`, `memory_report`."""
+jit), `param_bytes`, `memory_report` (quantized checkpoints: `openvla_jax.checkpoints.quantized`)."""
 
-from openvla_jax.quant.checkpoint import is_quantized_dir, load_quantized, save_quantized
 from openvla_jax.quant.memory import format_report, memory_report
 from openvla_jax.quant.weights import (
     DEFAULT_GROUP_SIZE,
@@ -31,15 +30,12 @@ __all__ = [
     "dequantize_tree",
     "format_report",
     "is_quantized",
-    "is_quantized_dir",
-    "load_quantized",
     "memory_report",
     "pack_int4",
     "param_bytes",
     "quant_mode",
     "quantize",
     "quantize_params",
-    "save_quantized",
     "total_bytes",
     "unpack_int4",
 ]

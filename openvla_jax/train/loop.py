@@ -175,6 +175,7 @@ def flatten_metrics(metrics: dict, dataset_names, prefix: str) -> dict:
 # ----------------------------------------------------------------------------------------- train
 def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Callable] = None) -> dict:
     """Run (or resume) training; returns a summary dict (final metrics, steps, export dir)."""
+    from openvla_jax.checkpoints import training as ckpt_lib
     from openvla_jax.data.iterator import CheckpointableIterator
     from openvla_jax.data.rlds import RLDSPipeline
     from openvla_jax.parallel import distributed
@@ -183,7 +184,6 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
     from openvla_jax.parallel.mesh import make_mesh
     from openvla_jax.tokenizer.actions import ActionTokenizer
     from openvla_jax.tokenizer.text import TextTokenizer
-    from openvla_jax.train import checkpoint as ckpt_lib
     from openvla_jax.train.optimizer import make_optimizer
     from openvla_jax.train.preemption import PreemptionWatcher
     from openvla_jax.train.step import abstract_params, init_train_state, make_train_step
@@ -240,7 +240,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
     else:
         params = None
         if config.init_from:
-            from openvla_jax.convert.checkpoint import load_converted
+            from openvla_jax.checkpoints.converted import load_converted
 
             _, params, _ = load_converted(config.init_from)
         state = init_train_state(

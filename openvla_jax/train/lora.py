@@ -259,7 +259,7 @@ def merge_and_export(
     those of the fine-tuning dataset; `model_config_updates` are set on its model config, e.g. the
     image preprocessing the fine-tuning data had), which `OpenVLA.load` reads and
     `scripts/convert.py to-hf` turns into PyTorch. Merged on the host in NumPy, one kernel at a time."""
-    from openvla_jax.convert.checkpoint import load_converted, save_converted
+    from openvla_jax.checkpoints.converted import load_converted, save_converted
 
     model_config, params, extras = load_converted(base_dir)
     model_config.update(model_config_updates or {})

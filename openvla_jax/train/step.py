@@ -95,7 +95,7 @@ def init_train_state(
     """A TrainState created already sharded (never the whole model on one device or host).
 
     Without `params`: `module.init` runs under jit with out_shardings. With `params` (NumPy tree from
-    `convert.checkpoint.load_converted`, any float dtype): each leaf is placed shard by shard
+    `checkpoints.converted.load_converted`, any float dtype): each leaf is placed shard by shard
     (`make_array_from_callback`, each host slices only its shards), cast to fp32 master weights.
     `model_config` names the model in errors; `sample_batch_shapes` ((pixel_values shape,
     input_ids shape)) defaults to one row of 8 tokens (init does not depend on it)."""

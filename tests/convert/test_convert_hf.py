@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from configs import model as model_configs
-from openvla_jax.convert import checkpoint, hf
+from openvla_jax.checkpoints import converted as checkpoint
+from openvla_jax.convert import hf
 from openvla_jax.convert.hf import hf_config_from_model_config, load_hf, model_config_from_hf, save_hf
 from openvla_jax.convert.io import StateDictError, open_state_dict, save_state_dict
 from tests.support.helpers import torch

@@ -116,7 +116,7 @@ def test_bad_states_raise(demo, tmp_path):
 def test_resume_through_train_checkpointer(demo, tmp_path):
     """The loop's path: the data position saved with a training checkpoint, restored from it, or
     (fallback) a fresh pipeline skipped by the recorded position."""
-    from openvla_jax.train.checkpoint import TrainCheckpointer
+    from openvla_jax.checkpoints.training import TrainCheckpointer
 
     it = iter(pipeline(demo))
     take(it, 2)

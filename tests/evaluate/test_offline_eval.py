@@ -235,7 +235,7 @@ def tiny_ckpt(data_dir, tmp_path_factory):
     """A random tiny OpenVLA (image 56) saved as a converted checkpoint with the demo tokenizer."""
     import jax.numpy as jnp
 
-    from openvla_jax.convert.checkpoint import save_converted
+    from openvla_jax.checkpoints.converted import save_converted
     from openvla_jax.models import vla as vla_lib
     from openvla_jax.train.step import abstract_params
 

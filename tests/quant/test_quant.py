@@ -16,6 +16,7 @@ from flax import linen as nn
 
 from configs.model import get_config
 from openvla_jax import OpenVLA, quant
+from openvla_jax.checkpoints import quantized as qckpt
 from openvla_jax.models import vla as vla_lib
 from openvla_jax.quant.weights import linear_layout
 
@@ -174,8 +175,8 @@ def test_dequantize_in_the_trace_equals_the_dequantized_float_model(tiny, quanti
 def test_save_load_round_trip(tiny, quantized, tmp_path):
     cfg, _, pv, ids = tiny[:4]
     vla = quantized["int4"]
-    out = quant.save_quantized(tmp_path / "q4", vla.params, cfg, {"bridge_orig": {"action": {}}}, group_size=GROUP)
-    model_config, params, extras = quant.load_quantized(out)
+    out = qckpt.save_quantized(tmp_path / "q4", vla.params, cfg, {"bridge_orig": {"action": {}}}, group_size=GROUP)
+    model_config, params, extras = qckpt.load_quantized(out)
     assert extras["mode"] == "int4" and extras["group_size"] == GROUP
     assert model_config.to_dict() == cfg.to_dict()
     saved = jax.tree_util.tree_flatten_with_path(vla.params, is_leaf=quant.weights.is_qtensor)[0]
@@ -195,9 +196,9 @@ def test_save_load_round_trip(tiny, quantized, tmp_path):
     with pytest.raises(ValueError, match="already quantized as 'int4'"):
         OpenVLA.load(out, dtype="float32", quantize="int8")
     with pytest.raises(FileExistsError, match="not empty"):
-        quant.save_quantized(out, vla.params, cfg)
+        qckpt.save_quantized(out, vla.params, cfg)
     with pytest.raises(ValueError, match="without quantized kernels"):
-        quant.save_quantized(tmp_path / "float", tiny[1], cfg)
+        qckpt.save_quantized(tmp_path / "float", tiny[1], cfg)
     assert not (tmp_path / "float").exists()
 
 
@@ -207,7 +208,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="group_size=0"):
         quant.quantize(np.ones((8, 4), np.float32), 4, group_size=0)
     with pytest.raises(FileNotFoundError, match="no quant_config.json"):
-        quant.load_quantized("/nonexistent")
+        qckpt.load_quantized("/nonexistent")
 
 
 def test_memory_report_tiny_counts_every_leaf(tiny):

@@ -26,7 +26,7 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """(a tiny converted checkpoint with random weights and the demo tokenizer, the demo data dir)."""
-    from openvla_jax.convert.checkpoint import save_converted
+    from openvla_jax.checkpoints.converted import save_converted
     from openvla_jax.models import vla
 
     tmp = tmp_path_factory.mktemp("ft_full")

@@ -227,7 +227,7 @@ def test_lora_learns_a_fixed_batch(step_fn):
 
 
 def test_save_load_merge_export_and_to_hf(tmp_path):
-    from openvla_jax.convert.checkpoint import convert_to_hf, load_converted, save_converted
+    from openvla_jax.checkpoints.converted import convert_to_hf, load_converted, save_converted
     from openvla_jax.convert.io import open_state_dict
 
     cfg = LO.LoraConfig(rank=4, alpha=8.0)

@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from openvla_jax.train.checkpoint import MANIFEST, CheckpointError, TrainCheckpointer
+from openvla_jax.checkpoints.training import MANIFEST, CheckpointError, TrainCheckpointer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -209,7 +209,7 @@ def test_interrupted_save_is_never_resumed(mesh, tmp_path, caplog):
 CRASH = """
 import os, sys
 import numpy as np
-from openvla_jax.train.checkpoint import TrainCheckpointer
+from openvla_jax.checkpoints.training import TrainCheckpointer
 ckpt = TrainCheckpointer(sys.argv[1], save_every=1, keep_last=3)
 ckpt.save(1, {"w": np.full((64,), 1.0, np.float32)}, {"m": np.zeros(3, np.float32)}, {})
 ckpt.wait()
@@ -252,7 +252,7 @@ def test_crash_before_finalization_resumes_previous_step(tmp_path):
 TOY_LOOP = """
 import sys, time
 import numpy as np
-from openvla_jax.train.checkpoint import TrainCheckpointer
+from openvla_jax.checkpoints.training import TrainCheckpointer
 from openvla_jax.train.preemption import PreemptionWatcher
 
 workdir, last = sys.argv[1], int(sys.argv[2])
@@ -370,7 +370,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from openvla_jax.parallel import distributed
-from openvla_jax.train.checkpoint import TrainCheckpointer
+from openvla_jax.checkpoints.training import TrainCheckpointer
 from openvla_jax.train.preemption import PreemptionWatcher
 
 pid, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]

@@ -386,11 +386,11 @@ class TrainCheckpointer:
     def export_for_inference(
         self, step: Optional[int], out_dir, model_config, norm_stats=None, tokenizer_dir=None, params=None
     ) -> Path:
-        """Write the converted layout `OpenVLA.load` reads (`convert.checkpoint.save_converted`):
+        """Write the converted layout `OpenVLA.load` reads (`checkpoints.converted.save_converted`):
         params of `step` (or the given `params`) as NumPy in their dtype, model config, norm stats
         (default: `workdir/dataset_statistics.json`) and the tokenizer files of `tokenizer_dir`.
         Single process only: the converted format is written by one orbax PyTreeCheckpointer."""
-        from openvla_jax.convert.checkpoint import save_converted
+        from openvla_jax.checkpoints.converted import save_converted
 
         if jax.process_count() > 1:
             raise NotImplementedError(

@@ -79,7 +79,7 @@ def save_quantized(
 
 
 def load_quantized(path):
-    """-> `(model_config, qparams, extras)` (like `convert.checkpoint.load_converted`); extras: norm_stats,
+    """-> `(model_config, qparams, extras)` (like `checkpoints.converted.load_converted`); extras: norm_stats,
     mode, group_size. QTensor arrays come back as NumPy int8 / float32."""
     path = Path(path)
     cfg_path = path / CONFIG_NAME
