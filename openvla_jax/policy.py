@@ -82,9 +82,9 @@ class OpenVLA:
         self._tokenizer = None
         self.action_tokenizer = ActionTokenizer.for_model(model_config)
         opts = vla_lib.action_options(model_config)
-        self.action_dim, self.action_chunk = opts["action_dim"], opts["action_chunk"]
-        self.num_images, self.proprio_dim = opts["num_images"], opts["proprio_dim"]
-        self.continuous = opts["action_head"] == "l1"
+        self.action_dim, self.action_chunk = opts.action_dim, opts.action_chunk
+        self.num_images, self.proprio_dim = opts.num_images, opts.proprio_dim
+        self.continuous = opts.continuous
         module = self.module
         if self.quantization is not None:
             module = quant.DequantizingModule(module, dtype)  # dequantize in the trace, next to each use

@@ -67,10 +67,10 @@ def oft_specs(model_config: ml_collections.ConfigDict) -> list[ParamSpec]:
     opts = action_options(model_config)
     d = model_config.llm.hidden_size
     layers = []  # (module, name, in, out) for Dense; (module, name, dim, None) for LayerNorm
-    if opts["proprio_dim"]:
-        layers += [("proprio_projector", "fc1", opts["proprio_dim"], d), ("proprio_projector", "fc2", d, d)]
-    if opts["action_head"] == "l1":
-        a = opts["action_dim"]
+    if opts.proprio_dim:
+        layers += [("proprio_projector", "fc1", opts.proprio_dim, d), ("proprio_projector", "fc2", d, d)]
+    if opts.action_head == "l1":
+        a = opts.action_dim
         layers += [("action_head", "norm_in", a * d, None), ("action_head", "fc_in", a * d, d)]
         for i in range(2):
             layers += [("action_head", f"block{i}_norm", d, None), ("action_head", f"block{i}_fc", d, d)]

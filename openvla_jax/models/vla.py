@@ -21,6 +21,7 @@ parameters and its outputs are exactly OpenVLA's):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import flax.linen as nn
@@ -195,35 +196,58 @@ HEADS = ("tokens", "l1")
 DECODINGS = ("autoregressive", "parallel")
 
 
-def action_options(model_config: ml_collections.ConfigDict) -> dict:
-    """The OFT options of a model config (absent fields: OpenVLA's), checked."""
-    opts = dict(
-        action_dim=int(model_config.get("action_dim", 7)),
-        action_chunk=int(model_config.get("action_chunk", 1)),
-        decoding=model_config.get("decoding", "autoregressive"),
-        action_head=model_config.get("action_head", "tokens"),
-        proprio_dim=int(model_config.get("proprio_dim", 0)),
-        num_images=int(model_config.get("num_images", 1)),
-    )
-    if opts["decoding"] not in DECODINGS:
-        raise ValueError(f"model.decoding={opts['decoding']!r}; expected one of {DECODINGS}")
-    if opts["action_head"] not in HEADS:
-        raise ValueError(f"model.action_head={opts['action_head']!r}; expected one of {HEADS}")
-    if opts["action_head"] == "l1" and opts["decoding"] != "parallel":
-        raise ValueError("model.action_head='l1' (continuous actions) needs model.decoding='parallel'")
-    for k in ("action_dim", "action_chunk", "num_images"):
-        if opts[k] < 1:
-            raise ValueError(f"model.{k} must be >= 1, got {opts[k]}")
-    if opts["proprio_dim"] < 0:
-        raise ValueError(f"model.proprio_dim must be >= 0, got {opts['proprio_dim']}")
-    return opts
+@dataclasses.dataclass(frozen=True)
+class ActionOptions:
+    """What a VLA predicts and from what: OpenVLA's defaults, the OpenVLA-OFT options otherwise."""
+
+    action_dim: int = 7  # A
+    action_chunk: int = 1  # K actions per prediction
+    decoding: str = "autoregressive"  # or "parallel": the K x A positions in one forward pass
+    action_head: str = "tokens"  # or "l1": continuous actions from the placeholders' hidden states
+    proprio_dim: int = 0  # > 0: one projected proprio token after the patches
+    num_images: int = 1  # cameras per row
+
+    def __post_init__(self):
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"model.decoding={self.decoding!r}; expected one of {DECODINGS}")
+        if self.action_head not in HEADS:
+            raise ValueError(f"model.action_head={self.action_head!r}; expected one of {HEADS}")
+        if self.action_head == "l1" and self.decoding != "parallel":
+            raise ValueError("model.action_head='l1' (continuous actions) needs model.decoding='parallel'")
+        for k in ("action_dim", "action_chunk", "num_images"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"model.{k} must be >= 1, got {getattr(self, k)}")
+        if self.proprio_dim < 0:
+            raise ValueError(f"model.proprio_dim must be >= 0, got {self.proprio_dim}")
+
+    @property
+    def continuous(self) -> bool:
+        return self.action_head == "l1"
+
+    @property
+    def parallel(self) -> bool:
+        return self.decoding == "parallel"
+
+    def differences_from_openvla(self) -> dict:
+        """The options that differ from OpenVLA's ({} for OpenVLA itself); `action_dim` is not one."""
+        base = dataclasses.replace(ActionOptions(), action_dim=self.action_dim)
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(base, f.name)
+        }
+
+
+def action_options(model_config: ml_collections.ConfigDict) -> ActionOptions:
+    """The `ActionOptions` of a model config (absent fields: OpenVLA's), checked."""
+    kw = {f.name: model_config[f.name] for f in dataclasses.fields(ActionOptions) if f.name in model_config}
+    ints = {k: int(v) for k, v in kw.items() if k not in ("decoding", "action_head")}
+    return ActionOptions(**{**kw, **ints})
 
 
 def oft_options(model_config: ml_collections.ConfigDict) -> dict:
     """The options of `model_config` that differ from OpenVLA's ({} for OpenVLA itself)."""
-    opts = action_options(model_config)
-    openvla = dict(opts, action_chunk=1, decoding="autoregressive", action_head="tokens", proprio_dim=0, num_images=1)
-    return {k: v for k, v in opts.items() if v != openvla[k]}
+    return action_options(model_config).differences_from_openvla()
 
 
 def from_config(model_config: ml_collections.ConfigDict, **overrides) -> VLA:
@@ -234,20 +258,20 @@ def from_config(model_config: ml_collections.ConfigDict, **overrides) -> VLA:
     lm = llama.from_config(model_config, **overrides)
     d = lm.config.hidden_size
     proprio = head = None
-    if opts["proprio_dim"]:
-        proprio = action_heads.ProprioProjector(opts["proprio_dim"], d, dtype=lm.dtype, param_dtype=lm.param_dtype)
-    if opts["action_head"] == "l1":
-        head = action_heads.L1ActionHead(opts["action_dim"], d, dtype=lm.dtype, param_dtype=lm.param_dtype)
+    if opts.proprio_dim:
+        proprio = action_heads.ProprioProjector(opts.proprio_dim, d, dtype=lm.dtype, param_dtype=lm.param_dtype)
+    if opts.continuous:
+        head = action_heads.L1ActionHead(opts.action_dim, d, dtype=lm.dtype, param_dtype=lm.param_dtype)
     return VLA(
         vision_backbone=backbone,
         projector=projector.from_config(model_config, backbone.embed_dim, **numerics),
         language_model=lm,
-        num_images=opts["num_images"],
+        num_images=opts.num_images,
         proprio_projector=proprio,
         action_head=head,
-        action_dim=opts["action_dim"],
-        action_chunk=opts["action_chunk"],
-        parallel=opts["decoding"] == "parallel",
+        action_dim=opts.action_dim,
+        action_chunk=opts.action_chunk,
+        parallel=opts.parallel,
         action_vocab_size=ActionTokenizer.for_model(model_config).vocab_size,
         n_action_bins=ActionTokenizer.for_model(model_config).n_bins,
     )

@@ -46,7 +46,7 @@ def data_config(config: ml_collections.ConfigDict, train: bool, dataset_statisti
     from openvla_jax.models.vla import action_options
 
     opts = action_options(config.model)
-    chunk, cams = opts["action_chunk"], opts["num_images"]
+    chunk, cams = opts.action_chunk, opts.num_images
     if chunk > 1 and (d.window_size, d.future_action_window_size) != (1, chunk - 1):
         raise ValueError(
             f"model.action_chunk={chunk} needs data.window_size=1 and "
@@ -60,7 +60,7 @@ def data_config(config: ml_collections.ConfigDict, train: bool, dataset_statisti
     if views:
         extra["image_views"] = views
         extra["pad_missing_views"] = bool(d.get("pad_missing_views", False))
-    if opts["proprio_dim"]:
+    if opts.proprio_dim:
         extra["proprio"] = True
     return DataConfig(
         **extra,
