@@ -312,12 +312,11 @@ def test_predict_action_returns_unnormalised_chunks(tmp_path):
     """A 2-camera, proprio, K=2 continuous model through `OpenVLA.predict_action`: the raw state is
     normalised with the dataset's proprio statistics, the chunk comes back `[B, K, 7]` unnormalised,
     and a batch equals the rows one by one (bucket padding changes nothing)."""
-    from rlds_fixtures import train_tiny_sentencepiece
-
     from openvla_jax import OpenVLA
     from openvla_jax.data.normalize import normalize, unnormalize
     from openvla_jax.models.preprocess import preprocess_images
     from openvla_jax.tokenizer.prompt import inference_prompt_ids
+    from tests.support.rlds_fixtures import train_tiny_sentencepiece
 
     cfg = tiny(action_chunk=2, decoding="parallel", action_head="l1", num_images=2, proprio_dim=3)
     module, params = init(cfg)
