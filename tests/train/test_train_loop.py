@@ -166,6 +166,7 @@ def test_demo_model_learns_above_the_majority_baseline(data_dir, tmp_path):
     assert acc > baseline + 0.05, (acc, baseline)  # measured 0.839 vs 0.741
 
 
+@pytest.mark.slow  # 150 OFT steps in a subprocess: ~130 s under make test
 def test_chunked_continuous_variant_learns_the_demo_task(data_dir, tmp_path):
     """The OFT variant (chunks of 4 actions, parallel decoding, L1 head, proprio token) through the
     same loop, same budget: its L1 on the normalised action chunks must fall well below where it
