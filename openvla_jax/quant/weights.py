@@ -134,10 +134,10 @@ def linear_layout(names: list[str], ndim: int) -> Optional[tuple[int, int]]:
     come from `models.kernels`, as LoRA's and conversion's do)."""
     if not names or names[-1] != "kernel" or "patch_embed" in names or ndim < 2:
         return None
-    stack = int(any(n in kernels.STACK_NAMES for n in names[:-1]))
-    if ndim - stack < 2:
+    try:
+        layout = kernels.kernel_layout(names, (1,) * ndim)
+    except ValueError:  # fewer than two axes besides a scan axis: not a matmul
         return None
-    layout = kernels.kernel_layout(names, (1,) * ndim)
     return layout.stack, layout.n_in
 
 

@@ -335,7 +335,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
                             acc=f"{float(metrics['action_accuracy']):.3f}",
                             refresh=False,
                         )
-                if step % tc.log_every == 0 or step == tc.steps:
+                if logging_now:
                     now = time.perf_counter()
                     dt = (now - t_last) / max(steps_since, 1)
                     metrics = dict(metrics, step_time=dt, tokens_per_s=seq_tokens / dt)

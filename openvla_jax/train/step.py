@@ -284,15 +284,15 @@ def guarded_update(
     loss or gradient norm is not finite: then every leaf of the old state is kept (a select, so
     shardings are unchanged) and `finite` is False. -> (new state, metrics).
 
-    `expected_step` (int32 scalar, optional): the update also applies only when `state.step` equals
-    it. A loop that passes its own step count makes a skipped update sticky: every later step keeps
+    `expected_step` (int32 scalar, optional; negative: no check): the update also applies only when
+    `state.step` equals it. A loop that passes its own step count makes a skipped update sticky: every later step keeps
     the state too, so the loop can check `state.step` only now and then (no device sync per step)
     and still stop with the state of the last good step."""
     count = jnp.maximum(sums["tokens"].sum(), 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
-    apply = finite if expected_step is None else finite & (state.step == expected_step)
+    apply = finite if expected_step is None else finite & ((expected_step < 0) | (state.step == expected_step))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
     new = jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, state)
@@ -342,7 +342,7 @@ def make_train_step(
     def constrain_like_params(tree):
         return jax.tree.map(jax.lax.with_sharding_constraint, tree, shardings.params)
 
-    def train_step(state: TrainState, batch: dict, expected_step=None):
+    def train_step(state: TrainState, batch: dict, expected_step):
         if accumulate_steps == 1:
             (loss_sum, sums), grads = grad_fn(state.params, batch)
         else:
@@ -362,26 +362,19 @@ def make_train_step(
             (grads, sums, loss_sum), _ = jax.lax.scan(body, (zeros, s0, jnp.zeros((), jnp.float32)), micro)
         return guarded_update(state, grads, loss_sum, sums, optimizer, lr_schedule, expected_step)
 
-    jit_options = dict(out_shardings=(shardings, replicated(mesh)), compiler_options=compiler_options)
     jitted = jax.jit(
         train_step,
-        in_shardings=(shardings, NamedSharding(mesh, P(R.BATCH_AXES))),
-        donate_argnums=(0,) if donate else (),
-        **jit_options,
-    )
-    sticky = jax.jit(
-        train_step,
         in_shardings=(shardings, NamedSharding(mesh, P(R.BATCH_AXES)), replicated(mesh)),
+        out_shardings=(shardings, replicated(mesh)),
         donate_argnums=(0,) if donate else (),
-        **jit_options,
+        compiler_options=compiler_options,
     )
 
     def step(state: TrainState, batch: dict, expected_step: Optional[int] = None):
-        """`expected_step`: see `guarded_update` (the loop passes its step count)."""
+        """`expected_step`: see `guarded_update` (the loop passes its step count; None: no check)."""
+        expected = jnp.asarray(-1 if expected_step is None else expected_step, jnp.int32)
         with context:  # the models' nn.with_logical_constraint needs the rules and a mesh while tracing
-            if expected_step is None:
-                return jitted(state, select_batch(batch))
-            return sticky(state, select_batch(batch), jnp.asarray(expected_step, jnp.int32))
+            return jitted(state, select_batch(batch), expected)
 
     step.jitted = jitted
     step.shardings = shardings
