@@ -1,9 +1,11 @@
 """Per-dataset configuration for Open X-Embodiment / LIBERO RLDS datasets, and the registry.
 
 A `DatasetConfig` says, for one RLDS dataset: which observation keys are the primary / secondary /
-wrist cameras, which keys concatenate into the proprio vector (None = one zero column), the state
-and action encodings (the action encoding decides the normalisation mask), and the standardize
-function (`transforms.py`) that brings its actions to the common 7-dim convention.
+wrist cameras (and depth images), which keys concatenate into the proprio vector (None = one zero
+column), the state and action encodings (the action encoding decides which action dims are
+normalised and which are absolute), the standardize function (`transforms*.py`, `droid.py`) that
+brings its actions to the common convention, and an optional per-frame filter for after chunking.
+The datasets themselves are registered in `datasets.py`.
 
 Register your own dataset in a few lines:
 
@@ -17,21 +19,38 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import inspect
 from typing import Callable, Mapping, Sequence
 
-from openvla_jax.data.oxe import transforms as T
+import tensorflow as tf
+
+CAMERAS = ("primary", "secondary", "wrist")
 
 
 class StateEncoding(enum.IntEnum):
-    NONE = -1       # no proprio
-    POS_EULER = 1   # EEF xyz (3) + roll-pitch-yaw (3) + pad (1) + gripper (1)
-    POS_QUAT = 2    # EEF xyz (3) + quaternion (4) + gripper (1)
-    JOINT = 3       # joint angles (7, padded) + gripper (1)
+    NONE = -1  # no proprio
+    POS_EULER = 1  # EEF xyz (3) + roll-pitch-yaw (3) + pad (1) + gripper (1)
+    POS_QUAT = 2  # EEF xyz (3) + quaternion (4) + gripper (1)
+    JOINT = 3  # joint angles (7, padded) + gripper (1)
+    JOINT_BIMANUAL = 4  # 2 x [joint angles (6) + gripper (1)]
 
 
 class ActionEncoding(enum.IntEnum):
-    EEF_POS = 1     # EEF delta xyz (3) + delta roll-pitch-yaw (3) + gripper (1)
-    JOINT_POS = 2   # joint deltas (7) + gripper (1)
+    EEF_POS = 1  # EEF delta xyz (3) + delta roll-pitch-yaw (3) + gripper (1)
+    JOINT_POS = 2  # joint deltas (7) + gripper (1)
+    JOINT_POS_BIMANUAL = 3  # 2 x [joint deltas (6) + gripper (1)]
+    EEF_R6 = 4  # EEF delta xyz (3) + rotation as R6 (6) + gripper (1)
+
+
+# Per arm: (relative dims, then one absolute gripper dim); bimanual repeats it for the second arm.
+_ARM_LAYOUT = {
+    ActionEncoding.EEF_POS: (6, 1),
+    ActionEncoding.JOINT_POS: (7, 1),
+    ActionEncoding.JOINT_POS_BIMANUAL: (6, 2),
+    ActionEncoding.EEF_R6: (9, 1),
+}
+# OpenVLA trains only on these (the original's make_oxe_dataset_kwargs raises for the others).
+LOADABLE_ENCODINGS = (ActionEncoding.EEF_POS, ActionEncoding.EEF_R6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,98 +62,100 @@ class DatasetConfig:
     state_encoding: StateEncoding = StateEncoding.POS_EULER
     action_encoding: ActionEncoding = ActionEncoding.EEF_POS
     language_key: str = "language_instruction"
+    depth_keys: Mapping[str, str | None] = dataclasses.field(default_factory=lambda: dict.fromkeys(CAMERAS))
+    # Frame predicate (frame dict, `action` `[K, A]` normalised) -> scalar bool tf.Tensor, True = keep.
+    # Applied after chunking + flattening, before interleaving (the original's chunk_filter_fn).
+    chunk_filter: Callable[[dict], tf.Tensor] | None = None
+
+    @property
+    def action_dim(self) -> int:
+        """Width A of the standardized `action` `[T, A]` this encoding promises."""
+        relative, arms = _ARM_LAYOUT[self.action_encoding]
+        return (relative + 1) * arms
 
     @property
     def action_mask(self) -> list[bool]:
-        """Dims that get normalised: all but the absolute gripper command."""
-        n = 7 if self.action_encoding == ActionEncoding.EEF_POS else 8
-        return [True] * (n - 1) + [False]
+        """`[A]` dims that get normalised: all but the absolute gripper command(s)."""
+        relative, arms = _ARM_LAYOUT[self.action_encoding]
+        return ([True] * relative + [False]) * arms
+
+    @property
+    def absolute_action_mask(self) -> list[bool]:
+        """`[A]` dims that are absolute targets (the grippers), the complement of `action_mask`."""
+        return [not m for m in self.action_mask]
+
+    @property
+    def loadable(self) -> bool:
+        """Whether OpenVLA can train on it (EEF_POS / EEF_R6 actions); see `check_loadable`."""
+        return self.action_encoding in LOADABLE_ENCODINGS
 
     def describe(self) -> str:
         """Stable text of everything that changes the standardized output (hashed for caching)."""
-        import inspect
+        text = (
+            f"{self.name}|{dict(self.image_keys)}|{list(self.state_keys)}|{int(self.state_encoding)}|"
+            f"{int(self.action_encoding)}|{self.language_key}|{_source(self.standardize)}"
+        )
+        # Only when set, so the hashes (and cached statistics) of filter-free datasets stay as they were.
+        return text if self.chunk_filter is None else f"{text}|chunk_filter={_source(self.chunk_filter)}"
 
-        try:
-            src = inspect.getsource(self.standardize)
-        except (OSError, TypeError):
-            src = repr(self.standardize)
-        return (f"{self.name}|{dict(self.image_keys)}|{list(self.state_keys)}|{int(self.state_encoding)}|"
-                f"{int(self.action_encoding)}|{self.language_key}|{src}")
+
+def _source(fn) -> str:
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return repr(fn)
+
+
+def check_loadable(cfg: DatasetConfig) -> DatasetConfig:
+    """`cfg` unchanged, or ValueError naming the dataset and its action encoding if OpenVLA can't train on it."""
+    if not cfg.loadable:
+        ok = ", ".join(e.name for e in LOADABLE_ENCODINGS)
+        raise ValueError(
+            f"cannot load dataset {cfg.name!r}: its action encoding is {cfg.action_encoding.name}, "
+            f"and OpenVLA trains only on {ok} actions (drop it from the mixture)"
+        )
+    return cfg
 
 
 REGISTRY: dict[str, DatasetConfig] = {}
 
 
-def register_dataset(name: str, *, standardize: Callable[[dict], dict],
-                     image_keys: Mapping[str, str | None], state_keys: Sequence[str | None] = (),
-                     state_encoding: StateEncoding = StateEncoding.POS_EULER,
-                     action_encoding: ActionEncoding = ActionEncoding.EEF_POS,
-                     language_key: str = "language_instruction", overwrite: bool = True) -> DatasetConfig:
-    """Add (or replace) a dataset; `name` is the folder name under the data dir."""
+def register_dataset(
+    name: str,
+    *,
+    standardize: Callable[[dict], dict],
+    image_keys: Mapping[str, str | None],
+    state_keys: Sequence[str | None] = (),
+    state_encoding: StateEncoding = StateEncoding.POS_EULER,
+    action_encoding: ActionEncoding = ActionEncoding.EEF_POS,
+    language_key: str = "language_instruction",
+    depth_keys: Mapping[str, str | None] | None = None,
+    chunk_filter: Callable[[dict], tf.Tensor] | None = None,
+    overwrite: bool = True,
+) -> DatasetConfig:
+    """Add (or replace) a dataset; `name` is the folder name under the data dir. Cameras missing
+    from `image_keys` / `depth_keys` among primary / secondary / wrist are None (other names are kept)."""
     if name in REGISTRY and not overwrite:
         raise ValueError(f"dataset {name!r} is already registered")
-    keys = {"primary": None, "secondary": None, "wrist": None, **dict(image_keys)}
-    cfg = DatasetConfig(name, standardize, keys, tuple(state_keys), state_encoding, action_encoding,
-                        language_key)
+    cfg = DatasetConfig(
+        name,
+        standardize,
+        {**dict.fromkeys(CAMERAS), **dict(image_keys)},
+        tuple(state_keys),
+        state_encoding,
+        action_encoding,
+        language_key,
+        {**dict.fromkeys(CAMERAS), **dict(depth_keys or {})},
+        chunk_filter,
+    )
     REGISTRY[name] = cfg
     return cfg
 
 
 def get_dataset_config(name: str) -> DatasetConfig:
     if name not in REGISTRY:
-        raise KeyError(f"no config registered for dataset {name!r}; register it with "
-                       f"openvla_jax.data.oxe.register_dataset(...). Known: {sorted(REGISTRY)}")
+        raise KeyError(
+            f"no config registered for dataset {name!r}; register it with "
+            f"openvla_jax.data.oxe.register_dataset(...). Known: {sorted(REGISTRY)}"
+        )
     return REGISTRY[name]
-
-
-def _reg(name, standardize, primary=None, secondary=None, wrist=None, state=(),
-         se=StateEncoding.POS_EULER, ae=ActionEncoding.EEF_POS):
-    register_dataset(name, standardize=standardize, state_keys=state, state_encoding=se,
-                     action_encoding=ae, image_keys={"primary": primary, "secondary": secondary,
-                                                     "wrist": wrist})
-
-
-P, Q, J, N = StateEncoding.POS_EULER, StateEncoding.POS_QUAT, StateEncoding.JOINT, StateEncoding.NONE
-_ext = "_converted_externally_to_rlds"
-
-# fmt: off
-_reg("fractal20220817_data", T.rt1, "image", state=["base_pose_tool_reached", "gripper_closed"], se=Q)
-_reg("kuka", T.kuka, "image", state=["clip_function_input/base_pose_tool_reached", "gripper_closed"], se=Q)
-_reg("bridge_orig", T.bridge_orig, "image_0", "image_1", state=["EEF_state", None, "gripper_state"])
-_reg("bridge_dataset", T.bridge_orig, "image_0", "image_1", state=["EEF_state", None, "gripper_state"])
-_reg("taco_play", T.taco_play, "rgb_static", wrist="rgb_gripper", state=["state_eef", None, "state_gripper"])
-_reg("jaco_play", T.jaco_play, "image", wrist="image_wrist", state=["state_eef", None, "state_gripper"])
-_reg("berkeley_cable_routing", T.berkeley_cable_routing, "image", "top_image", "wrist45_image",
-     state=["robot_state", None], se=J)
-_reg("roboturk", T.roboturk, "front_rgb", se=N)
-_reg("viola", T.viola, "agentview_rgb", wrist="eye_in_hand_rgb", state=["joint_states", "gripper_states"], se=J)
-_reg("berkeley_autolab_ur5", T.berkeley_autolab_ur5, "image", wrist="hand_image", state=["state"], se=Q)
-_reg("toto", T.toto, "image", state=["state", None], se=J)
-_reg("language_table", T.language_table, "rgb", state=["effector_translation", None, None, None, None, None, None])
-_reg("stanford_hydra_dataset" + _ext, T.stanford_hydra, "image", wrist="wrist_image",
-     state=["eef_state", None, "gripper_state"])
-_reg("austin_buds_dataset" + _ext, T.austin_buds, "image", wrist="wrist_image", state=["state"], se=J)
-_reg("nyu_franka_play_dataset" + _ext, T.nyu_franka_play, "image", "image_additional_view",
-     state=["eef_state", None, None])
-_reg("furniture_bench_dataset" + _ext, T.furniture_bench, "image", wrist="wrist_image", state=["state"], se=Q)
-_reg("ucsd_kitchen_dataset" + _ext, T.ucsd_kitchen, "image", state=["joint_state", None], se=J)
-_reg("austin_sailor_dataset" + _ext, T.austin_sailor, "image", wrist="wrist_image", state=["state"], se=Q)
-_reg("austin_sirius_dataset" + _ext, T.austin_sirius, "image", wrist="wrist_image", state=["state"], se=Q)
-_reg("dlr_edan_shared_control" + _ext, T.dlr_edan_shared_control, "image", state=["state", None])
-_reg("iamlab_cmu_pickup_insert" + _ext, T.iamlab_cmu_pickup_insert, "image", wrist="wrist_image",
-     state=["joint_state", "gripper_state"], se=J)
-_reg("utaustin_mutex", T.utaustin_mutex, "image", wrist="wrist_image", state=["state"], se=J)
-_reg("berkeley_fanuc_manipulation", T.berkeley_fanuc, "image", wrist="wrist_image",
-     state=["joint_state", None, "gripper_state"], se=J)
-_reg("cmu_stretch", T.cmu_stretch, "image", state=["eef_state", None, "gripper_state"])
-_reg("bc_z", T.bc_z, "image", state=["present/xyz", "present/axis_angle", None, "present/sensed_close"])
-_reg("fmb_dataset", T.fmb, "image_side_1", "image_side_2", "image_wrist_1", state=["proprio"])
-_reg("dobbe", T.dobbe, "wrist_image", state=["proprio"])
-_reg("droid", T.droid, "exterior_image_1_left", "exterior_image_2_left", "wrist_image_left",
-     state=["proprio"], se=Q)
-for _suite in ("libero_spatial_no_noops", "libero_object_no_noops", "libero_goal_no_noops",
-               "libero_10_no_noops"):
-    _reg(_suite, T.libero, "image", wrist="wrist_image", state=["EEF_state", "gripper_state"])
-# The bundled demo task (scripts/make_demo_data.py): actions already bridge-style, gripper 1 = open.
-_reg("demo_tabletop", T.identity, "image", state=["state"])
-# fmt: on

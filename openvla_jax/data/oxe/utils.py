@@ -73,3 +73,38 @@ def quaternion_to_euler(q: tf.Tensor) -> tf.Tensor:
     r22 = 1.0 - 2.0 * (x * x + y * y)
     pitch = -tf.asin(tf.clip_by_value(r20, -1.0, 1.0))
     return tf.stack([tf.atan2(r21, r22), pitch, tf.atan2(r10, r00)], axis=-1)
+
+
+def euler_to_rotation_matrix(angles: tf.Tensor) -> tf.Tensor:
+    """`[..., 3]` roll, pitch, yaw (extrinsic XYZ) -> `[..., 3, 3]` rotation matrix R = Rz(yaw) Ry(pitch) Rx(roll).
+
+    The inverse of `quaternion_to_euler`'s convention (tensorflow_graphics' `rotation_matrix_3d.from_euler`).
+    """
+    angles = tf.cast(angles, tf.float32)
+    sx, sy, sz = tf.unstack(tf.sin(angles), axis=-1)
+    cx, cy, cz = tf.unstack(tf.cos(angles), axis=-1)
+    rows = [
+        [cy * cz, sx * sy * cz - cx * sz, cx * sy * cz + sx * sz],
+        [cy * sz, sx * sy * sz + cx * cz, cx * sy * sz - sx * cz],
+        [-sy, sx * cy, cx * cy],
+    ]
+    return tf.stack([tf.stack(row, axis=-1) for row in rows], axis=-2)
+
+
+def rotation_matrix_to_r6(rot: tf.Tensor) -> tf.Tensor:
+    """`[..., 3, 3]` rotation matrix -> `[..., 6]` "R6": its first row, then its second row."""
+    return tf.concat([rot[..., 0, :], rot[..., 1, :]], axis=-1)
+
+
+def velocity_to_wrist_frame(velocity: tf.Tensor, wrist_pose: tf.Tensor) -> tf.Tensor:
+    """Base-frame velocity action -> the same motion seen from the end effector.
+
+    `velocity`: `[T, 6]` translation (3) + rotation as euler angles (3), in the robot base frame.
+    `wrist_pose`: `[T, 6]` end-effector xyz + euler angles in the base frame.
+    Returns `[T, 9]`: translation R^T dt (3) + R6 of R^T dR R (6), R the wrist's rotation.
+    """
+    frame = euler_to_rotation_matrix(wrist_pose[:, 3:6])
+    frame_inv = tf.linalg.matrix_transpose(frame)  # a rotation's inverse is its transpose
+    dt = tf.linalg.matvec(frame_inv, tf.cast(velocity[:, :3], tf.float32))
+    d_rot = frame_inv @ euler_to_rotation_matrix(velocity[:, 3:6]) @ frame
+    return tf.concat([dt, rotation_matrix_to_r6(d_rot)], axis=-1)
