@@ -177,3 +177,30 @@ ORIGINAL_MIXTURES: tuple[str, ...] = (
     "libero_goal_no_noops",
     "libero_10_no_noops",
 )
+
+
+def coverage() -> dict[str, tuple[int, int, list[str]]]:
+    """How much of the original's tables we register -> {table: (ours among the original, original
+    total, our extra names)}. Transforms count distinct functions, as the original's table does."""
+    from openvla_jax.data.oxe import MIXTURES, REGISTRY, STANDARDIZE
+
+    ours_fns = {id(STANDARDIZE[k]) for k in ORIGINAL_TRANSFORMS if k in STANDARDIZE}
+    covered_fns = {f for k, f in ORIGINAL_TRANSFORMS.items() if k in STANDARDIZE}
+    return {
+        "datasets": (
+            len(set(ORIGINAL_DATASETS) & set(REGISTRY)),
+            len(ORIGINAL_DATASETS),
+            sorted(set(REGISTRY) - set(ORIGINAL_DATASETS)),
+        ),
+        # Counted by the original's grouping, and no more functions of ours than that.
+        "transforms": (
+            min(len(covered_fns), len(ours_fns)),
+            len(set(ORIGINAL_TRANSFORMS.values())),
+            sorted(set(STANDARDIZE) - set(ORIGINAL_TRANSFORMS)),
+        ),
+        "mixtures": (
+            len(set(ORIGINAL_MIXTURES) & set(MIXTURES)),
+            len(ORIGINAL_MIXTURES),
+            sorted(set(MIXTURES) - set(ORIGINAL_MIXTURES)),
+        ),
+    }
