@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import jax
-import ml_collections
 import numpy as np
 
 from openvla_jax import quant
@@ -29,6 +28,7 @@ from openvla_jax.data.normalize import action_stats, unnormalize
 from openvla_jax.models import decoding
 from openvla_jax.models import vla as vla_lib
 from openvla_jax.models.common import as_dtype
+from openvla_jax.models.config import VLAConfig, as_config
 from openvla_jax.models.preprocess import check_preprocessing, preprocess_images
 from openvla_jax.models.vision import to_nhwc
 from openvla_jax.tokenizer.actions import ActionTokenizer
@@ -45,7 +45,7 @@ def _bucket(n: int) -> int:
 class OpenVLA:
     def __init__(
         self,
-        model_config: ml_collections.ConfigDict,
+        model_config: VLAConfig,
         params,
         norm_stats: Optional[dict] = None,
         tokenizer_dir: Optional[os.PathLike] = None,
@@ -65,9 +65,9 @@ class OpenVLA:
         trained with random crops, center_crop 0.9, so it sees frames as its training data showed
         them; an HF checkpoint uses its processor ("processor", no crop)."""
         dtype = as_dtype(dtype)
-        self.config = model_config
-        self.image_resize = image_resize or model_config.get("image_resize", "processor")
-        self.center_crop = float(model_config.get("center_crop", 0.0) if center_crop is None else center_crop)
+        self.config = model_config = as_config(model_config)
+        self.image_resize = image_resize or model_config.image_resize
+        self.center_crop = float(model_config.center_crop if center_crop is None else center_crop)
         check_preprocessing(self.image_resize, self.center_crop)
         self.module = vla_lib.from_config(model_config, dtype=dtype, param_dtype=dtype, scan_layers=_is_scanned(params))
         have = quant.quant_mode(params)
@@ -81,7 +81,7 @@ class OpenVLA:
         self.tokenizer_dir = tokenizer_dir
         self._tokenizer = None
         self.action_tokenizer = ActionTokenizer.for_model(model_config)
-        opts = vla_lib.action_options(model_config)
+        opts = model_config.actions
         self.action_dim, self.action_chunk = opts.action_dim, opts.action_chunk
         self.num_images, self.proprio_dim = opts.num_images, opts.proprio_dim
         self.continuous = opts.continuous
@@ -211,7 +211,7 @@ class OpenVLA:
 
     def _preprocess(self, images) -> np.ndarray:
         """uint8 images -> pixel_values `[B, S, S, 6]` (`[B, N, S, S, 6]` for N cameras)."""
-        size = self.config.vision.get("image_size", 224)
+        size = self.config.vision.image_size
         prep = lambda ims: preprocess_images(ims, size, self.image_resize, self.center_crop)  # noqa: E731
         if self.num_images == 1:
             return prep(images)

@@ -37,17 +37,17 @@ def with_model_of_checkpoint(config):
     import ml_collections
 
     from openvla_jax.checkpoints.converted import is_converted
+    from openvla_jax.models.config import read_model_config
 
     if not config.init_from or not is_converted(config.init_from):
         raise FileNotFoundError(
             f"init_from={config.init_from!r} is not a converted checkpoint (model_config.json + "
             "params/): convert one with `scripts/convert.py to-jax`"
         )
-    model = ml_collections.ConfigDict(json.loads((Path(config.init_from) / "model_config.json").read_text()))
-    model.dtype = config.model.dtype
-    model.remat_policy = config.model.get("remat_policy", model.get("remat_policy", "none"))
+    model = read_model_config(Path(config.init_from) / "model_config.json")
+    model = model.replace(dtype=config.model.dtype, remat_policy=config.model.remat_policy)
     config = ml_collections.ConfigDict(config.to_dict())
-    config.model = model
+    config.model = model.to_config_dict()
     return config
 
 
@@ -106,7 +106,7 @@ def finetune_lora(config, workdir) -> dict:
     meta = dict(rng=np.asarray(jax.device_get(state.rng)).tolist(), lora=cfg.to_dict())
     n, total = L.count(state.params), L.count(base)
     print(
-        f"finetune: LoRA r={cfg.rank} on {config.model.get('variant', 'model')}: {n:,} trainable of {total:,} "
+        f"finetune: LoRA r={cfg.rank} on {config.model.variant}: {n:,} trainable of {total:,} "
         f"({100 * n / total:.2f}%)" + (f"; resumed at step {latest}" if latest is not None else "")
     )
     step_fn = L.make_lora_train_step(module, optimizer, schedule, cfg, supervised_tokens=supervised_tokens(config))

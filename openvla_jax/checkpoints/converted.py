@@ -5,7 +5,7 @@ Layout of a converted directory:
                           orbax's partial saves (`orbax.checkpoint.experimental.v1.partial`), one
                           chunk of arrays per save, then finalized; the tree lives in its one
                           subdirectory (`params/state`), a standard orbax PyTree checkpoint
-  model_config.json       the model ConfigDict (configs/model.py layout)
+  model_config.json       the model config (`models/config.py` VLAConfig.to_dict())
   dataset_statistics.json norm_stats (when known)
   hf_config.json          the source config.json's descriptive fields, reused by to-hf
   tokenizer files         copied when present
@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import linen as nn
@@ -32,6 +31,7 @@ from flax import linen as nn
 from openvla_jax.convert.hf import TOKENIZER_FILES, copy_tokenizer, vla_specs
 from openvla_jax.convert.hf_config import OPENVLA_7B_FIELDS
 from openvla_jax.convert.mapping import check_flax_params, flatten_params, unflatten_params
+from openvla_jax.models.config import VLAConfig, as_config, read_model_config, write_model_config
 from openvla_jax.utils.files import atomic_output, read_json
 
 MARKER = "COMPLETE"
@@ -42,7 +42,7 @@ CHUNK_BYTES = 256 * 2**20
 
 def save_converted(
     out_dir,
-    model_config: ml_collections.ConfigDict,
+    model_config: VLAConfig,
     params,
     norm_stats: Optional[dict] = None,
     tokenizer_dir=None,
@@ -55,7 +55,7 @@ def save_converted(
     config.json; its descriptive fields (backbone ids, resize strategy, ...) are kept so that to-hf
     writes them back unchanged."""
     params = nn.meta.unbox(params)
-    specs = vla_specs(model_config, bool(model_config.get("scan_layers", False)))
+    specs = vla_specs(model_config, as_config(model_config).scan_layers)
     check_flax_params(specs, params, "params to save")
     leaves = ((path, np.asarray(jax.device_get(v))) for path, v in flatten_params(params).items())
     return save_converted_stream(out_dir, model_config, leaves, norm_stats, tokenizer_dir, hf_config, chunk_bytes)
@@ -63,7 +63,7 @@ def save_converted(
 
 def save_converted_stream(
     out_dir,
-    model_config: ml_collections.ConfigDict,
+    model_config: VLAConfig,
     leaves: Iterable[tuple[tuple[str, ...], np.ndarray]],
     norm_stats: Optional[dict] = None,
     tokenizer_dir=None,
@@ -76,7 +76,7 @@ def save_converted_stream(
     out_dir = Path(out_dir)
     with atomic_output(out_dir) as tmp:
         _write_params(tmp / "params", leaves, chunk_bytes)
-        (tmp / "model_config.json").write_text(model_config.to_json(indent=2, sort_keys=True) + "\n")
+        write_model_config(tmp / "model_config.json", model_config)
         if norm_stats is not None:
             (tmp / "dataset_statistics.json").write_text(json.dumps(norm_stats, indent=2) + "\n")
         if hf_config is not None:
@@ -134,7 +134,7 @@ def load_converted(path):
             f"{path} is not a complete converted checkpoint (no {MARKER} marker); "
             "expected the output of `scripts/convert.py to-jax`"
         )
-    model_config = ml_collections.ConfigDict(read_json(path / "model_config.json", "model config"))
+    model_config = read_model_config(path / "model_config.json")
     params = ocp.PyTreeCheckpointer().restore(str(params_tree_dir(path / "params").absolute()))
     stats = path / "dataset_statistics.json"
     hf_config = path / "hf_config.json"

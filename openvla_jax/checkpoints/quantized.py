@@ -4,7 +4,7 @@ Layout of a quantized directory (written under a temp name and renamed, so it is
   quantized.safetensors  every leaf by its flax path joined with "/"; a QTensor as `<path>/q`
                          (int8) and `<path>/scale` (float32)
   quant_config.json      format tag, mode, group_size and each QTensor's static metadata
-  model_config.json      the model ConfigDict
+  model_config.json      the model config (`models/config.py` VLAConfig.to_dict())
   dataset_statistics.json norm_stats (when known); tokenizer files (when given)
 `OpenVLA.load` recognises the directory by `quant_config.json`.
 """
@@ -15,12 +15,12 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import ml_collections
 import numpy as np
 from flax import linen as nn
 
 from openvla_jax.convert.hf import copy_tokenizer
 from openvla_jax.convert.io import open_state_dict, save_state_dict
+from openvla_jax.models.config import VLAConfig, read_model_config, write_model_config
 from openvla_jax.quant.weights import QTensor, is_qtensor, quant_mode
 from openvla_jax.utils.files import atomic_output, read_json
 
@@ -47,7 +47,7 @@ def _flatten(tree, prefix=()) -> dict:
 def save_quantized(
     out_dir,
     qparams,
-    model_config: ml_collections.ConfigDict,
+    model_config: VLAConfig,
     norm_stats: Optional[dict] = None,
     tokenizer_dir=None,
     group_size: Optional[int] = None,
@@ -71,7 +71,7 @@ def save_quantized(
     with atomic_output(out_dir) as tmp:
         save_state_dict(tmp / WEIGHTS_NAME, tensors, {"format": FORMAT})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
-        (tmp / "model_config.json").write_text(model_config.to_json(indent=2, sort_keys=True) + "\n")
+        write_model_config(tmp / "model_config.json", model_config)
         if norm_stats is not None:
             (tmp / "dataset_statistics.json").write_text(json.dumps(norm_stats, indent=2) + "\n")
         copy_tokenizer(tokenizer_dir, tmp)
@@ -122,7 +122,7 @@ def load_quantized(path):
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = v
-    model_config = ml_collections.ConfigDict(read_json(path / "model_config.json", "model config"))
+    model_config = read_model_config(path / "model_config.json")
     stats = path / "dataset_statistics.json"
     extras = dict(
         norm_stats=read_json(stats, "dataset statistics") if stats.exists() else None,

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Optional
 
 import flax.linen as nn
-import ml_collections
 import ml_dtypes
 import numpy as np
 
@@ -25,7 +24,7 @@ from openvla_jax.convert.io import INDEX_NAME, open_state_dict, write_safetensor
 from openvla_jax.convert.llama import llama_specs
 from openvla_jax.convert.mapping import ParamSpec, hf_getter, iter_hf_to_flax, unflatten_params
 from openvla_jax.convert.vision import prismatic_to_hf, vision_specs
-from openvla_jax.models.llama import LlamaConfig
+from openvla_jax.models.config import VLAConfig, as_config
 from openvla_jax.utils.files import atomic_output, read_json
 
 __all__ = [
@@ -48,24 +47,24 @@ TOKENIZER_FILES = (
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 
 
-def vla_specs(model_config: ml_collections.ConfigDict, scanned: bool) -> list[ParamSpec]:
+def vla_specs(model_config: VLAConfig, scanned: bool) -> list[ParamSpec]:
     """Every tensor of an OpenVLA HF checkpoint: vision backbone + projector, then the Llama under
     `language_model.` (Flax paths under `language_model/`)."""
+    config = as_config(model_config)
     llm = [
         dataclasses.replace(s, path=("language_model",) + s.path)
-        for s in llama_specs(LlamaConfig.from_dict(model_config.llm), scanned, prefix="language_model.")
+        for s in llama_specs(config.llm, scanned, prefix="language_model.")
     ]
-    return vision_specs(model_config, scanned) + llm + oft_specs(model_config)
+    return vision_specs(config, scanned) + llm + oft_specs(config)
 
 
-def oft_specs(model_config: ml_collections.ConfigDict) -> list[ParamSpec]:
+def oft_specs(model_config: VLAConfig) -> list[ParamSpec]:
     """The OFT modules' tensors (`models/action_heads.py`), named as PyTorch modules would be
     (`proprio_projector.fc1.weight`, `action_head.fc_in.weight`, LayerNorm scale = `.weight`). Only
     converted checkpoints hold them: the OpenVLA HF format has no place for them (`save_hf` refuses)."""
-    from openvla_jax.models.vla import action_options
-
-    opts = action_options(model_config)
-    d = model_config.llm.hidden_size
+    config = as_config(model_config)
+    opts = config.actions
+    d = config.llm.hidden_size
     layers = []  # (module, name, in, out) for Dense; (module, name, dim, None) for LayerNorm
     if opts.proprio_dim:
         layers += [("proprio_projector", "fc1", opts.proprio_dim, d), ("proprio_projector", "fc2", d, d)]
@@ -129,14 +128,13 @@ def open_hf(hf_dir, scanned: bool = False, dtype=None):
     dict) and `tokenizer_files` (paths present)."""
     hf_dir = Path(hf_dir)
     config_json = read_config(hf_dir)
-    model_config = model_config_from_hf(config_json)
-    model_config.scan_layers = bool(scanned)
+    model_config = model_config_from_hf(config_json).replace(scan_layers=bool(scanned))
     reader = open_state_dict(hf_dir)
     state = reader
     if _is_prismatic(reader):
         state = _Renamed(
             reader,
-            prismatic_to_hf({k: k for k in reader}, fused=model_config.vision.get("fused_featurizer") is not None),
+            prismatic_to_hf({k: k for k in reader}, fused=model_config.vision.fused_featurizer is not None),
         )
     leaves = iter_hf_to_flax(
         vla_specs(model_config, scanned),
@@ -236,7 +234,7 @@ def copy_tokenizer(tokenizer_dir, out_dir: Path) -> list[str]:
 
 def save_hf(
     out_dir,
-    model_config: ml_collections.ConfigDict,
+    model_config: VLAConfig,
     params,
     norm_stats: Optional[dict] = None,
     tokenizer_dir=None,
@@ -250,9 +248,7 @@ def save_hf(
     Written into a temp directory renamed to `out_dir` at the end: an interrupted save leaves none."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-    from openvla_jax.models.vla import oft_options
-
-    oft = oft_options(model_config)
+    oft = as_config(model_config).actions.differences_from_openvla()
     if oft:
         raise ValueError(
             f"the OpenVLA HF format has no place for the OFT options {oft} (model config); "

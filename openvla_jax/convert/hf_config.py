@@ -1,4 +1,4 @@
-"""OpenVLA `config.json` <-> our model config (`configs/model.py` layout), and `generation_config.json`.
+"""OpenVLA `config.json` <-> our typed model config (`models/config.py` VLAConfig), and `generation_config.json`.
 
 The original `OpenVLAConfig` (remote code `configuration_prismatic.py`) stores the vision towers as
 `timm_model_ids` (one per backbone; two when `use_fused_vision_backbone`), the LLM as a `text_config`
@@ -6,15 +6,17 @@ that holds only what differs from transformers' `LlamaConfig` defaults (openvla-
 `vocab_size` 32064, `pad_token_id` and `torch_dtype`), and the projector in `arch_specifier`
 (`"no-align+fused-gelu-mlp"`). We add one optional field the original ignores, `timm_overrides`
 (`{model_id: {"embed_dim", "depth", "num_heads"}}`), so tiny test checkpoints use the same path.
+A field close to a known one (`n_action_binz`) is an error that names it; other unknown fields pass,
+as transformers lets a config.json carry any attribute.
 """
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Optional
 
-import ml_collections
-
 from openvla_jax.models import projector as projector_lib
+from openvla_jax.models.config import LlamaConfig, ProjectorConfig, TowerConfig, VisionConfig, VLAConfig, as_config
 
 # transformers' LlamaConfig defaults: what a `text_config` that omits a field means.
 LLAMA_DEFAULTS = dict(
@@ -37,7 +39,6 @@ OPENVLA_7B_FIELDS = dict(
     hf_llm_id="meta-llama/Llama-2-7b-hf",
     image_resize_strategy="resize-naive",
     llm_max_length=2048,
-    pad_to_multiple_of=64,
     output_projector_states=False,
     transformers_version="4.40.1",
 )
@@ -45,10 +46,28 @@ AUTO_MAP = {
     "AutoConfig": "configuration_prismatic.OpenVLAConfig",
     "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction",
 }
-# configs/model.py's numerics defaults (fp32 master params, bf16 compute).
-NUMERICS = dict(param_dtype="float32", dtype="bfloat16", scan_layers=False, remat_policy="none", attention_impl="xla")
 GENERATION_CONFIG = {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32000}
 TOWER_FIELDS = ("embed_dim", "depth", "num_heads")
+# Fields a config.json may hold besides the ones read below: written by us or by the original
+# (OPENVLA_7B_FIELDS, ...), or by transformers' PretrainedConfig.
+KNOWN_FIELDS = frozenset(
+    [*OPENVLA_7B_FIELDS, "model_type", "architectures", "auto_map", "norm_stats", "torch_dtype", "text_config"]
+    + ["arch_specifier", "use_fused_vision_backbone", "image_sizes", "timm_model_ids", "timm_override_act_layers"]
+    + [
+        "timm_overrides",
+        "n_action_bins",
+        "pad_token_id",
+        "pad_to_multiple_of",
+        "bos_token_id",
+        "eos_token_id",
+        "_name_or_path",
+    ]
+)
+TEXT_FIELDS = frozenset(
+    [*LLAMA_DEFAULTS, "model_type", "pad_token_id", "bos_token_id", "eos_token_id", "torch_dtype", "hidden_act"]
+    + ["rope_scaling", "attention_bias", "attention_dropout", "mlp_bias", "head_dim", "pretraining_tp"]
+    + ["tie_word_embeddings", "use_cache", "architectures", "_name_or_path", "transformers_version"]
+)
 
 
 def projector_arch(arch_specifier: str) -> str:
@@ -61,24 +80,41 @@ def projector_arch(arch_specifier: str) -> str:
     return arch
 
 
-def _tower(model_id: str, overrides: dict) -> ml_collections.ConfigDict:
-    o = overrides.get(model_id, {}) or {}
+def check_misspelled(fields: dict, known, where: str) -> None:
+    """A field that is not one we know but is close to one (`n_action_binz`) is an error naming it.
+    Other unknown fields pass: HF configs carry whatever PretrainedConfig attributes they were saved with."""
+    for k in sorted(set(fields) - set(known)):
+        close = difflib.get_close_matches(k, sorted(known), n=1, cutoff=0.8)
+        if close:
+            raise ValueError(f"{where} has an unknown field {k!r}: did you mean {close[0]!r}?")
+
+
+def _tower(model_id: str, overrides: dict) -> TowerConfig:
+    o = overrides.get(model_id) or {}
     bad = sorted(set(o) - set(TOWER_FIELDS))
     if bad:
         raise ValueError(f"config.json timm_overrides[{model_id!r}] has unknown fields {bad}; expected {TOWER_FIELDS}")
-    # The layout of configs/model.py's tower_config (the library does not import configs/).
-    return ml_collections.ConfigDict(dict(model_id=model_id, **{k: o.get(k) for k in TOWER_FIELDS}), type_safe=False)
+    return TowerConfig.from_dict(dict(o, model_id=model_id))
 
 
-def model_config_from_hf(config_json: dict) -> ml_collections.ConfigDict:
-    """An OpenVLA `config.json` (dict) -> model ConfigDict in the layout of `configs/model.py`.
+def _llm(text: dict) -> LlamaConfig:
+    """`text_config` -> LlamaConfig; absent fields take transformers' defaults (kv heads = heads)."""
+    check_misspelled(text, TEXT_FIELDS, "config.json text_config")
+    if text.get("model_type", "llama") != "llama":
+        raise ValueError(f"config.json text_config.model_type {text['model_type']!r}: only llama is supported")
+    return LlamaConfig.from_dict({k: text.get(k, v) for k, v in LLAMA_DEFAULTS.items()})
 
-    Numerics (`dtype`, `param_dtype`, `scan_layers`, ...) take `configs/model.py`'s defaults.
+
+def model_config_from_hf(config_json: dict) -> VLAConfig:
+    """An OpenVLA `config.json` (dict) -> `VLAConfig`.
+
+    What config.json does not hold (numerics, OFT options, camera preprocessing) takes the
+    `VLAConfig` defaults; `image_resize` "processor" is the HF processor (OpenVLA.predict_action).
     Absent `text_config` fields take transformers' LlamaConfig defaults (kv heads = heads)."""
     c = dict(config_json)
-    for field in ("timm_model_ids",):
-        if field not in c:
-            raise ValueError(f"config.json has no {field!r}; is this an OpenVLA checkpoint?")
+    check_misspelled(c, KNOWN_FIELDS, "config.json")
+    if "timm_model_ids" not in c:
+        raise ValueError("config.json has no 'timm_model_ids'; is this an OpenVLA checkpoint?")
     ids = list(c["timm_model_ids"])
     fused = bool(c.get("use_fused_vision_backbone", len(ids) > 1))
     if len(ids) != (2 if fused else 1):
@@ -97,83 +133,65 @@ def model_config_from_hf(config_json: dict) -> ml_collections.ConfigDict:
         raise ValueError(
             f"config.json timm_override_act_layers {acts}: only the default (erf GELU) towers are supported"
         )
-
-    text = dict(c.get("text_config") or {})
-    if text.get("model_type", "llama") != "llama":
-        raise ValueError(f"config.json text_config.model_type {text['model_type']!r}: only llama is supported")
-    llm = {k: text.get(k, v) for k, v in LLAMA_DEFAULTS.items()}
-    if llm["num_key_value_heads"] is None:
-        llm["num_key_value_heads"] = llm["num_attention_heads"]
-
-    config = ml_collections.ConfigDict()
-    config.variant = "hf"
-    config.llm = ml_collections.ConfigDict(
-        {k: (float(v) if isinstance(LLAMA_DEFAULTS[k], float) else int(v)) for k, v in llm.items()}
-    )
-    config.vision = ml_collections.ConfigDict(
-        dict(
+    return VLAConfig(
+        variant="hf",
+        llm=_llm(dict(c.get("text_config") or {})),
+        vision=VisionConfig(
             image_size=int(sizes[0]),
             featurizer=_tower(ids[0], overrides),
             fused_featurizer=_tower(ids[1], overrides) if fused else None,
         ),
-        type_safe=False,
+        projector=ProjectorConfig(arch=projector_arch(c.get("arch_specifier", "no-align+fused-gelu-mlp"))),
+        n_action_bins=int(c.get("n_action_bins", 256)),
+        pad_token_id=int(c.get("pad_token_id", 32000)),
+        pad_to_multiple_of=int(c.get("pad_to_multiple_of", 64)),
     )
-    config.projector = ml_collections.ConfigDict(
-        dict(arch=projector_arch(c.get("arch_specifier", "no-align+fused-gelu-mlp")))
-    )
-    config.n_action_bins = int(c.get("n_action_bins", 256))
-    config.pad_token_id = int(c.get("pad_token_id", 32000))
-    config.image_resize, config.center_crop = "processor", 0.0  # the HF processor (OpenVLA.predict_action)
-    config.update(NUMERICS)
-    return config
 
 
 def text_config_from_model_config(model_config, torch_dtype: str) -> dict:
     """`text_config` as the original writes it: model_type, pad id, dtype, and the Llama fields that
     differ from transformers' defaults (openvla-7b: only vocab_size)."""
-    llm = model_config.llm
-    out: dict[str, Any] = {
-        "model_type": "llama",
-        "pad_token_id": int(model_config.get("pad_token_id", 32000)),
-        "torch_dtype": torch_dtype,
-    }
+    config = as_config(model_config)
+    llm = config.llm
+    out: dict[str, Any] = {"model_type": "llama", "pad_token_id": config.pad_token_id, "torch_dtype": torch_dtype}
     for k, default in LLAMA_DEFAULTS.items():
-        value = llm.get(k)
+        value = getattr(llm, k)
         if k == "num_key_value_heads":
             default = llm.num_attention_heads
-        if value is not None and value != default:
+        if value != default:
             out[k] = value
-    out["vocab_size"] = int(llm.vocab_size)
+    out["vocab_size"] = llm.vocab_size
     return dict(sorted(out.items()))
 
 
 def hf_config_from_model_config(
     model_config, norm_stats: Optional[dict] = None, torch_dtype: str = "bfloat16", extra: Optional[dict] = None
 ) -> dict:
-    """The `config.json` the original PyTorch code loads (`AutoModelForVision2Seq`, trust_remote_code).
+    """The `config.json` the original PyTorch code loads (`AutoModelForVision2Seq`, trust_remote_code),
+    from a `VLAConfig` (or a ConfigDict / dict in its layout).
 
     `extra` overrides or adds fields (e.g. the source checkpoint's `vision_backbone_id`)."""
-    vc = model_config.vision
-    towers = [vc.featurizer] + ([vc.fused_featurizer] if vc.get("fused_featurizer") is not None else [])
-    fused = len(towers) == 2
-    arch = model_config.projector.get("arch", "fused-gelu-mlp")
+    config = as_config(model_config)
+    vc = config.vision
+    towers = [vc.featurizer] + ([vc.fused_featurizer] if vc.fused_featurizer is not None else [])
     out: dict[str, Any] = dict(OPENVLA_7B_FIELDS)
     out.update(
         model_type="openvla",
         architectures=["OpenVLAForActionPrediction"],
         auto_map=dict(AUTO_MAP),
-        arch_specifier=f"no-align+{arch}",
-        use_fused_vision_backbone=fused,
-        image_sizes=[int(vc.get("image_size", 224))] * len(towers),
+        arch_specifier=f"no-align+{config.projector.arch}",
+        use_fused_vision_backbone=len(towers) == 2,
+        image_sizes=[vc.image_size] * len(towers),
         timm_model_ids=[t.model_id for t in towers],
         timm_override_act_layers=[None] * len(towers),
-        pad_token_id=int(model_config.get("pad_token_id", 32000)),
-        n_action_bins=int(model_config.get("n_action_bins", 256)),
+        pad_token_id=config.pad_token_id,
+        pad_to_multiple_of=config.pad_to_multiple_of,
+        n_action_bins=config.n_action_bins,
         norm_stats=norm_stats,
         torch_dtype=torch_dtype,
-        text_config=text_config_from_model_config(model_config, torch_dtype),
+        text_config=text_config_from_model_config(config, torch_dtype),
     )
-    overrides = {t.model_id: {k: t.get(k) for k in TOWER_FIELDS if t.get(k) is not None} for t in towers}
+    overrides = {t.model_id: {k: getattr(t, k) for k in TOWER_FIELDS if getattr(t, k) is not None} for t in towers}
     overrides = {k: v for k, v in overrides.items() if v}
     if overrides:
         out["timm_overrides"] = overrides

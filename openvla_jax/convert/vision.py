@@ -9,10 +9,9 @@ Blocks are `blocks_{i}` unscanned, or one stacked `blocks` subtree (axis 0 = blo
 
 from __future__ import annotations
 
-import ml_collections
-
 from openvla_jax.convert.mapping import ParamSpec
 from openvla_jax.models import projector as projector_lib
+from openvla_jax.models.config import VLAConfig, as_config
 from openvla_jax.models.vision import from_config as backbone_from_config
 from openvla_jax.models.vit import ViTConfig
 
@@ -149,14 +148,15 @@ def backbone_specs(
 
 
 def vision_specs(
-    model_config: ml_collections.ConfigDict,
+    model_config: VLAConfig,
     scanned: bool,
     backbone_path: tuple = ("vision_backbone",),
     projector_path: tuple = ("projector",),
 ) -> list[ParamSpec]:
-    """Every HF tensor of the vision backbone and projector of a `configs/model.py` config, with the
+    """Every HF tensor of the vision backbone and projector of a model config, with the
     Flax paths of a VLA module holding them as submodules `backbone_path` and `projector_path`."""
-    backbone = backbone_from_config(model_config)
+    config = as_config(model_config)
+    backbone = backbone_from_config(config)
     specs = backbone_specs(backbone.featurizer_config, backbone.fused_config, scanned, path=backbone_path)
-    arch = model_config.projector.get("arch", "fused-gelu-mlp")
-    return specs + projector_specs(arch, backbone.embed_dim, model_config.llm.hidden_size, path=projector_path)
+    d = config.llm.hidden_size
+    return specs + projector_specs(config.projector.arch, backbone.embed_dim, d, path=projector_path)

@@ -35,6 +35,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from openvla_jax.data import normalize as N
+from openvla_jax.models.config import as_config
 from openvla_jax.tokenizer.prompt import IGNORE_INDEX
 
 # pixel_values float32 [B, S, S, 6] (pipeline layout), prompt rows (B lists of ids) -> ids [B, A]
@@ -174,7 +175,7 @@ def eval_data_config(vla, data_cfg):
         data_cfg,
         train=False,
         augment=False,
-        image_size=int(vla.config.vision.get("image_size", 224)),
+        image_size=as_config(vla.config).vision.image_size,
         dataset_statistics=stats,
     )
 

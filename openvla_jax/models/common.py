@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from openvla_jax.models.config import as_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -32,15 +35,9 @@ def as_dtype(name_or_dtype) -> jnp.dtype:
 
 
 def numerics(model_config, **overrides) -> dict:
-    """Numerics every part of a `configs/model.py` config shares (dtype, param_dtype, scan_layers,
-    remat_policy, attention_impl), with `overrides` applied and dtypes given by name resolved."""
-    kwargs = dict(
-        dtype=model_config.get("dtype", "float32"),
-        param_dtype=model_config.get("param_dtype", "float32"),
-        scan_layers=model_config.get("scan_layers", False),
-        remat_policy=model_config.get("remat_policy", "none"),
-        attention_impl=model_config.get("attention_impl", "xla"),
-    )
+    """Numerics every part of a model config shares (`models/config.py` Numerics: dtype, param_dtype,
+    scan_layers, remat_policy, attention_impl), with `overrides` applied and dtypes given by name resolved."""
+    kwargs = dataclasses.asdict(as_config(model_config).numerics)
     kwargs.update(overrides)
     kwargs["dtype"], kwargs["param_dtype"] = as_dtype(kwargs["dtype"]), as_dtype(kwargs["param_dtype"])
     return kwargs

@@ -8,47 +8,17 @@ D hidden, H heads, K key/value heads, Dh head dim, V vocabulary.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from openvla_jax.models.common import attention, numerics, partitioned, remat_policy
+from openvla_jax.models.config import LlamaConfig, VLAConfig, as_config
 
 Array = jax.Array
 KVCache = dict  # {"k": [L, B, S, K, Dh], "v": [L, B, S, K, Dh]}
-
-
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int = 32064
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 32
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    max_position_embeddings: int = 2048
-    initializer_range: float = 0.02
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @classmethod
-    def from_dict(cls, d) -> "LlamaConfig":
-        """From a ConfigDict or an HF `text_config` dict; absent fields take LlamaConfig defaults
-        (as transformers does), `num_key_value_heads` defaults to the number of heads."""
-        d = d.to_dict() if isinstance(d, ml_collections.ConfigDict) else dict(d)
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names and v is not None}
-        if "num_key_value_heads" not in kwargs and "num_attention_heads" in kwargs:
-            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
-        return cls(**kwargs)
 
 
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
@@ -312,10 +282,9 @@ class Llama(nn.Module):
         return logits, new_cache
 
 
-def from_config(model_config: ml_collections.ConfigDict, **overrides) -> Llama:
-    """Build the Llama module from a `configs/model.py` config (its `llm` section and numerics)."""
-    kwargs = dict(
-        config=LlamaConfig.from_dict(model_config.llm),
-    )
-    kwargs.update(numerics(model_config, **overrides))
+def from_config(model_config: VLAConfig, **overrides) -> Llama:
+    """Build the Llama module from a model config (its `llm` section and numerics)."""
+    config = as_config(model_config)
+    kwargs = dict(config=config.llm)
+    kwargs.update(numerics(config, **overrides))
     return Llama(**kwargs)

@@ -13,9 +13,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from openvla_jax.models.common import as_dtype, partitioned
+from openvla_jax.models.config import VLAConfig, as_config
 
 ARCHS = ("fused-gelu-mlp", "gelu-mlp")
 
@@ -60,15 +60,16 @@ class Projector(nn.Module):
         return x
 
 
-def from_config(model_config: ml_collections.ConfigDict, vision_dim: int, **overrides) -> Projector:
-    """The projector of a `configs/model.py` config (`projector.arch`, `llm.hidden_size`), reading
-    `vision_dim` from the backbone (`VisionBackbone.embed_dim`)."""
+def from_config(model_config: VLAConfig, vision_dim: int, **overrides) -> Projector:
+    """The projector of a model config (`projector.arch`, `llm.hidden_size`), reading `vision_dim`
+    from the backbone (`VisionBackbone.embed_dim`)."""
+    config = as_config(model_config)
     kwargs = dict(
         vision_dim=vision_dim,
-        llm_dim=model_config.llm.hidden_size,
-        arch=model_config.projector.get("arch", "fused-gelu-mlp"),
-        dtype=as_dtype(model_config.get("dtype", "float32")),
-        param_dtype=as_dtype(model_config.get("param_dtype", "float32")),
+        llm_dim=config.llm.hidden_size,
+        arch=config.projector.arch,
+        dtype=as_dtype(config.dtype),
+        param_dtype=as_dtype(config.param_dtype),
     )
     kwargs.update(overrides)
     return Projector(**kwargs)

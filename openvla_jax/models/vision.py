@@ -15,10 +15,10 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from openvla_jax.models.common import numerics
+from openvla_jax.models.config import VLAConfig, as_config
 from openvla_jax.models.vit import ViT, ViTConfig, tower_from_config
 
 Array = jax.Array
@@ -86,20 +86,20 @@ class VisionBackbone(nn.Module):
         return jnp.concatenate([feats, fused.astype(feats.dtype)], axis=-1)
 
 
-def from_config(model_config: ml_collections.ConfigDict, **overrides) -> VisionBackbone:
-    """The backbone of a `configs/model.py` config: `vision.featurizer` and, when present,
+def from_config(model_config: VLAConfig, **overrides) -> VisionBackbone:
+    """The backbone of a model config: `vision.featurizer` and, when present,
     `vision.fused_featurizer`, at `vision.image_size`, with the model's numerics."""
-    vc = model_config.vision
-    img = vc.get("image_size", 224)
-    fused = vc.get("fused_featurizer", None)
+    config = as_config(model_config)
+    vc = config.vision
+    fused = vc.fused_featurizer
     kwargs = dict(
-        featurizer_config=tower_from_config(vc.featurizer, img),
-        fused_config=tower_from_config(fused, img) if fused is not None else None,
+        featurizer_config=tower_from_config(vc.featurizer, vc.image_size),
+        fused_config=tower_from_config(fused, vc.image_size) if fused is not None else None,
     )
-    kwargs.update(numerics(model_config, **overrides))
+    kwargs.update(numerics(config, **overrides))
     return VisionBackbone(**kwargs)
 
 
-def feature_dim(model_config: ml_collections.ConfigDict) -> int:
+def feature_dim(model_config: VLAConfig) -> int:
     """Width of the backbone's output features (the projector's input): 2176 for OpenVLA-7B."""
     return from_config(model_config).embed_dim

@@ -23,10 +23,10 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from openvla_jax.models.common import attention, numerics, partitioned, remat_policy
+from openvla_jax.models.config import TowerConfig, VLAConfig, as_config, as_tower
 from openvla_jax.models.preprocess import resize_weights
 
 Array = jax.Array
@@ -110,9 +110,10 @@ def vit_config(
     return ViTConfig(**fields)
 
 
-def tower_from_config(tower: ml_collections.ConfigDict, img_size: int = 224) -> ViTConfig:
-    """`configs/model.py` tower section (model_id, embed_dim, depth, num_heads) -> ViTConfig."""
-    return vit_config(tower.model_id, img_size, tower.get("embed_dim"), tower.get("depth"), tower.get("num_heads"))
+def tower_from_config(tower: TowerConfig, img_size: int = 224) -> ViTConfig:
+    """A tower config (`models/config.py` TowerConfig, or its dict / ConfigDict) -> ViTConfig."""
+    t = as_tower(tower)
+    return vit_config(t.model_id, img_size, t.embed_dim, t.depth, t.num_heads)
 
 
 def resample_pos_embed(
@@ -399,16 +400,12 @@ class ViT(nn.Module):
         return self(images, num_blocks=n)["tokens"][:, self.cfg.num_prefix_tokens :]
 
 
-def from_config(
-    tower: ml_collections.ConfigDict, model_config: Optional[ml_collections.ConfigDict] = None, **overrides
-) -> ViT:
-    """A ViT from a `configs/model.py` tower section, numerics from the model config (if given)."""
-    mc = model_config if model_config is not None else ml_collections.ConfigDict()
-    img_size = mc.vision.image_size if "vision" in mc else 224
-    kwargs = dict(
-        cfg=tower_from_config(tower, img_size),
-    )
-    kwargs.update(numerics(mc, **overrides))
+def from_config(tower: TowerConfig, model_config: Optional[VLAConfig] = None, **overrides) -> ViT:
+    """A ViT from a tower config at the model's image size, with its numerics; without a model
+    config, a standalone tower: 224 px, fp32 compute."""
+    config = as_config(model_config) if model_config is not None else VLAConfig(dtype="float32")
+    kwargs = dict(cfg=tower_from_config(tower, config.vision.image_size))
+    kwargs.update(numerics(config, **overrides))
     return ViT(**kwargs)
 
 

@@ -21,15 +21,14 @@ parameters and its outputs are exactly OpenVLA's):
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from openvla_jax.models import action_heads, llama, projector, vision
+from openvla_jax.models.config import DECODINGS, HEADS, ActionOptions, VLAConfig, as_config  # noqa: F401
 from openvla_jax.tokenizer.actions import ActionTokenizer
 
 Array = jax.Array
@@ -192,79 +191,34 @@ def multimodal_labels(labels: Array, num_patches: int) -> Array:
     return jnp.concatenate([labels[:, :1], pad, labels[:, 1:]], axis=1)
 
 
-HEADS = ("tokens", "l1")
-DECODINGS = ("autoregressive", "parallel")
-
-
-@dataclasses.dataclass(frozen=True)
-class ActionOptions:
-    """What a VLA predicts and from what: OpenVLA's defaults, the OpenVLA-OFT options otherwise."""
-
-    action_dim: int = 7  # A
-    action_chunk: int = 1  # K actions per prediction
-    decoding: str = "autoregressive"  # or "parallel": the K x A positions in one forward pass
-    action_head: str = "tokens"  # or "l1": continuous actions from the placeholders' hidden states
-    proprio_dim: int = 0  # > 0: one projected proprio token after the patches
-    num_images: int = 1  # cameras per row
-
-    def __post_init__(self):
-        if self.decoding not in DECODINGS:
-            raise ValueError(f"model.decoding={self.decoding!r}; expected one of {DECODINGS}")
-        if self.action_head not in HEADS:
-            raise ValueError(f"model.action_head={self.action_head!r}; expected one of {HEADS}")
-        if self.action_head == "l1" and self.decoding != "parallel":
-            raise ValueError("model.action_head='l1' (continuous actions) needs model.decoding='parallel'")
-        for k in ("action_dim", "action_chunk", "num_images"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"model.{k} must be >= 1, got {getattr(self, k)}")
-        if self.proprio_dim < 0:
-            raise ValueError(f"model.proprio_dim must be >= 0, got {self.proprio_dim}")
-
-    @property
-    def continuous(self) -> bool:
-        return self.action_head == "l1"
-
-    @property
-    def parallel(self) -> bool:
-        return self.decoding == "parallel"
-
-    def differences_from_openvla(self) -> dict:
-        """The options that differ from OpenVLA's ({} for OpenVLA itself); `action_dim` is not one."""
-        base = dataclasses.replace(ActionOptions(), action_dim=self.action_dim)
-        return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if getattr(self, f.name) != getattr(base, f.name)
-        }
-
-
-def action_options(model_config: ml_collections.ConfigDict) -> ActionOptions:
+def action_options(model_config: VLAConfig) -> ActionOptions:
     """The `ActionOptions` of a model config (absent fields: OpenVLA's), checked."""
-    kw = {f.name: model_config[f.name] for f in dataclasses.fields(ActionOptions) if f.name in model_config}
-    ints = {k: int(v) for k, v in kw.items() if k not in ("decoding", "action_head")}
-    return ActionOptions(**{**kw, **ints})
+    return as_config(model_config).actions
 
 
-def oft_options(model_config: ml_collections.ConfigDict) -> dict:
+def oft_options(model_config: VLAConfig) -> dict:
     """The options of `model_config` that differ from OpenVLA's ({} for OpenVLA itself)."""
     return action_options(model_config).differences_from_openvla()
 
 
-def from_config(model_config: ml_collections.ConfigDict, **overrides) -> VLA:
-    """The VLA of a `configs/model.py` config; `overrides` (dtype, scan_layers, ...) go to every part."""
-    opts = action_options(model_config)
-    backbone = vision.from_config(model_config, **overrides)
+def from_config(model_config: VLAConfig, **overrides) -> VLA:
+    """The VLA of a model config (`models/config.py` VLAConfig, or a ConfigDict / dict in its layout);
+    `overrides` (dtype, scan_layers, ...) go to every part."""
+    config = as_config(model_config)
+    opts = config.actions
+    backbone = vision.from_config(config, **overrides)
     numerics = {k: v for k, v in overrides.items() if k in ("dtype", "param_dtype")}
-    lm = llama.from_config(model_config, **overrides)
+    lm = llama.from_config(config, **overrides)
     d = lm.config.hidden_size
     proprio = head = None
     if opts.proprio_dim:
         proprio = action_heads.ProprioProjector(opts.proprio_dim, d, dtype=lm.dtype, param_dtype=lm.param_dtype)
     if opts.continuous:
         head = action_heads.L1ActionHead(opts.action_dim, d, dtype=lm.dtype, param_dtype=lm.param_dtype)
+    tokens = ActionTokenizer.for_model(config)
     return VLA(
         vision_backbone=backbone,
-        projector=projector.from_config(model_config, backbone.embed_dim, **numerics),
+        projector=projector.from_config(config, backbone.embed_dim, **numerics),
         language_model=lm,
         num_images=opts.num_images,
         proprio_projector=proprio,
@@ -272,6 +226,6 @@ def from_config(model_config: ml_collections.ConfigDict, **overrides) -> VLA:
         action_dim=opts.action_dim,
         action_chunk=opts.action_chunk,
         parallel=opts.parallel,
-        action_vocab_size=ActionTokenizer.for_model(model_config).vocab_size,
-        n_action_bins=ActionTokenizer.for_model(model_config).n_bins,
+        action_vocab_size=tokens.vocab_size,
+        n_action_bins=tokens.n_bins,
     )

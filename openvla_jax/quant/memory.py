@@ -11,19 +11,19 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import linen as nn
 
 from openvla_jax.models import vla as vla_lib
+from openvla_jax.models.config import VLAConfig, as_config
 from openvla_jax.quant.weights import DEFAULT_GROUP_SIZE, _path_names, linear_layout, param_bytes, quantize, total_bytes
 
 GIB = 2**30
 
 
-def param_shapes(model_config: ml_collections.ConfigDict, dtype=jnp.bfloat16):
+def param_shapes(model_config: VLAConfig, dtype=jnp.bfloat16):
     """The VLA params tree as `jax.ShapeDtypeStruct`s in `dtype`."""
     module = vla_lib.from_config(model_config, dtype=dtype, param_dtype=dtype)
-    size = model_config.vision.get("image_size", 224)
+    size = as_config(model_config).vision.image_size
 
     def init():
         zeros = jnp.zeros((1, size, size, 6), dtype), jnp.zeros((1, 2), jnp.int32)
@@ -44,7 +44,7 @@ def quantized_shapes(shapes, mode: str, group_size: Optional[int] = DEFAULT_GROU
     return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
-def memory_report(model_config: ml_collections.ConfigDict, group_size: Optional[int] = DEFAULT_GROUP_SIZE) -> dict:
+def memory_report(model_config: VLAConfig, group_size: Optional[int] = DEFAULT_GROUP_SIZE) -> dict:
     """-> {mode: {"linear_bytes", "other_bytes", "total_bytes", "total_gib", "linear_ratio"}} for
     mode in bf16 / int8 / int4 (int4 grouped by `group_size`); ratios are against bf16's linear bytes."""
     shapes = param_shapes(model_config)

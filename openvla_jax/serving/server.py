@@ -41,6 +41,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from openvla_jax.models.config import as_config
 from openvla_jax.serving.wire import BadRequest, Pending, encode_action, parse_act
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class ActionServer:
             "status": "ok",
             "model": {
                 "class": type(vla).__name__,
-                "variant": config.get("variant") if config is not None else None,
+                "variant": as_config(config).variant if config is not None else None,
                 "action_dim": getattr(vla, "action_dim", None),
                 "dtype": dtype,
                 "unnorm_keys": sorted(vla.norm_stats),

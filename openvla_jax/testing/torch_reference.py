@@ -10,6 +10,7 @@ Any `configs/model.py` variant builds (timm ids with the config's width/depth/he
 
 from __future__ import annotations
 
+from openvla_jax.models.config import as_config, as_tower
 from openvla_jax.testing.torch_compat import import_torch, transformers_llama
 
 
@@ -20,7 +21,8 @@ def timm_tower(tower, seed: int, img_size: int = 224, randomize: bool = True, **
     import timm
 
     t.manual_seed(seed)
-    sizes = {k: tower[k] for k in ("embed_dim", "depth", "num_heads") if tower.get(k) is not None}
+    tower = as_tower(tower)
+    sizes = {k: getattr(tower, k) for k in ("embed_dim", "depth", "num_heads") if getattr(tower, k) is not None}
     model = timm.create_model(tower.model_id, pretrained=False, num_classes=0, img_size=img_size, **sizes, **kw).eval()
     if randomize:
         with t.no_grad():
@@ -41,8 +43,7 @@ def build_torch_vla(model_config, seed: int = 0, attn_implementation: str = "eag
     [B, T + P, V]` and `greedy_ids(pixel_values [1,...], ids [1, T], num_tokens)` (KV-cached, batch 1,
     as the original's `generate`)."""
     t = import_torch()
-    from openvla_jax.models.llama import LlamaConfig
-
+    model_config = as_config(model_config)
     nn = t.nn
     dino = timm_tower(model_config.vision.featurizer, seed + 1, randomize=randomize)
     siglip = timm_tower(model_config.vision.fused_featurizer, seed + 2, randomize=randomize)
@@ -68,7 +69,7 @@ def build_torch_vla(model_config, seed: int = 0, attn_implementation: str = "eag
             self.vision_backbone.fused_featurizer = siglip
             t.manual_seed(seed + 3)
             self.projector = Projector()
-            self.language_model = transformers_llama(LlamaConfig.from_dict(model_config.llm), attn_implementation)
+            self.language_model = transformers_llama(model_config.llm, attn_implementation)
             if randomize:
                 with t.no_grad():
                     for name, p in self.projector.named_parameters():

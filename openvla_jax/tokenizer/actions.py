@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from openvla_jax.models.config import as_config
+
 
 class ActionTokenizer:
     """`encode`: float actions `[..., D]` -> int32 ids `[..., D]`; `decode`: ids -> bin centers.
@@ -31,8 +33,8 @@ class ActionTokenizer:
         """The action tokens of a `configs/model.py` model: the last `n_action_bins` ids of the base
         vocabulary (the LLM's vocab_size less the padding to a multiple of 64: 32064 -> 32000), whatever
         the text tokenizer's size (the demo's 400-piece tokenizer shares the ids of Llama's)."""
-        pad = model_config.get("pad_to_multiple_of", 64)
-        return cls(vocab_size=model_config.llm.vocab_size - pad, n_bins=model_config.get("n_action_bins", 256))
+        config = as_config(model_config)
+        return cls(vocab_size=config.llm.vocab_size - config.pad_to_multiple_of, n_bins=config.n_action_bins)
 
     @property
     def first_id(self) -> int:

@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from openvla_jax.models.config import as_config
+
 
 def _count(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
@@ -33,13 +35,14 @@ def _model_counts(model_config) -> dict:
     from openvla_jax.models import vit, vla
     from openvla_jax.train.step import abstract_params
 
+    model_config = as_config(model_config)
     module = vla.from_config(model_config)
     p = nn.meta.unbox(abstract_params(module))
     lm = p["language_model"]
     head = _count(lm["lm_head"])
     towers = []
     for key in ("featurizer", "fused_featurizer"):
-        tower = model_config.vision.get(key)
+        tower = getattr(model_config.vision, key)
         if tower is not None:
             t = vit.tower_from_config(tower, model_config.vision.image_size)
             run = t.depth - 1  # OpenVLA takes the second-to-last block's output: the last never runs

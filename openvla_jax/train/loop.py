@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from openvla_jax.models.config import as_config
+
 log = logging.getLogger(__name__)
 
 
@@ -43,9 +45,7 @@ def data_config(config: ml_collections.ConfigDict, train: bool, dataset_statisti
 
     d = config.data
     auto = lambda n: -1 if n is None else n  # noqa: E731  (tf.data.AUTOTUNE is -1)
-    from openvla_jax.models.vla import action_options
-
-    opts = action_options(config.model)
+    opts = as_config(config.model).actions
     chunk, cams = opts.action_chunk, opts.num_images
     if chunk > 1 and (d.window_size, d.future_action_window_size) != (1, chunk - 1):
         raise ValueError(
@@ -112,7 +112,7 @@ def supervised_tokens(config) -> int | None:
     k = config.train.get("supervised_tokens", None)
     if k is not None:
         return int(k) or None
-    return config.model.get("action_dim", 7) * (1 + config.data.future_action_window_size) + 1
+    return as_config(config.model).action_dim * (1 + config.data.future_action_window_size) + 1
 
 
 def build_module(config):
@@ -369,8 +369,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
                 import shutil
 
                 shutil.rmtree(export)
-            model_config = ml_collections.ConfigDict(config.model.to_dict())
-            model_config.update(trained_preprocessing(config, pipeline))
+            model_config = as_config(config.model).replace(**trained_preprocessing(config, pipeline))
             ckpt.export_for_inference(None, export, model_config, pipeline.statistics, tok_dir, params=state.params)
             summary["export"] = str(export)
     finally:

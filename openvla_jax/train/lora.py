@@ -262,7 +262,7 @@ def merge_and_export(
     from openvla_jax.checkpoints.converted import load_converted, save_converted
 
     model_config, params, extras = load_converted(base_dir)
-    model_config.update(model_config_updates or {})
+    model_config = model_config.replace(**(model_config_updates or {}))
     try:
         merged = merge(params, adapters, cfg, xp=np)
     except ValueError as e:

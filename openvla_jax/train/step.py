@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from openvla_jax.models.config import as_config
 from openvla_jax.parallel import rules as R
 from openvla_jax.parallel.sharding import opt_state_shardings, param_shardings, replicated
 from openvla_jax.train.loss import (
@@ -115,7 +116,7 @@ def init_train_state(
 
         return jax.jit(init, out_shardings=shardings, compiler_options=compiler_options)(rng)
 
-    name = model_config.get("variant", "model") if model_config is not None else "model"
+    name = as_config(model_config).variant if model_config is not None else "model"
     _check_params(params, abstract_params(module), f"params given for the {name} config")
 
     def place(x, sharding):

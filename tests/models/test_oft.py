@@ -53,10 +53,9 @@ def test_chunk_1_one_camera_no_proprio_is_openvla(tmp_path):
     model = build_torch_vla()
     write_hf_dir(model, tmp_path)
     cfg, params, _ = load_hf(tmp_path)
-    for k, v in dict(
+    cfg = cfg.replace(
         action_dim=7, action_chunk=1, decoding="autoregressive", action_head="tokens", proprio_dim=0, num_images=1
-    ).items():
-        setattr(cfg, k, v)
+    )
     bare = model_configs.get_config("tiny")
     for k in ("action_chunk", "decoding", "action_head", "proprio_dim", "num_images"):
         del bare[k]
