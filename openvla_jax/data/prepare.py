@@ -122,22 +122,30 @@ def make_standardize(name: str, ds_cfg, view: str | Sequence[str], step_fields: 
             observation = {image_field(v): images[v][1] for v in views}
         observation["proprio"] = tf.concat(proprio, -1) if proprio else tf.zeros([t_len, 0])
         # Standardize may drop steps (bridge drops the first and last): cut the episode ids to match.
+        episode_id = traj["_episode_id"][:1] if "_episode_id" in traj else tf.constant([-1], tf.int64)
         return {"observation": observation,
                 "task": {"language_instruction": tf.reshape(lang, [t_len])},
                 "action": tf.cast(action, tf.float32),
                 "dataset_name": tf.fill([t_len], name),
-                "episode": tf.repeat(episode[:1], t_len)}
+                "episode": tf.repeat(episode[:1], t_len),
+                "episode_id": tf.repeat(episode_id, t_len),
+                "timestep": tf.range(t_len, dtype=tf.int32)}
 
     return fn
 
 
-def make_validator(name: str, cfg, log: BadDataLog | None):
+def make_validator(name: str, cfg, log: BadDataLog | None, for_statistics: bool = False):
     """Filter predicate: problems found in a trajectory raise (naming dataset, episode, field) or are
-    skipped and counted, per `cfg.on_bad_data`; unlabeled episodes are skipped when skip_unlabeled."""
+    skipped and counted, per `cfg.on_bad_data`; unlabeled episodes are skipped when skip_unlabeled.
+
+    for_statistics: only non-finite actions are problems; empty and unlabeled episodes stay (the
+    original computes statistics over every episode, before its unlabeled filter)."""
 
     def problem(traj):
         finite = tf.reduce_all(tf.math.is_finite(traj["action"]))
-        labeled = X.is_labeled(traj)
+        if for_statistics:
+            return tf.where(~finite, "action (NaN or inf)", "")
+        labeled = X.is_labeled(traj) if cfg.skip_unlabeled else tf.constant(True)
         nonempty = tf.shape(traj["action"])[0] > 0
         return tf.where(~nonempty, "steps (no steps left after standardize)",
                         tf.where(~finite, "action (NaN or inf)",
@@ -147,11 +155,9 @@ def make_validator(name: str, cfg, log: BadDataLog | None):
         p = problem(traj)
         ep = tf.cond(tf.size(traj["episode"]) > 0, lambda: traj["episode"][0], lambda: tf.constant("?"))
         ok = tf.equal(p, "")
-        skip_it = tf.logical_or(
-            tf.constant(cfg.on_bad_data == "skip"),
-            tf.logical_or(tf.strings.regex_full_match(p, "steps.*"),
-                          tf.logical_and(tf.constant(cfg.skip_unlabeled),
-                                         tf.strings.regex_full_match(p, "language_instruction.*"))))
+        # Empty episodes and (with skip_unlabeled) unlabeled ones are always skipped, never raised.
+        skip_it = tf.logical_or(tf.constant(cfg.on_bad_data == "skip"),
+                                tf.strings.regex_full_match(p, "(steps|language_instruction).*"))
         if log is None:
             record = lambda: tf.constant(False)  # noqa: E731
         else:
@@ -217,16 +223,20 @@ def make_tokenize(name: str, cfg, tok: TextTokenizer, act_tok: ActionTokenizer,
     return fn
 
 
-def frame_fields(traj, views: Sequence[str] | None = None, proprio: bool = False):
+def frame_fields(traj, views: Sequence[str] | None = None, proprio: bool = False, episode_info: bool = False):
     """The fields a frame keeps after flattening (images still encoded).
 
     views None: `image` (one camera); else `image_<view>` per camera. proprio: `proprio [W, P]`
-    (normalised; the pipeline keeps the window's last frame).
+    (normalised; the pipeline keeps the window's last frame). episode_info: `episode_id` int64 (the
+    episode's index in its split, in the dataset's order) and `timestep` int32 (the frame's index in
+    the standardized episode).
     """
     obs = traj["observation"]
     out = {"image": obs["image"]} if views is None else {image_field(v): obs[image_field(v)] for v in views}
     if proprio:
         out["proprio"] = obs["proprio"]
+    if episode_info:
+        out["episode_id"], out["timestep"] = traj["episode_id"], traj["timestep"]
     out.update({"input_ids": traj["input_ids"], "labels": traj["labels"],
                 "attention_mask": traj["attention_mask"], "seq_len": traj["seq_len"],
                 "action": traj["action"], "dataset_name": traj["dataset_name"]})

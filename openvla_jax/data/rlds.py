@@ -1,9 +1,13 @@
 """The RLDS -> model-batch pipeline (OpenVLA's `make_interleaved_dataset` path), on our tf.data layer (`traj.py`).
 
-Per dataset:  read this host's episodes -> standardize (dataset config) -> validate -> normalize
-actions -> [filter unlabeled] -> chunk / subsample -> tokenize (once per trajectory) -> flatten.
+Per dataset:  statistics over every episode of every split (labeled or not) -> read this host's
+              episodes -> standardize (dataset config) -> validate [+ filter unlabeled] -> normalize
+              -> [max_action / max_proprio filters] -> chunk -> [subsample] -> tokenize (once per
+              trajectory) -> flatten -> [the dataset's chunk filter, e.g. DROID's idle frames].
 Mixture:      weighted interleave (weight x transitions when balanced) -> shuffle ->
               decode + resize (+ augment when training) -> batch -> trim to a bucketed length.
+`shuffle=False` reads each dataset's split in its order, whole episodes in sequence, no shuffle
+buffer (debugging, exact reproduction); `dataset_length` is the epoch length in frames.
 
 Batches (this host's slice of the global batch, `B = batch_size // process_count`):
     pixel_values   float32 [B, S, S, 6]   DINOv2-normalised RGB, then SigLIP-normalised RGB
@@ -14,19 +18,23 @@ Batches (this host's slice of the global batch, `B = batch_size // process_count
     labels         int32   [B, L]         -100 except the action tokens and the EOS
     action         float32 [B, K, A]      normalised actions of the chunk (K = window + future)
     dataset_name   str     [B]
+    episode_id     int64   [B]            only with `episode_info=True`: the episode's index in its
+    timestep       int32   [B]            split (dataset order) and the frame's index in the episode
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Iterator, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from openvla_jax.data import normalize as N
 from openvla_jax.data import statistics as S
 from openvla_jax.data import transforms as X
-from openvla_jax.data.oxe import get_dataset_config, get_mixture
+from openvla_jax.data.oxe import get_dataset_config, loadable_mixture
 from openvla_jax.data.traj import AUTOTUNE, TrajDataset, default_split, open_builder
 from openvla_jax.models.preprocess import FUSED_MEAN, FUSED_STD
 from openvla_jax.data.prepare import (MARK, BadDataLog, DataError, as_data_error, frame_fields, image_field,
@@ -34,7 +42,10 @@ from openvla_jax.data.prepare import (MARK, BadDataLog, DataError, as_data_error
 from openvla_jax.tokenizer.actions import ActionTokenizer
 from openvla_jax.tokenizer.text import TextTokenizer
 
-__all__ = ["DataConfig", "DataError", "RLDSPipeline", "make_pipeline", "make_standardize"]
+log = logging.getLogger(__name__)
+
+__all__ = ["DataConfig", "DataError", "RLDSPipeline", "compute_dataset_statistics", "make_pipeline",
+           "make_standardize"]
 
 
 @dataclasses.dataclass
@@ -54,9 +65,13 @@ class DataConfig:
     normalization: str = N.BOUNDS_Q99
     balance_weights: bool = True
     skip_unlabeled: bool = True             # drop (and count) episodes without any instruction
+    max_action: float | None = None         # drop episodes with any |normalised action| above this
+    max_proprio: float | None = None        # likewise for the normalised proprio (when loaded)
     on_bad_data: str = "raise"              # "raise" or "skip" (skipped episodes are counted)
     augment: bool = False                   # applied only when train=True
+    shuffle: bool = True                    # False: the split in its order, no shuffle buffer
     shuffle_buffer: int = 256_000
+    episode_info: bool = False              # batches carry episode_id and timestep
     seed: int = 7
     deterministic: bool = False
     ram_budget_gb: float = 0.0
@@ -107,7 +122,14 @@ class RLDSPipeline:
             raise ValueError(f"batch_size {cfg.batch_size} not divisible by {self.process_count} hosts")
         self.host_batch_size = cfg.batch_size // self.process_count
         self.views = _check_views(cfg)
-        self.mixture = get_mixture(cfg.mixture)
+        self.deterministic = cfg.deterministic or not cfg.shuffle  # reading in order needs ordered maps
+        # As the original, datasets it cannot train on (joint-space actions) are skipped, with a warning.
+        self.mixture, self.skipped_datasets = loadable_mixture(cfg.mixture)
+        for name, why in self.skipped_datasets.items():
+            log.warning("skipping dataset %r: %s", name, why)
+        if not self.mixture:
+            raise DataError(f"mixture {cfg.mixture!r} has no dataset to train on: "
+                            f"{'; '.join(self.skipped_datasets.values())}")
         self.skipped = BadDataLog()
         self.statistics: dict[str, dict] = {}
         self.statistics_cache_hit: dict[str, bool] = {}
@@ -118,6 +140,7 @@ class RLDSPipeline:
             per_dataset.append(frames)
             weights.append(weight * (n_transitions if cfg.balance_weights else 1.0))
         self.sample_weights = {n: w / sum(weights) for (n, _), w in zip(self.mixture, weights)}
+        self.dataset_length = _epoch_length(self.mixture, self.statistics, self.sample_weights)
         self.dataset = self._assemble(per_dataset, weights)
 
     # One dataset: builder, statistics, trajectories -> frames.
@@ -137,39 +160,54 @@ class RLDSPipeline:
         self.image_encodings[name] = _image_encoding(builder, ds_cfg.image_keys.get(first_view))
 
         split = default_split(builder, cfg.train)
+        ordered = not cfg.shuffle
         ds = TrajDataset.from_rlds(
-            builder, split, shuffle=cfg.train, seed=cfg.seed, process_index=self.process_index,
-            process_count=self.process_count, deterministic=cfg.deterministic,
-            num_parallel_reads=cfg.num_parallel_reads, num_parallel_calls=cfg.num_parallel_calls,
-            name=name)
+            builder, split, shuffle=cfg.train and cfg.shuffle, seed=cfg.seed,
+            process_index=self.process_index, process_count=self.process_count,
+            deterministic=self.deterministic, num_parallel_reads=1 if ordered else cfg.num_parallel_reads,
+            num_parallel_calls=cfg.num_parallel_calls, name=name)
         if cfg.train:
             ds = ds.repeat()
         ds = ds.traj_map(standardize).filter(make_validator(name, cfg, self.skipped))
-        a_stats, p_stats = stats["action"], stats.get("proprio") or None
-        if cfg.proprio and not (p_stats and len(p_stats.get("q01", ())) > 0):
-            raise DataError(f"dataset {name!r}: proprio=True but its statistics have no 'proprio' "
-                            "entry to normalise with (given dataset_statistics from an older run?)")
+        a_stats = stats["action"]
+        p_stats = _proprio_statistics(name, stats) if cfg.proprio else None
         mask = ds_cfg.action_mask
+        if len(a_stats["q01"]) != len(mask):
+            raise DataError(f"dataset {name!r}: action statistics have {len(a_stats['q01'])} dims but its "
+                            f"action encoding has {len(mask)} (mask {mask}); statistics of another dataset?")
 
         def normalize(traj):
             traj = dict(traj, observation=dict(traj["observation"]))
             traj["action"] = N.normalize_tf(traj["action"], a_stats, cfg.normalization, mask=mask)
-            if p_stats:
-                traj["observation"]["proprio"] = N.normalize_tf(traj["observation"]["proprio"], p_stats,
-                                                                cfg.normalization)
+            if p_stats is not None:  # proprio is normalised only when the config loads it
+                proprio = traj["observation"]["proprio"]
+                check = tf.debugging.Assert(tf.equal(tf.shape(proprio)[-1], len(p_stats["q01"])), [
+                    f"{MARK} dataset {name}, episode", traj["episode"][0], "bad field: proprio has",
+                    tf.shape(proprio)[-1], f"dims but its statistics have {len(p_stats['q01'])}"])
+                with tf.control_dependencies([check]):
+                    traj["observation"]["proprio"] = N.normalize_tf(proprio, p_stats, cfg.normalization)
             return traj
 
         ds = ds.traj_map(normalize)
+        if cfg.max_action is not None:
+            ds = ds.filter(lambda t: tf.reduce_all(tf.abs(t["action"]) <= cfg.max_action))
+        if cfg.max_proprio is not None and cfg.proprio:
+            ds = ds.filter(lambda t: tf.reduce_all(tf.abs(t["observation"]["proprio"]) <= cfg.max_proprio))
+        absolute = ds_cfg.absolute_action_mask  # past the end: the gripper holds, the arm stops
+        ds = ds.traj_map(lambda t: X.chunk_act_obs(t, cfg.window_size, cfg.future_action_window_size,
+                                                   absolute_mask=absolute))
         if cfg.train and cfg.subsample_length:
             def sub(traj):
                 seed = tf.stack([tf.cast(cfg.seed, tf.int64), traj["_traj_index"][0]]) \
-                    if "_traj_index" in traj else tf.constant([cfg.seed, 0], tf.int64)
+                    if "_traj_index" in traj else tf.stack([tf.constant(cfg.seed, tf.int64), traj["episode_id"][0]])
                 return X.subsample(traj, cfg.subsample_length, seed)
             ds = ds.traj_map(sub)
-        ds = ds.traj_map(lambda t: X.chunk_act_obs(t, cfg.window_size, cfg.future_action_window_size))
         ds = ds.traj_map(make_tokenize(name, cfg, self.tok, self.act_tok, len(mask)))
-        ds = ds.traj_map(lambda t: frame_fields(t, self.views, cfg.proprio))
-        return ds.flatten(), stats["num_transitions"]
+        ds = ds.traj_map(lambda t: frame_fields(t, self.views, cfg.proprio, cfg.episode_info))
+        frames = ds.flatten(cycle_length=1 if ordered else 16)
+        if ds_cfg.chunk_filter is not None:  # e.g. DROID's idle frames, on normalised action chunks
+            frames = frames.filter(ds_cfg.chunk_filter)
+        return frames, stats["num_transitions"]
 
     def _statistics(self, name, builder, ds_cfg, standardize) -> dict:
         cfg = self.cfg
@@ -177,31 +215,16 @@ class RLDSPipeline:
             if name not in cfg.dataset_statistics:
                 raise KeyError(f"dataset_statistics given but has no entry for {name!r}; "
                                f"has {sorted(cfg.dataset_statistics)}")
-            return cfg.dataset_statistics[name]
-        key = S.statistics_hash(S.builder_fingerprint(builder), ds_cfg.describe(),
-                                f"skip_unlabeled={cfg.skip_unlabeled}|on_bad_data={cfg.on_bad_data}")
-        splits = "+".join(sorted(builder.info.splits.keys()))
-
-        def compute():
-            ds = TrajDataset.from_rlds(builder, splits, shuffle=False, deterministic=True,
-                                       num_parallel_reads=cfg.num_parallel_reads, name=name)
-            ds = ds.traj_map(standardize).filter(make_validator(name, cfg, None))
-            ds = ds.traj_map(lambda t: {"action": t["action"], "proprio": t["observation"]["proprio"]})
-            total = sum(s.num_examples for s in builder.info.splits.values())
-            return S.compute_statistics(_numpy(ds.ds), total=total, desc=f"statistics {name}",
-                                        progress=cfg.progress)
-
-        dirs = [cfg.statistics_dir] if cfg.statistics_dir else [builder.data_dir, S.DEFAULT_CACHE]
-        stats, _, hit = S.cached_statistics(key, compute, dirs)
+            return _check_given_statistics(name, cfg.dataset_statistics[name], cfg.normalization)
+        stats, hit = dataset_statistics(name, builder, ds_cfg, standardize, cfg)
         self.statistics_cache_hit[name] = hit
-        stats["action"]["mask"] = list(ds_cfg.action_mask)
         return stats
 
     def _assemble(self, per_dataset: list[TrajDataset], weights: list[float]) -> tf.data.Dataset:
         cfg = self.cfg
         frames = TrajDataset.interleave(per_dataset, weights, seed=cfg.seed,
-                                        deterministic=cfg.deterministic)
-        if cfg.train:
+                                        deterministic=self.deterministic)
+        if cfg.train and cfg.shuffle:
             frames = frames.shuffle(cfg.shuffle_buffer, seed=cfg.seed)
         size = (cfg.image_size, cfg.image_size)
         augment = cfg.train and cfg.augment
@@ -237,12 +260,12 @@ class RLDSPipeline:
 
         seeds = tf.data.Dataset.random(seed=cfg.seed).batch(2)
         ds = tf.data.Dataset.zip((frames.ds, seeds)).map(
-            to_model, num_parallel_calls=cfg.num_parallel_calls, deterministic=cfg.deterministic or None)
+            to_model, num_parallel_calls=cfg.num_parallel_calls, deterministic=self.deterministic or None)
         ds = ds.batch(self.host_batch_size, drop_remainder=cfg.train,
-                      num_parallel_calls=cfg.num_parallel_calls, deterministic=cfg.deterministic or None)
+                      num_parallel_calls=cfg.num_parallel_calls, deterministic=self.deterministic or None)
         ds = ds.map(self._trim)
         opts = tf.data.Options()
-        opts.deterministic = bool(cfg.deterministic)
+        opts.deterministic = bool(self.deterministic)
         if cfg.ram_budget_gb:
             opts.autotune.ram_budget = int(cfg.ram_budget_gb * 1024 ** 3)
         return ds.with_options(opts).prefetch(cfg.prefetch)
@@ -285,6 +308,81 @@ def _numpy(ds: tf.data.Dataset):
             return
         except tf.errors.OpError as e:
             raise as_data_error(e) from None
+
+
+def dataset_statistics(name: str, builder, ds_cfg, standardize, cfg: DataConfig) -> tuple[dict, bool]:
+    """(statistics, cache hit) of dataset `name` as the original computes them: every episode of every
+    split, labeled or not, after standardize; proprio as loaded (`cfg.proprio`), else zeros shaped
+    like the actions. Cached as JSON beside the dataset (else in ~/.cache), keyed by a hash of the
+    dataset, its transform and those options."""
+    key = S.statistics_hash(S.builder_fingerprint(builder), ds_cfg.describe(),
+                            f"proprio={cfg.proprio}|on_bad_data={cfg.on_bad_data}|every_episode")
+    splits = "+".join(sorted(builder.info.splits.keys()))
+
+    def compute():
+        ds = TrajDataset.from_rlds(builder, splits, shuffle=False, deterministic=True,
+                                   num_parallel_reads=cfg.num_parallel_reads, name=name)
+        ds = ds.traj_map(standardize).filter(make_validator(name, cfg, None, for_statistics=True))
+        load_proprio = cfg.proprio
+        ds = ds.traj_map(lambda t: {"action": t["action"], "proprio": t["observation"]["proprio"]
+                                    if load_proprio else tf.zeros_like(t["action"])})
+        total = sum(s.num_examples for s in builder.info.splits.values())
+        return S.compute_statistics(_numpy(ds.ds), total=total, desc=f"statistics {name}",
+                                    progress=cfg.progress)
+
+    dirs = [cfg.statistics_dir] if cfg.statistics_dir else [builder.data_dir, S.DEFAULT_CACHE]
+    stats, _, hit = S.cached_statistics(key, compute, dirs)
+    stats["action"]["mask"] = list(ds_cfg.action_mask)
+    return stats, hit
+
+
+def compute_dataset_statistics(name: str, data_dir: str, proprio: bool = False, on_bad_data: str = "raise",
+                               statistics_dir: str | None = None, progress: bool = True) -> dict:
+    """Statistics of dataset `name` (registered in `data/oxe`) under `data_dir`, in the original's
+    `dataset_statistics.json` layout: {action: {mean, std, max, min, q01, q99, mask}, proprio: {...},
+    num_transitions, num_trajectories}. Reads the cache when it holds them, else computes and caches."""
+    cfg = DataConfig(data_dir=data_dir, mixture=name, proprio=proprio, on_bad_data=on_bad_data,
+                     statistics_dir=statistics_dir, progress=progress)
+    ds_cfg = get_dataset_config(name)
+    builder = open_builder(name, data_dir)
+    standardize = make_standardize(name, ds_cfg, cfg.image_view, _field_names(builder.info.features["steps"]))
+    return dataset_statistics(name, builder, ds_cfg, standardize, cfg)[0]
+
+
+def _check_given_statistics(name: str, stats, normalization: str) -> dict:
+    """Given statistics (a checkpoint's `norm_stats`, a `dataset_statistics.json`), checked for what
+    normalising actions needs; the original's layout (with a 7-dim zero `proprio` block) is fine."""
+    if not isinstance(stats, dict) or not isinstance(stats.get("action"), dict):
+        raise DataError(f"dataset_statistics[{name!r}] has no 'action' block; expected "
+                        "{'action': {'q01', 'q99', 'min', 'max', 'mean', 'std', ...}, 'num_transitions', ...}")
+    need = {N.BOUNDS_Q99: ("q01", "q99", "min", "max"), N.BOUNDS: ("min", "max"), N.NORMAL: ("mean", "std")}
+    missing = [k for k in need.get(normalization, ()) if k not in stats["action"]]
+    if missing:
+        raise DataError(f"dataset_statistics[{name!r}]['action'] lacks {missing} needed by "
+                        f"normalization={normalization!r}; has {sorted(stats['action'])}")
+    if "num_transitions" not in stats:
+        raise DataError(f"dataset_statistics[{name!r}] lacks 'num_transitions' (mixture weights use it)")
+    return stats
+
+
+def _proprio_statistics(name: str, stats: dict) -> dict:
+    p_stats = stats.get("proprio") or {}
+    if not len(p_stats.get("q01", ())):
+        raise DataError(f"dataset {name!r}: proprio=True but its statistics have no 'proprio' "
+                        "entry to normalise with (given dataset_statistics from an older run?)")
+    if not any(np.asarray(p_stats.get("max", [1.0])) != np.asarray(p_stats.get("min", [0.0]))) \
+            and not any(np.asarray(p_stats["q01"])):
+        raise DataError(f"dataset {name!r}: proprio=True but its proprio statistics are all zeros (the "
+                        "placeholder block of statistics computed without proprio); recompute them "
+                        "with proprio=True")
+    return p_stats
+
+
+def _epoch_length(mixture, statistics: dict, sample_weights: dict) -> int:
+    """Frames until every primary dataset (mixture weight 1.0) has been seen once, as the original's
+    `dataset_len` (all datasets when none has weight 1.0)."""
+    primary = [n for n, w in mixture if w == 1.0] or [n for n, _ in mixture]
+    return int(max(statistics[n]["num_transitions"] / sample_weights[n] for n in primary))
 
 
 def _image_encoding(builder, key: str | None) -> str | None:

@@ -1,5 +1,10 @@
 """Dataset statistics (mean / std / min / max / q01 / q99 over all transitions), cached as JSON.
 
+The definition is the original's: every episode of every split (labeled or not), after standardize,
+as float32 arrays; NumPy's mean / std / min / max / linear-interpolated quantiles along time. When the
+pipeline loads no proprio, the `proprio` block summarises zeros shaped like the actions (what every
+released checkpoint's `norm_stats` holds: a 7-dim all-zero block).
+
 The cache file is `dataset_statistics_<hash>.json`, where the hash covers the dataset (name,
 version, split sizes, features) and everything that shapes the standardized actions (the dataset
 config including the standardize function's source, and the pipeline's filtering options), so
@@ -32,7 +37,8 @@ def builder_fingerprint(builder) -> str:
 
 
 def _summary(x: np.ndarray) -> dict:
-    x = np.asarray(x, np.float64)
+    """Per-dimension statistics of float32 `[N, D]`, computed in float32 as the original does."""
+    x = np.asarray(x, np.float32)
     return {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(), "max": x.max(0).tolist(),
             "min": x.min(0).tolist(), "q01": np.quantile(x, 0.01, axis=0).tolist(),
             "q99": np.quantile(x, 0.99, axis=0).tolist()}
@@ -40,7 +46,9 @@ def _summary(x: np.ndarray) -> dict:
 
 def compute_statistics(trajectories: Iterable[Mapping[str, np.ndarray]], total: int | None = None,
                        desc: str = "statistics", progress: bool = True) -> dict:
-    """Statistics over every transition of an iterable of `{action [T, A], proprio [T, P]}`."""
+    """Statistics over every transition of an iterable of `{action [T, A], proprio [T, P]}`.
+
+    Empty trajectories count in `num_trajectories` (the original counts them too)."""
     from tqdm.auto import tqdm
 
     actions, proprios, n_traj = [], [], 0
@@ -50,7 +58,10 @@ def compute_statistics(trajectories: Iterable[Mapping[str, np.ndarray]], total: 
         n_traj += 1
     if not n_traj:
         raise ValueError(f"{desc}: no trajectories to compute statistics over")
-    action, proprio = np.concatenate(actions), np.concatenate(proprios)
+    action = np.concatenate(actions).astype(np.float32, copy=False)
+    proprio = np.concatenate(proprios).astype(np.float32, copy=False)
+    if not len(action):
+        raise ValueError(f"{desc}: {n_traj} trajectories but no transitions to compute statistics over")
     stats = {"action": _summary(action), "num_transitions": int(len(action)),
              "num_trajectories": n_traj}
     stats["proprio"] = _summary(proprio) if proprio.shape[-1] else {}
@@ -58,17 +69,24 @@ def compute_statistics(trajectories: Iterable[Mapping[str, np.ndarray]], total: 
 
 
 def _read(path: str) -> dict | None:
-    if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path, "r") as f:
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path, "r") as f:
+        try:
             return json.load(f)
-    return None
+        except json.JSONDecodeError as e:  # not ours (ours are written whole): recompute, say so
+            log.warning("ignoring unreadable statistics file %s (%s)", path, e)
+            return None
 
 
 def _write(path: str, obj) -> bool:
+    """Write JSON via a temporary file renamed into place: a crash never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
         tf.io.gfile.makedirs(os.path.dirname(path))
-        with tf.io.gfile.GFile(path, "w") as f:
+        with tf.io.gfile.GFile(tmp, "w") as f:
             json.dump(obj, f, indent=1)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
         return True
     except (tf.errors.OpError, OSError) as e:  # read-only bucket or dir: fall back
         log.warning("could not write %s (%s)", path, e)

@@ -104,18 +104,22 @@ class TrajDataset:
         """Episodes of `split`, this host's share only (`tfds.even_splits`: disjoint, covering).
 
         Each element: the episode's step fields stacked `[T, ...]` (images as encoded bytes),
-        plus `traj_metadata` (episode_metadata broadcast over T), `_traj_index` and `_len`.
+        plus `traj_metadata` (episode_metadata broadcast over T), `_traj_index` (read order),
+        `_episode_id` (the episode's index in its split, in the dataset's order: the same whatever
+        the file shuffling or host) and `_len`. shuffle=False with num_parallel_reads=1 reads the
+        files one after another: the split in its order.
         """
         if process_count > 1:
             split = tfds.even_splits(split, n=process_count)[process_index]
         read_config = tfds.ReadConfig(
-            shuffle_seed=seed if shuffle else None, skip_prefetch=True,
+            shuffle_seed=seed if shuffle else None, skip_prefetch=True, add_tfds_id=True,
             num_parallel_calls_for_interleave_files=num_parallel_reads,
             interleave_cycle_length=num_parallel_reads, try_autocache=False,
             options=_options(deterministic), enable_ordering_guard=False)
         ds = builder.as_dataset(split=split, shuffle_files=shuffle, read_config=read_config,
                                 # steps undecoded: images stay encoded bytes until a frame needs them
                                 decoders={"steps": tfds.decode.SkipDecoding()})
+        episode_index = _episode_index(builder)
 
         def to_traj(i, episode):
             steps = dict(episode["steps"])
@@ -123,6 +127,7 @@ class TrajDataset:
             meta = episode.get("episode_metadata", {})
             steps["traj_metadata"] = tf.nest.map_structure(lambda x: tf.repeat(x[None], t, 0), meta)
             steps["_traj_index"] = tf.repeat(tf.cast(i, tf.int64)[None], t, 0)
+            steps["_episode_id"] = tf.repeat(episode_index(episode["tfds_id"])[None], t, 0)
             steps["_len"] = tf.repeat(t[None], t, 0)
             return steps
 
@@ -183,6 +188,28 @@ class TrajDataset:
                                                   stop_on_empty_dataset=False)
         return TrajDataset(ds, name="+".join(d.name for d in datasets), deterministic=deterministic,
                            is_flat=all(d.is_flat for d in datasets))
+
+
+def _episode_index(builder: tfds.core.DatasetBuilder) -> Callable[[tf.Tensor], tf.Tensor]:
+    """tfds id (`<shard file>__<record>`) -> int64 index of the episode in its split's order (-1 when
+    the file is unknown): the shard's offset in the split plus the record's index in the shard."""
+    files, offsets = [], []
+    for split in builder.info.splits.values():
+        start = 0
+        for fname, n in zip(split.filenames, split.shard_lengths):
+            files.append(os.path.basename(fname))
+            offsets.append(start)
+            start += int(n)
+    files_t, offsets_t = tf.constant(files or [""]), tf.constant(offsets or [-1], tf.int64)
+
+    def index(tfds_id: tf.Tensor) -> tf.Tensor:
+        fname = tf.strings.regex_replace(tfds_id, r"__[0-9]+$", "")
+        record = tf.strings.to_number(tf.strings.regex_replace(tfds_id, r"^.*__", ""), tf.int64)
+        hit = tf.where(tf.equal(files_t, fname))[:, 0]
+        return tf.cond(tf.size(hit) > 0, lambda: tf.gather(offsets_t, hit[0]) + record,
+                       lambda: tf.constant(-1, tf.int64))
+
+    return index
 
 
 def _options(deterministic: bool) -> tf.data.Options:

@@ -21,12 +21,15 @@ def is_labeled(traj: dict) -> tf.Tensor:
     return tf.reduce_any(tf.strings.length(traj["task"]["language_instruction"]) > 0)
 
 
-def chunk_act_obs(traj: dict, window_size: int = 1, future_action_window_size: int = 0) -> dict:
-    """Observation windows and action chunks.
+def chunk_act_obs(traj: dict, window_size: int = 1, future_action_window_size: int = 0,
+                  absolute_mask: Sequence[bool] | None = None) -> dict:
+    """Observation windows and action chunks, as the original's `chunk_act_obs`.
 
     observation leaves `[T, ...]` -> `[T, window, ...]` (indices t-window+1..t, clamped at 0, with
     `observation.pad_mask [T, window]` false where clamped); action `[T, A]` ->
-    `[T, window + future, A]` (indices t-window+1..t+future, clamped to [0, T-1]).
+    `[T, window + future, A]` (indices t-window+1..t+future, clamped to [0, T-1]). Actions past the
+    episode's end are *neutral*: relative dims 0 (in normalised units, as the original's), absolute
+    dims (`absolute_mask [A]`, e.g. the gripper; None: all relative) repeat the last command.
     window 1 / future 0 reproduces OpenVLA (a single action per frame, kept as `[T, 1, A]`).
     """
     t_len = tf.shape(traj["action"])[0]
@@ -37,7 +40,13 @@ def chunk_act_obs(traj: dict, window_size: int = 1, future_action_window_size: i
     traj = dict(traj)
     traj["observation"] = tf.nest.map_structure(lambda x: tf.gather(x, floored), traj["observation"])
     traj["observation"]["pad_mask"] = obs_idx >= 0
-    traj["action"] = tf.gather(traj["action"], tf.clip_by_value(act_idx, 0, t_len - 1))
+    action = tf.gather(traj["action"], tf.clip_by_value(act_idx, 0, t_len - 1))  # [T, K, A]
+    if future_action_window_size > 0:
+        absolute = tf.zeros([action.shape[-1]], tf.bool) if absolute_mask is None \
+            else tf.constant(list(absolute_mask), tf.bool)
+        neutral = tf.where(absolute, action, tf.zeros_like(action))
+        action = tf.where((act_idx > t_len - 1)[:, :, None], neutral, action)
+    traj["action"] = action
     return traj
 
 

@@ -73,10 +73,20 @@ def test_nan_action_raises_or_is_skipped(bad, tmp_path):
     assert pipe.statistics[NAN]["num_trajectories"] == 2  # the bad episode is not in the statistics
 
 
-def test_empty_instruction_raises_or_is_skipped(bad, tmp_path):
-    with pytest.raises(DataError, match=f"dataset {EMPTY}, episode /libero/0 bad field: language_instruction"):
-        list(zip(range(3), RLDSPipeline(cfg(bad, tmp_path, mixture=EMPTY, skip_unlabeled=False), bad.tok)))
+def test_unlabeled_episode_is_kept_or_skipped(bad, tmp_path):
+    from openvla_jax.tokenizer.prompt import prompt_prefix_ids
+
+    empty_prompt = prompt_prefix_ids(bad.tok, "")  # "... take to ?": the original's prompt for ""
+    kept = RLDSPipeline(cfg(bad, tmp_path, mixture=EMPTY, skip_unlabeled=False, shuffle=False,
+                            episode_info=True, batch_size=4), bad.tok)
+    batches = [b for _, b in zip(range(6), kept)]
+    unlabeled = np.concatenate([b["episode_id"] == 0 for b in batches])
+    ids = np.concatenate([b["input_ids"][:, : len(empty_prompt)] for b in batches])
+    assert unlabeled.any() and kept.skipped.total() == 0
+    assert (ids[unlabeled] == empty_prompt).all()
+    assert not (ids[~unlabeled] == empty_prompt).all(1).any()
     pipe = RLDSPipeline(cfg(bad, tmp_path, mixture=EMPTY), bad.tok)  # skip_unlabeled=True: counted
     batches = [b for _, b in zip(range(4), pipe)]
     assert len(batches) == 4
     assert pipe.skipped.counts[(EMPTY, "language_instruction (empty in every step)")] >= 1
+    assert pipe.statistics[EMPTY]["num_trajectories"] == 3  # statistics still cover it

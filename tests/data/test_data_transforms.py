@@ -60,15 +60,24 @@ def test_quaternion_to_euler_matches_scipy():
 def test_chunk_act_obs_matches_numpy():
     T, W, F = 5, 2, 2
     traj = {"observation": {"x": np.arange(T, dtype=np.float32)[:, None]},
-            "action": np.arange(T * 3, dtype=np.float32).reshape(T, 3)}
-    out = X.chunk_act_obs(traj, W, F)
+            "action": np.arange(T * 3, dtype=np.float32).reshape(T, 3) + 1}
+    absolute = [False, False, True]  # the last dim is an absolute (gripper-like) command
+    out = X.chunk_act_obs(traj, W, F, absolute_mask=absolute)
     for t in range(T):
         obs_idx = [max(i, 0) for i in range(t - W + 1, t + 1)]
-        act_idx = [min(max(i, 0), T - 1) for i in range(t - W + 1, t + F + 1)]
         np.testing.assert_array_equal(out["observation"]["x"][t, :, 0].numpy(), obs_idx)
-        np.testing.assert_array_equal(out["action"][t].numpy(), traj["action"][act_idx])
+        want = []
+        for i in range(t - W + 1, t + F + 1):
+            a = traj["action"][min(max(i, 0), T - 1)].copy()
+            if i > T - 1:  # past the end: relative dims neutral (0), absolute ones repeat the last
+                a[:2] = 0
+            want.append(a)
+        np.testing.assert_array_equal(out["action"][t].numpy(), want)
         np.testing.assert_array_equal(out["observation"]["pad_mask"][t].numpy(),
                                       [i >= 0 for i in range(t - W + 1, t + 1)])
+    assert out["action"][T - 1, -1].numpy().tolist() == [0.0, 0.0, traj["action"][T - 1, 2]]
+    every_relative = X.chunk_act_obs(traj, 1, 1)  # no mask given: all dims relative
+    np.testing.assert_array_equal(every_relative["action"][T - 1, 1].numpy(), [0.0, 0.0, 0.0])
     one = X.chunk_act_obs(traj, 1, 0)  # OpenVLA: one action per frame
     np.testing.assert_array_equal(one["action"][:, 0].numpy(), traj["action"])
 

@@ -3,7 +3,8 @@
 References are independent of the pipeline: images decoded from the stored JPEG bytes with PIL
 (and exactly with tf.io.decode_jpeg, the original's decoder),
 proprio / action statistics and normalisation recomputed with NumPy from the fixture's raw arrays,
-chunks indexed by hand (the original's padding: the last action repeats past the episode end).
+chunks indexed by hand (the original's padding past the episode end: relative dims 0, the
+absolute gripper repeats its last command).
 """
 
 import io
@@ -105,7 +106,8 @@ def test_views_proprio_and_chunks_match_numpy(rlds, views):
         for i in range(8):
             e, t = _locate(views, batch["action"][i, 0])
             T = len(views.action[e])
-            want = [views.action[e][min(t + k, T - 1)] for k in range(3)]  # last action repeats
+            want = [views.action[e][t + k] if t + k < T else np.r_[np.zeros(6), views.action[e][-1][6:]]
+                    for k in range(3)]  # past the end: neutral movement, the last gripper command
             np.testing.assert_allclose(batch["action"][i], want, atol=1e-5)
             seen_end += t + 2 > T - 1
             np.testing.assert_allclose(batch["proprio"][i], views.proprio[e][t], atol=1e-5)

@@ -30,7 +30,9 @@ MASK = [True] * 6 + [False]  # both datasets: EEF deltas + an absolute gripper
 
 def _stats(q01, q99, lo, hi):
     a = {"q01": q01, "q99": q99, "min": lo, "max": hi, "mean": [0.0] * 7, "std": [1.0] * 7, "mask": MASK}
-    return {"action": a, "num_transitions": 10, "num_trajectories": 2}
+    zeros = {k: [0.0] * 7 for k in ("mean", "std", "max", "min", "q01", "q99")}
+    # The released checkpoints' layout: a 7-dim all-zero proprio block (LIBERO's state has 8 dims).
+    return {"action": a, "proprio": zeros, "num_transitions": 10, "num_trajectories": 2}
 
 
 # Chosen by hand: demo x is clipped at q01 (-0.05 < -0.04); rotations constant (min == max -> 0).
