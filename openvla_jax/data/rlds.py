@@ -246,7 +246,13 @@ class RLDSPipeline:
                     if augment:  # an independent seed per view; wrist cameras are not cropped
                         image = X.augment_image(image, seeds[i], crop=not v.startswith("wrist"))
                     per_view.append(image)
-                out["pixel_values"] = normalise(tf.stack(per_view))
+                out["pixel_values"] = tf.stack(per_view)
+                return out
+            if cfg.window_size == 1:  # OpenVLA: one image, no per-frame loop (map_fn costs a while loop)
+                image = X.decode_image(frame["image"][0], size)
+                if augment:
+                    image = X.augment_image(image, tf.random.experimental.stateless_split(seed, 1)[0])
+                out["pixel_values"] = image
                 return out
             image = tf.map_fn(lambda im: X.decode_image(im, size), frame["image"],
                               fn_output_signature=tf.TensorSpec([*size, 3], tf.uint8))
@@ -254,8 +260,7 @@ class RLDSPipeline:
                 seeds = tf.random.experimental.stateless_split(seed, tf.shape(image)[0])
                 image = tf.map_fn(lambda a: X.augment_image(a[0], a[1]), (image, seeds),
                                   fn_output_signature=tf.TensorSpec([*size, 3], tf.uint8))
-            x = normalise(image)
-            out["pixel_values"] = x[0] if cfg.window_size == 1 else x
+            out["pixel_values"] = image
             return out
 
         seeds = tf.data.Dataset.random(seed=cfg.seed).batch(2)
@@ -263,7 +268,9 @@ class RLDSPipeline:
             to_model, num_parallel_calls=cfg.num_parallel_calls, deterministic=self.deterministic or None)
         ds = ds.batch(self.host_batch_size, drop_remainder=cfg.train,
                       num_parallel_calls=cfg.num_parallel_calls, deterministic=self.deterministic or None)
-        ds = ds.map(self._trim)
+        # Pixels stay uint8 through the batching copy (8x fewer bytes); a batch is normalised at once.
+        ds = ds.map(lambda b: dict(self._trim(b), pixel_values=normalise(b["pixel_values"])),
+                    num_parallel_calls=cfg.num_parallel_calls, deterministic=self.deterministic or None)
         opts = tf.data.Options()
         opts.deterministic = bool(self.deterministic)
         if cfg.ram_budget_gb:
