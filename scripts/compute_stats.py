@@ -34,16 +34,26 @@ def define_flags() -> None:
     flags.DEFINE_multi_string("register", [], "Modules to import first (they register datasets).")
 
 
-def run(data_dir: str, datasets: list[str], out_dir: str, proprio: bool = False, on_bad_data: str = "raise",
-        progress: bool = True) -> str:
+def run(
+    data_dir: str,
+    datasets: list[str],
+    out_dir: str,
+    proprio: bool = False,
+    on_bad_data: str = "raise",
+    progress: bool = True,
+) -> str:
     """Compute (or read from the cache) each dataset's statistics and write them; returns the path."""
-    stats = {name: compute_dataset_statistics(name, data_dir, proprio=proprio, on_bad_data=on_bad_data,
-                                              progress=progress) for name in datasets}
+    stats = {
+        name: compute_dataset_statistics(name, data_dir, proprio=proprio, on_bad_data=on_bad_data, progress=progress)
+        for name in datasets
+    }
     path = S.save_dataset_statistics(stats, out_dir)
     for name, st in stats.items():
-        print(f"{name}: {st['num_trajectories']} trajectories, {st['num_transitions']} transitions; "
-              f"action q01 {json.dumps([round(v, 4) for v in st['action']['q01']])} "
-              f"q99 {json.dumps([round(v, 4) for v in st['action']['q99']])}")
+        print(
+            f"{name}: {st['num_trajectories']} trajectories, {st['num_transitions']} transitions; "
+            f"action q01 {json.dumps([round(v, 4) for v in st['action']['q01']])} "
+            f"q99 {json.dumps([round(v, 4) for v in st['action']['q99']])}"
+        )
     print(f"wrote {path}")
     return path
 

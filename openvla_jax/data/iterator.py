@@ -63,8 +63,13 @@ class CheckpointableIterator:
     (less `_FREE_FIELDS`) and the element spec.
     """
 
-    def __init__(self, source, postprocess: Callable[[dict], object] = to_numpy_batch,
-                 process_index: Optional[int] = None, fingerprint: Optional[dict] = None):
+    def __init__(
+        self,
+        source,
+        postprocess: Callable[[dict], object] = to_numpy_batch,
+        process_index: Optional[int] = None,
+        fingerprint: Optional[dict] = None,
+    ):
         dataset = source.dataset if hasattr(source, "dataset") else source
         if not isinstance(dataset, tf.data.Dataset):
             raise TypeError(f"expected an RLDSPipeline or a tf.data.Dataset, got {type(source).__name__}")
@@ -119,8 +124,9 @@ class CheckpointableIterator:
         if tf.io.gfile.exists(os.path.join(d, STATE)):
             tf.io.gfile.remove(os.path.join(d, STATE))  # a half-rewritten state must not look complete
         tf.train.Checkpoint(iterator=self._it).write(os.path.join(d, PREFIX))
-        files = {f: tf.io.gfile.stat(os.path.join(d, f)).length
-                 for f in tf.io.gfile.listdir(d) if f.startswith(PREFIX + ".")}
+        files = {
+            f: tf.io.gfile.stat(os.path.join(d, f)).length for f in tf.io.gfile.listdir(d) if f.startswith(PREFIX + ".")
+        }
         state = {"position": self.position, "files": files, "fingerprint": self.fingerprint}
         tmp = os.path.join(d, f".{STATE}.tmp")
         with tf.io.gfile.GFile(tmp, "w") as f:
@@ -136,8 +142,9 @@ class CheckpointableIterator:
     def _read_state(self, d: str) -> dict:
         path = os.path.join(d, STATE)
         if not tf.io.gfile.exists(path):
-            raise IteratorStateError(f"no saved iterator position at {d} ({STATE} missing: never "
-                                     "saved, or the save was interrupted)")
+            raise IteratorStateError(
+                f"no saved iterator position at {d} ({STATE} missing: never saved, or the save was interrupted)"
+            )
         with tf.io.gfile.GFile(path) as f:
             return json.loads(f.read())
 
@@ -152,20 +159,23 @@ class CheckpointableIterator:
             raise IteratorStateError(
                 f"iterator state at {d} was saved by a different pipeline: "
                 + "; ".join(f"{k}: saved {saved.get(k)!r}, now {self.fingerprint.get(k)!r}" for k in diff)
-                + f". Resume with skip({state['position']}) on a fresh pipeline instead")
+                + f". Resume with skip({state['position']}) on a fresh pipeline instead"
+            )
         for name, size in state["files"].items():
             f = os.path.join(d, name)
             got = tf.io.gfile.stat(f).length if tf.io.gfile.exists(f) else None
             if got != size:
-                raise IteratorStateError(f"iterator state file {f} is {'missing' if got is None else f'{got} bytes'}"
-                                         f", expected {size} bytes")
+                raise IteratorStateError(
+                    f"iterator state file {f} is {'missing' if got is None else f'{got} bytes'}, expected {size} bytes"
+                )
         try:
             tf.train.Checkpoint(iterator=self._it).read(os.path.join(d, PREFIX)).assert_consumed()
         except (tf.errors.OpError, AssertionError, ValueError) as e:
             raise IteratorStateError(
                 f"iterator state at {d} does not fit this pipeline (was it built from another "
                 f"DataConfig?): {str(e).splitlines()[0][:300]}; resume with skip({state['position']}) "
-                "on a fresh pipeline instead") from None
+                "on a fresh pipeline instead"
+            ) from None
         self.position = int(state["position"])
         return self
 
@@ -189,5 +199,8 @@ def _field_defaults(source) -> dict:
     cfg = getattr(source, "cfg", None)
     if not dataclasses.is_dataclass(cfg):
         return {}
-    return {f.name: _plain(f.default) for f in dataclasses.fields(cfg)
-            if f.name not in _FREE_FIELDS and f.default is not dataclasses.MISSING}
+    return {
+        f.name: _plain(f.default)
+        for f in dataclasses.fields(cfg)
+        if f.name not in _FREE_FIELDS and f.default is not dataclasses.MISSING
+    }

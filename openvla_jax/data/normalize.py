@@ -1,4 +1,4 @@
-"""Action / proprio normalisation (OpenVLA's `normalize_action_and_proprio`) in NumPy and TensorFlow, and `unnorm_key` lookup.
+"""Action / proprio normalisation (OpenVLA's `normalize_action_and_proprio`), NumPy and TensorFlow; `unnorm_key`.
 
 Statistics layout (as `norm_stats` in the HF config and `dataset_statistics.json`):
     {dataset: {"action": {mean, std, max, min, q01, q99, mask}, "proprio": {mean, std, max, min, q01, q99},
@@ -111,6 +111,8 @@ def proprio_stats(norm_stats: Mapping, unnorm_key: str | None = None) -> Mapping
     key = select_unnorm_key(norm_stats, unnorm_key)
     stats = norm_stats[key].get("proprio")
     if not stats or not len(stats.get("q01", ())):
-        raise ValueError(f"norm_stats[{key!r}] has no proprio statistics; this model needs them to "
-                         "normalise the proprio input (train with data.proprio on a dataset with state)")
+        raise ValueError(
+            f"norm_stats[{key!r}] has no proprio statistics; this model needs them to "
+            "normalise the proprio input (train with data.proprio on a dataset with state)"
+        )
     return stats

@@ -31,7 +31,7 @@ def as_data_error(e: Exception) -> Exception:
     msg = getattr(e, "message", str(e))
     if MARK not in msg:
         return e
-    text = msg[msg.index(MARK):].split("\n")[0]
+    text = msg[msg.index(MARK) :].split("\n")[0]
     for junk in ("[", "]", "b'", "\\", "'"):
         text = text.replace(junk, "")
     return DataError(text)
@@ -59,11 +59,11 @@ class BadDataLog:
 
 # --- per-trajectory steps ------------------------------------------------------------------------
 
+
 def _episode_ids(traj: dict) -> tf.Tensor:
     meta = traj.get("traj_metadata", {})
     if "file_path" in meta:
-        return tf.strings.as_string(meta["file_path"]) if meta["file_path"].dtype != tf.string \
-            else meta["file_path"]
+        return tf.strings.as_string(meta["file_path"]) if meta["file_path"].dtype != tf.string else meta["file_path"]
     if "episode_id" in meta:
         return tf.strings.as_string(meta["episode_id"])
     return tf.strings.join(["#", tf.strings.as_string(traj["_traj_index"])])
@@ -74,8 +74,9 @@ def image_field(view: str) -> str:
     return f"image_{view}"
 
 
-def make_standardize(name: str, ds_cfg, view: str | Sequence[str], step_fields: Sequence[str],
-                     pad_missing_views: bool = False):
+def make_standardize(
+    name: str, ds_cfg, view: str | Sequence[str], step_fields: Sequence[str], pad_missing_views: bool = False
+):
     """Raw RLDS trajectory -> {observation: {image, proprio}, task, action, dataset_name, episode}.
 
     `view` a string: one camera, `observation.image` (today's OpenVLA batches; a camera the dataset
@@ -89,8 +90,10 @@ def make_standardize(name: str, ds_cfg, view: str | Sequence[str], step_fields: 
         missing = [v for v in views if not ds_cfg.image_keys.get(v)]
         if missing:
             have = sorted(k for k, v in ds_cfg.image_keys.items() if v)
-            raise DataError(f"dataset {name!r} has no camera for image view(s) {missing}; its config "
-                            f"names {have}. Drop the view, or set pad_missing_views=True for black images")
+            raise DataError(
+                f"dataset {name!r} has no camera for image view(s) {missing}; its config "
+                f"names {have}. Drop the view, or set pad_missing_views=True for black images"
+            )
 
     @tf.autograph.experimental.do_not_convert  # let DataError reach the caller unwrapped
     def fn(traj):
@@ -103,16 +106,22 @@ def make_standardize(name: str, ds_cfg, view: str | Sequence[str], step_fields: 
             for v in views:
                 key = ds_cfg.image_keys.get(v)
                 images[v] = (key, obs[key] if key else tf.fill([t_len], ""))
-            proprio = [tf.zeros([t_len, 1]) if k is None else
-                       tf.reshape(tf.cast(obs[k], tf.float32), [t_len, -1]) for k in ds_cfg.state_keys]
+            proprio = [
+                tf.zeros([t_len, 1]) if k is None else tf.reshape(tf.cast(obs[k], tf.float32), [t_len, -1])
+                for k in ds_cfg.state_keys
+            ]
             lang = out[ds_cfg.language_key] if ds_cfg.language_key in out else out["language_instruction"]
         except KeyError as e:
-            raise DataError(f"{MARK} dataset {name!r}: field {e.args[0]!r} is missing (every episode); "
-                            f"step fields are {sorted(step_fields)}") from None
+            raise DataError(
+                f"{MARK} dataset {name!r}: field {e.args[0]!r} is missing (every episode); "
+                f"step fields are {sorted(step_fields)}"
+            ) from None
         for key, image in images.values():
             if image.dtype not in (tf.string, tf.uint8):
-                raise DataError(f"{MARK} dataset {name!r}: image field {key!r} has dtype {image.dtype.name} "
-                                "(every episode); expected encoded bytes or uint8 [H, W, 3]")
+                raise DataError(
+                    f"{MARK} dataset {name!r}: image field {key!r} has dtype {image.dtype.name} "
+                    "(every episode); expected encoded bytes or uint8 [H, W, 3]"
+                )
         action = out["action"]
         if not action.dtype.is_floating and not action.dtype.is_integer:
             raise DataError(f"{MARK} dataset {name!r}: field 'action' has dtype {action.dtype.name}")
@@ -123,13 +132,15 @@ def make_standardize(name: str, ds_cfg, view: str | Sequence[str], step_fields: 
         observation["proprio"] = tf.concat(proprio, -1) if proprio else tf.zeros([t_len, 0])
         # Standardize may drop steps (bridge drops the first and last): cut the episode ids to match.
         episode_id = traj["_episode_id"][:1] if "_episode_id" in traj else tf.constant([-1], tf.int64)
-        return {"observation": observation,
-                "task": {"language_instruction": tf.reshape(lang, [t_len])},
-                "action": tf.cast(action, tf.float32),
-                "dataset_name": tf.fill([t_len], name),
-                "episode": tf.repeat(episode[:1], t_len),
-                "episode_id": tf.repeat(episode_id, t_len),
-                "timestep": tf.range(t_len, dtype=tf.int32)}
+        return {
+            "observation": observation,
+            "task": {"language_instruction": tf.reshape(lang, [t_len])},
+            "action": tf.cast(action, tf.float32),
+            "dataset_name": tf.fill([t_len], name),
+            "episode": tf.repeat(episode[:1], t_len),
+            "episode_id": tf.repeat(episode_id, t_len),
+            "timestep": tf.range(t_len, dtype=tf.int32),
+        }
 
     return fn
 
@@ -147,23 +158,29 @@ def make_validator(name: str, cfg, log: BadDataLog | None, for_statistics: bool 
             return tf.where(~finite, "action (NaN or inf)", "")
         labeled = X.is_labeled(traj) if cfg.skip_unlabeled else tf.constant(True)
         nonempty = tf.shape(traj["action"])[0] > 0
-        return tf.where(~nonempty, "steps (no steps left after standardize)",
-                        tf.where(~finite, "action (NaN or inf)",
-                                 tf.where(~labeled, "language_instruction (empty in every step)", "")))
+        return tf.where(
+            ~nonempty,
+            "steps (no steps left after standardize)",
+            tf.where(
+                ~finite, "action (NaN or inf)", tf.where(~labeled, "language_instruction (empty in every step)", "")
+            ),
+        )
 
     def keep(traj):
         p = problem(traj)
         ep = tf.cond(tf.size(traj["episode"]) > 0, lambda: traj["episode"][0], lambda: tf.constant("?"))
         ok = tf.equal(p, "")
         # Empty episodes and (with skip_unlabeled) unlabeled ones are always skipped, never raised.
-        skip_it = tf.logical_or(tf.constant(cfg.on_bad_data == "skip"),
-                                tf.strings.regex_full_match(p, "(steps|language_instruction).*"))
+        skip_it = tf.logical_or(
+            tf.constant(cfg.on_bad_data == "skip"), tf.strings.regex_full_match(p, "(steps|language_instruction).*")
+        )
         if log is None:
             record = lambda: tf.constant(False)  # noqa: E731
         else:
             record = lambda: tf.numpy_function(log.record, [name, ep, p], tf.bool, stateful=True)  # noqa: E731
-        assert_ok = tf.debugging.Assert(tf.logical_or(ok, skip_it), [
-            f"{MARK} dataset {name}, episode", ep, "bad field:", p])
+        assert_ok = tf.debugging.Assert(
+            tf.logical_or(ok, skip_it), [f"{MARK} dataset {name}, episode", ep, "bad field:", p]
+        )
         with tf.control_dependencies([assert_ok]):
             return tf.cond(ok, lambda: tf.constant(True), lambda: tf.reshape(record(), []))
 
@@ -172,8 +189,7 @@ def make_validator(name: str, cfg, log: BadDataLog | None, for_statistics: bool 
     return keep
 
 
-def make_tokenize(name: str, cfg, tok: TextTokenizer, act_tok: ActionTokenizer,
-                  action_dim: int = 7):
+def make_tokenize(name: str, cfg, tok: TextTokenizer, act_tok: ActionTokenizer, action_dim: int = 7):
     """Trajectory -> adds input_ids / labels / attention_mask `[T, L]`, L = max_prompt_len + K*A + 1.
 
     The instruction is tokenized in one Python call per trajectory (cached by string); action ids
@@ -190,28 +206,30 @@ def make_tokenize(name: str, cfg, tok: TextTokenizer, act_tok: ActionTokenizer,
             if ids is None:
                 ids = cache[s] = prompt_prefix_ids(tok, s.decode("utf-8"))
             if len(ids) > P:
-                raise DataError(f"{MARK} dataset {name!r}, episode {episode.decode()}: "
-                                f"language_instruction is {len(ids)} prompt tokens, over max_prompt_len={P}")
-            out[i, :len(ids)] = ids
+                raise DataError(
+                    f"{MARK} dataset {name!r}, episode {episode.decode()}: "
+                    f"language_instruction is {len(ids)} prompt tokens, over max_prompt_len={P}"
+                )
+            out[i, : len(ids)] = ids
             lens[i] = len(ids)
         return out, lens
 
     def fn(traj):
         ep = traj["episode"][0]
-        prefix, n = tf.numpy_function(encode, [traj["task"]["language_instruction"], ep],
-                                      [tf.int32, tf.int32], stateful=False)
+        prefix, n = tf.numpy_function(
+            encode, [traj["task"]["language_instruction"], ep], [tf.int32, tf.int32], stateful=False
+        )
         t_len = tf.shape(traj["action"])[0]
         prefix = tf.reshape(prefix, [t_len, P])
         n = tf.reshape(n, [t_len, 1])
-        act = traj["action"][:, cfg.window_size - 1:]            # the supervised chunk [T, 1+F, A]
+        act = traj["action"][:, cfg.window_size - 1 :]  # the supervised chunk [T, 1+F, A]
         k = (1 + cfg.future_action_window_size) * action_dim
         act_ids = tf.reshape(act_tok.encode_tf(act), [t_len, k])  # [T, K]
         L = P + k + 1
         j = tf.range(L)[None]
         prefix = tf.pad(prefix, [[0, 0], [0, L - P]], constant_values=tok.pad_id)
         act_at = tf.gather(act_ids, tf.clip_by_value(j - n, 0, k - 1), batch_dims=1)
-        ids = tf.where(j < n, prefix, tf.where(j < n + k, act_at,
-                                               tf.where(j == n + k, tok.eos_id, tok.pad_id)))
+        ids = tf.where(j < n, prefix, tf.where(j < n + k, act_at, tf.where(j == n + k, tok.eos_id, tok.pad_id)))
         supervised = (j >= n) & (j <= n + k)
         traj = dict(traj)
         traj["input_ids"] = ids
@@ -237,7 +255,14 @@ def frame_fields(traj, views: Sequence[str] | None = None, proprio: bool = False
         out["proprio"] = obs["proprio"]
     if episode_info:
         out["episode_id"], out["timestep"] = traj["episode_id"], traj["timestep"]
-    out.update({"input_ids": traj["input_ids"], "labels": traj["labels"],
-                "attention_mask": traj["attention_mask"], "seq_len": traj["seq_len"],
-                "action": traj["action"], "dataset_name": traj["dataset_name"]})
+    out.update(
+        {
+            "input_ids": traj["input_ids"],
+            "labels": traj["labels"],
+            "attention_mask": traj["attention_mask"],
+            "seq_len": traj["seq_len"],
+            "action": traj["action"],
+            "dataset_name": traj["dataset_name"],
+        }
+    )
     return out

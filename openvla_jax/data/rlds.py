@@ -35,53 +35,61 @@ from openvla_jax.data import normalize as N
 from openvla_jax.data import statistics as S
 from openvla_jax.data import transforms as X
 from openvla_jax.data.oxe import get_dataset_config, loadable_mixture
+from openvla_jax.data.prepare import (
+    MARK,
+    BadDataLog,
+    DataError,
+    as_data_error,
+    frame_fields,
+    image_field,
+    make_standardize,
+    make_tokenize,
+    make_validator,
+)
 from openvla_jax.data.traj import AUTOTUNE, TrajDataset, default_split, open_builder
 from openvla_jax.models.preprocess import FUSED_MEAN, FUSED_STD
-from openvla_jax.data.prepare import (MARK, BadDataLog, DataError, as_data_error, frame_fields, image_field,
-                                      make_standardize, make_tokenize, make_validator)
 from openvla_jax.tokenizer.actions import ActionTokenizer
 from openvla_jax.tokenizer.text import TextTokenizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataConfig", "DataError", "RLDSPipeline", "compute_dataset_statistics", "make_pipeline",
-           "make_standardize"]
+__all__ = ["DataConfig", "DataError", "RLDSPipeline", "compute_dataset_statistics", "make_pipeline", "make_standardize"]
 
 
 @dataclasses.dataclass
 class DataConfig:
     data_dir: str
-    mixture: str | Sequence = "bridge"      # named mixture, a dataset name, or [(name, weight)]
+    mixture: str | Sequence = "bridge"  # named mixture, a dataset name, or [(name, weight)]
     train: bool = True
-    batch_size: int = 8                     # global batch; each host yields batch_size // process_count
+    batch_size: int = 8  # global batch; each host yields batch_size // process_count
     image_size: int = 224
     image_view: str = "primary"
     image_views: tuple[str, ...] | None = None  # several cameras (OFT): pixel_values [B, N, S, S, 6]
-    pad_missing_views: bool = False         # a dataset without a view: black image, not DataError
-    proprio: bool = False                   # batches carry proprio [B, P] (bounds on proprio stats)
+    pad_missing_views: bool = False  # a dataset without a view: black image, not DataError
+    proprio: bool = False  # batches carry proprio [B, P] (bounds on proprio stats)
     window_size: int = 1
     future_action_window_size: int = 0
     subsample_length: int | None = None
     normalization: str = N.BOUNDS_Q99
     balance_weights: bool = True
-    skip_unlabeled: bool = True             # drop (and count) episodes without any instruction
-    max_action: float | None = None         # drop episodes with any |normalised action| above this
-    max_proprio: float | None = None        # likewise for the normalised proprio (when loaded)
-    on_bad_data: str = "raise"              # "raise" or "skip" (skipped episodes are counted)
-    augment: bool = False                   # applied only when train=True
-    shuffle: bool = True                    # False: the split in its order, no shuffle buffer
+    skip_unlabeled: bool = True  # drop (and count) episodes without any instruction
+    max_action: float | None = None  # drop episodes with any |normalised action| above this
+    max_proprio: float | None = None  # likewise for the normalised proprio (when loaded)
+    on_bad_data: str = "raise"  # "raise" or "skip" (skipped episodes are counted)
+    augment: bool = False  # applied only when train=True
+    shuffle: bool = True  # False: the split in its order, no shuffle buffer
     shuffle_buffer: int = 256_000
-    episode_info: bool = False              # batches carry episode_id and timestep
+    episode_info: bool = False  # batches carry episode_id and timestep
     seed: int = 7
     deterministic: bool = False
     ram_budget_gb: float = 0.0
-    max_prompt_len: int = 96                # prompt tokens (BOS .. "▁") before the actions
-    seq_bucket: int = 16                    # batches are padded to a multiple of this
+    max_prompt_len: int = 96  # prompt tokens (BOS .. "▁") before the actions
+    seq_bucket: int = 16  # batches are padded to a multiple of this
     num_parallel_calls: int = AUTOTUNE
     num_parallel_reads: int = AUTOTUNE
-    process_index: int | None = None        # None: jax.process_index()
+    process_index: int | None = None  # None: jax.process_index()
     process_count: int | None = None
-    statistics_dir: str | None = None       # None: the dataset dir, else ~/.cache/openvla_jax
+    statistics_dir: str | None = None  # None: the dataset dir, else ~/.cache/openvla_jax
     dataset_statistics: dict | None = None  # given (e.g. a checkpoint's): skip computing
     prefetch: int = 2
     progress: bool = True
@@ -95,8 +103,10 @@ def _check_views(cfg: DataConfig) -> tuple[str, ...] | None:
     if not views or len(set(views)) != len(views) or not all(isinstance(v, str) and v for v in views):
         raise ValueError(f"image_views must be distinct non-empty camera names, got {cfg.image_views!r}")
     if cfg.window_size != 1:
-        raise ValueError(f"image_views={views} needs window_size=1 (got {cfg.window_size}): "
-                         "several cameras with an observation history are not supported (OFT uses 1)")
+        raise ValueError(
+            f"image_views={views} needs window_size=1 (got {cfg.window_size}): "
+            "several cameras with an observation history are not supported (OFT uses 1)"
+        )
     return views
 
 
@@ -110,11 +120,11 @@ def _process_info(cfg: DataConfig) -> tuple[int, int]:
 
 # --- the pipeline --------------------------------------------------------------------------------
 
+
 class RLDSPipeline:
     """Builds the tf.data pipeline for `cfg`; iterate it for numpy batches (this host's slice)."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: TextTokenizer,
-                 action_tokenizer: ActionTokenizer | None = None):
+    def __init__(self, cfg: DataConfig, tokenizer: TextTokenizer, action_tokenizer: ActionTokenizer | None = None):
         self.cfg, self.tok = cfg, tokenizer
         self.act_tok = action_tokenizer or ActionTokenizer(vocab_size=tokenizer.sp_vocab_size)
         self.process_index, self.process_count = _process_info(cfg)
@@ -128,8 +138,9 @@ class RLDSPipeline:
         for name, why in self.skipped_datasets.items():
             log.warning("skipping dataset %r: %s", name, why)
         if not self.mixture:
-            raise DataError(f"mixture {cfg.mixture!r} has no dataset to train on: "
-                            f"{'; '.join(self.skipped_datasets.values())}")
+            raise DataError(
+                f"mixture {cfg.mixture!r} has no dataset to train on: {'; '.join(self.skipped_datasets.values())}"
+            )
         self.skipped = BadDataLog()
         self.statistics: dict[str, dict] = {}
         self.statistics_cache_hit: dict[str, bool] = {}
@@ -148,12 +159,15 @@ class RLDSPipeline:
         cfg = self.cfg
         ds_cfg = get_dataset_config(name)
         if cfg.proprio and not any(k is not None for k in ds_cfg.state_keys):
-            raise DataError(f"dataset {name!r}: proprio=True but its config has no state keys "
-                            f"(state_keys={list(ds_cfg.state_keys)}); it has no proprioception to feed")
+            raise DataError(
+                f"dataset {name!r}: proprio=True but its config has no state keys "
+                f"(state_keys={list(ds_cfg.state_keys)}); it has no proprioception to feed"
+            )
         builder = open_builder(name, cfg.data_dir)
         step_fields = _field_names(builder.info.features["steps"])
-        standardize = make_standardize(name, ds_cfg, self.views or cfg.image_view, step_fields,
-                                       pad_missing_views=cfg.pad_missing_views)
+        standardize = make_standardize(
+            name, ds_cfg, self.views or cfg.image_view, step_fields, pad_missing_views=cfg.pad_missing_views
+        )
         stats = self._statistics(name, builder, ds_cfg, standardize)
         self.statistics[name] = stats
         first_view = self.views[0] if self.views else cfg.image_view
@@ -162,10 +176,17 @@ class RLDSPipeline:
         split = default_split(builder, cfg.train)
         ordered = not cfg.shuffle
         ds = TrajDataset.from_rlds(
-            builder, split, shuffle=cfg.train and cfg.shuffle, seed=cfg.seed,
-            process_index=self.process_index, process_count=self.process_count,
-            deterministic=self.deterministic, num_parallel_reads=1 if ordered else cfg.num_parallel_reads,
-            num_parallel_calls=cfg.num_parallel_calls, name=name)
+            builder,
+            split,
+            shuffle=cfg.train and cfg.shuffle,
+            seed=cfg.seed,
+            process_index=self.process_index,
+            process_count=self.process_count,
+            deterministic=self.deterministic,
+            num_parallel_reads=1 if ordered else cfg.num_parallel_reads,
+            num_parallel_calls=cfg.num_parallel_calls,
+            name=name,
+        )
         if cfg.train:
             ds = ds.repeat()
         ds = ds.traj_map(standardize).filter(make_validator(name, cfg, self.skipped))
@@ -173,17 +194,26 @@ class RLDSPipeline:
         p_stats = _proprio_statistics(name, stats) if cfg.proprio else None
         mask = ds_cfg.action_mask
         if len(a_stats["q01"]) != len(mask):
-            raise DataError(f"dataset {name!r}: action statistics have {len(a_stats['q01'])} dims but its "
-                            f"action encoding has {len(mask)} (mask {mask}); statistics of another dataset?")
+            raise DataError(
+                f"dataset {name!r}: action statistics have {len(a_stats['q01'])} dims but its "
+                f"action encoding has {len(mask)} (mask {mask}); statistics of another dataset?"
+            )
 
         def normalize(traj):
             traj = dict(traj, observation=dict(traj["observation"]))
             traj["action"] = N.normalize_tf(traj["action"], a_stats, cfg.normalization, mask=mask)
             if p_stats is not None:  # proprio is normalised only when the config loads it
                 proprio = traj["observation"]["proprio"]
-                check = tf.debugging.Assert(tf.equal(tf.shape(proprio)[-1], len(p_stats["q01"])), [
-                    f"{MARK} dataset {name}, episode", traj["episode"][0], "bad field: proprio has",
-                    tf.shape(proprio)[-1], f"dims but its statistics have {len(p_stats['q01'])}"])
+                check = tf.debugging.Assert(
+                    tf.equal(tf.shape(proprio)[-1], len(p_stats["q01"])),
+                    [
+                        f"{MARK} dataset {name}, episode",
+                        traj["episode"][0],
+                        "bad field: proprio has",
+                        tf.shape(proprio)[-1],
+                        f"dims but its statistics have {len(p_stats['q01'])}",
+                    ],
+                )
                 with tf.control_dependencies([check]):
                     traj["observation"]["proprio"] = N.normalize_tf(proprio, p_stats, cfg.normalization)
             return traj
@@ -194,13 +224,19 @@ class RLDSPipeline:
         if cfg.max_proprio is not None and cfg.proprio:
             ds = ds.filter(lambda t: tf.reduce_all(tf.abs(t["observation"]["proprio"]) <= cfg.max_proprio))
         absolute = ds_cfg.absolute_action_mask  # past the end: the gripper holds, the arm stops
-        ds = ds.traj_map(lambda t: X.chunk_act_obs(t, cfg.window_size, cfg.future_action_window_size,
-                                                   absolute_mask=absolute))
+        ds = ds.traj_map(
+            lambda t: X.chunk_act_obs(t, cfg.window_size, cfg.future_action_window_size, absolute_mask=absolute)
+        )
         if cfg.train and cfg.subsample_length:
+
             def sub(traj):
-                seed = tf.stack([tf.cast(cfg.seed, tf.int64), traj["_traj_index"][0]]) \
-                    if "_traj_index" in traj else tf.stack([tf.constant(cfg.seed, tf.int64), traj["episode_id"][0]])
+                seed = (
+                    tf.stack([tf.cast(cfg.seed, tf.int64), traj["_traj_index"][0]])
+                    if "_traj_index" in traj
+                    else tf.stack([tf.constant(cfg.seed, tf.int64), traj["episode_id"][0]])
+                )
                 return X.subsample(traj, cfg.subsample_length, seed)
+
             ds = ds.traj_map(sub)
         ds = ds.traj_map(make_tokenize(name, cfg, self.tok, self.act_tok, len(mask)))
         ds = ds.traj_map(lambda t: frame_fields(t, self.views, cfg.proprio, cfg.episode_info))
@@ -213,8 +249,9 @@ class RLDSPipeline:
         cfg = self.cfg
         if cfg.dataset_statistics is not None:
             if name not in cfg.dataset_statistics:
-                raise KeyError(f"dataset_statistics given but has no entry for {name!r}; "
-                               f"has {sorted(cfg.dataset_statistics)}")
+                raise KeyError(
+                    f"dataset_statistics given but has no entry for {name!r}; has {sorted(cfg.dataset_statistics)}"
+                )
             return _check_given_statistics(name, cfg.dataset_statistics[name], cfg.normalization)
         stats, hit = dataset_statistics(name, builder, ds_cfg, standardize, cfg)
         self.statistics_cache_hit[name] = hit
@@ -222,8 +259,7 @@ class RLDSPipeline:
 
     def _assemble(self, per_dataset: list[TrajDataset], weights: list[float]) -> tf.data.Dataset:
         cfg = self.cfg
-        frames = TrajDataset.interleave(per_dataset, weights, seed=cfg.seed,
-                                        deterministic=self.deterministic)
+        frames = TrajDataset.interleave(per_dataset, weights, seed=cfg.seed, deterministic=self.deterministic)
         if cfg.train and cfg.shuffle:
             frames = frames.shuffle(cfg.shuffle_buffer, seed=cfg.seed)
         size = (cfg.image_size, cfg.image_size)
@@ -254,27 +290,41 @@ class RLDSPipeline:
                     image = X.augment_image(image, tf.random.experimental.stateless_split(seed, 1)[0])
                 out["pixel_values"] = image
                 return out
-            image = tf.map_fn(lambda im: X.decode_image(im, size), frame["image"],
-                              fn_output_signature=tf.TensorSpec([*size, 3], tf.uint8))
+            image = tf.map_fn(
+                lambda im: X.decode_image(im, size),
+                frame["image"],
+                fn_output_signature=tf.TensorSpec([*size, 3], tf.uint8),
+            )
             if augment:  # one seed per frame, split per window image
                 seeds = tf.random.experimental.stateless_split(seed, tf.shape(image)[0])
-                image = tf.map_fn(lambda a: X.augment_image(a[0], a[1]), (image, seeds),
-                                  fn_output_signature=tf.TensorSpec([*size, 3], tf.uint8))
+                image = tf.map_fn(
+                    lambda a: X.augment_image(a[0], a[1]),
+                    (image, seeds),
+                    fn_output_signature=tf.TensorSpec([*size, 3], tf.uint8),
+                )
             out["pixel_values"] = image
             return out
 
         seeds = tf.data.Dataset.random(seed=cfg.seed).batch(2)
         ds = tf.data.Dataset.zip((frames.ds, seeds)).map(
-            to_model, num_parallel_calls=cfg.num_parallel_calls, deterministic=self.deterministic or None)
-        ds = ds.batch(self.host_batch_size, drop_remainder=cfg.train,
-                      num_parallel_calls=cfg.num_parallel_calls, deterministic=self.deterministic or None)
+            to_model, num_parallel_calls=cfg.num_parallel_calls, deterministic=self.deterministic or None
+        )
+        ds = ds.batch(
+            self.host_batch_size,
+            drop_remainder=cfg.train,
+            num_parallel_calls=cfg.num_parallel_calls,
+            deterministic=self.deterministic or None,
+        )
         # Pixels stay uint8 through the batching copy (8x fewer bytes); a batch is normalised at once.
-        ds = ds.map(lambda b: dict(self._trim(b), pixel_values=normalise(b["pixel_values"])),
-                    num_parallel_calls=cfg.num_parallel_calls, deterministic=self.deterministic or None)
+        ds = ds.map(
+            lambda b: dict(self._trim(b), pixel_values=normalise(b["pixel_values"])),
+            num_parallel_calls=cfg.num_parallel_calls,
+            deterministic=self.deterministic or None,
+        )
         opts = tf.data.Options()
         opts.deterministic = bool(self.deterministic)
         if cfg.ram_budget_gb:
-            opts.autotune.ram_budget = int(cfg.ram_budget_gb * 1024 ** 3)
+            opts.autotune.ram_budget = int(cfg.ram_budget_gb * 1024**3)
         return ds.with_options(opts).prefetch(cfg.prefetch)
 
     def _trim(self, batch):
@@ -322,20 +372,27 @@ def dataset_statistics(name: str, builder, ds_cfg, standardize, cfg: DataConfig)
     split, labeled or not, after standardize; proprio as loaded (`cfg.proprio`), else zeros shaped
     like the actions. Cached as JSON beside the dataset (else in ~/.cache), keyed by a hash of the
     dataset, its transform and those options."""
-    key = S.statistics_hash(S.builder_fingerprint(builder), ds_cfg.describe(),
-                            f"proprio={cfg.proprio}|on_bad_data={cfg.on_bad_data}|every_episode")
+    key = S.statistics_hash(
+        S.builder_fingerprint(builder),
+        ds_cfg.describe(),
+        f"proprio={cfg.proprio}|on_bad_data={cfg.on_bad_data}|every_episode",
+    )
     splits = "+".join(sorted(builder.info.splits.keys()))
 
     def compute():
-        ds = TrajDataset.from_rlds(builder, splits, shuffle=False, deterministic=True,
-                                   num_parallel_reads=cfg.num_parallel_reads, name=name)
+        ds = TrajDataset.from_rlds(
+            builder, splits, shuffle=False, deterministic=True, num_parallel_reads=cfg.num_parallel_reads, name=name
+        )
         ds = ds.traj_map(standardize).filter(make_validator(name, cfg, None, for_statistics=True))
         load_proprio = cfg.proprio
-        ds = ds.traj_map(lambda t: {"action": t["action"], "proprio": t["observation"]["proprio"]
-                                    if load_proprio else tf.zeros_like(t["action"])})
+        ds = ds.traj_map(
+            lambda t: {
+                "action": t["action"],
+                "proprio": t["observation"]["proprio"] if load_proprio else tf.zeros_like(t["action"]),
+            }
+        )
         total = sum(s.num_examples for s in builder.info.splits.values())
-        return S.compute_statistics(_numpy(ds.ds), total=total, desc=f"statistics {name}",
-                                    progress=cfg.progress)
+        return S.compute_statistics(_numpy(ds.ds), total=total, desc=f"statistics {name}", progress=cfg.progress)
 
     dirs = [cfg.statistics_dir] if cfg.statistics_dir else [builder.data_dir, S.DEFAULT_CACHE]
     stats, _, hit = S.cached_statistics(key, compute, dirs)
@@ -343,13 +400,25 @@ def dataset_statistics(name: str, builder, ds_cfg, standardize, cfg: DataConfig)
     return stats, hit
 
 
-def compute_dataset_statistics(name: str, data_dir: str, proprio: bool = False, on_bad_data: str = "raise",
-                               statistics_dir: str | None = None, progress: bool = True) -> dict:
+def compute_dataset_statistics(
+    name: str,
+    data_dir: str,
+    proprio: bool = False,
+    on_bad_data: str = "raise",
+    statistics_dir: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Statistics of dataset `name` (registered in `data/oxe`) under `data_dir`, in the original's
     `dataset_statistics.json` layout: {action: {mean, std, max, min, q01, q99, mask}, proprio: {...},
     num_transitions, num_trajectories}. Reads the cache when it holds them, else computes and caches."""
-    cfg = DataConfig(data_dir=data_dir, mixture=name, proprio=proprio, on_bad_data=on_bad_data,
-                     statistics_dir=statistics_dir, progress=progress)
+    cfg = DataConfig(
+        data_dir=data_dir,
+        mixture=name,
+        proprio=proprio,
+        on_bad_data=on_bad_data,
+        statistics_dir=statistics_dir,
+        progress=progress,
+    )
     ds_cfg = get_dataset_config(name)
     builder = open_builder(name, data_dir)
     standardize = make_standardize(name, ds_cfg, cfg.image_view, _field_names(builder.info.features["steps"]))
@@ -360,13 +429,17 @@ def _check_given_statistics(name: str, stats, normalization: str) -> dict:
     """Given statistics (a checkpoint's `norm_stats`, a `dataset_statistics.json`), checked for what
     normalising actions needs; the original's layout (with a 7-dim zero `proprio` block) is fine."""
     if not isinstance(stats, dict) or not isinstance(stats.get("action"), dict):
-        raise DataError(f"dataset_statistics[{name!r}] has no 'action' block; expected "
-                        "{'action': {'q01', 'q99', 'min', 'max', 'mean', 'std', ...}, 'num_transitions', ...}")
+        raise DataError(
+            f"dataset_statistics[{name!r}] has no 'action' block; expected "
+            "{'action': {'q01', 'q99', 'min', 'max', 'mean', 'std', ...}, 'num_transitions', ...}"
+        )
     need = {N.BOUNDS_Q99: ("q01", "q99", "min", "max"), N.BOUNDS: ("min", "max"), N.NORMAL: ("mean", "std")}
     missing = [k for k in need.get(normalization, ()) if k not in stats["action"]]
     if missing:
-        raise DataError(f"dataset_statistics[{name!r}]['action'] lacks {missing} needed by "
-                        f"normalization={normalization!r}; has {sorted(stats['action'])}")
+        raise DataError(
+            f"dataset_statistics[{name!r}]['action'] lacks {missing} needed by "
+            f"normalization={normalization!r}; has {sorted(stats['action'])}"
+        )
     if "num_transitions" not in stats:
         raise DataError(f"dataset_statistics[{name!r}] lacks 'num_transitions' (mixture weights use it)")
     return stats
@@ -375,13 +448,18 @@ def _check_given_statistics(name: str, stats, normalization: str) -> dict:
 def _proprio_statistics(name: str, stats: dict) -> dict:
     p_stats = stats.get("proprio") or {}
     if not len(p_stats.get("q01", ())):
-        raise DataError(f"dataset {name!r}: proprio=True but its statistics have no 'proprio' "
-                        "entry to normalise with (given dataset_statistics from an older run?)")
-    if not any(np.asarray(p_stats.get("max", [1.0])) != np.asarray(p_stats.get("min", [0.0]))) \
-            and not any(np.asarray(p_stats["q01"])):
-        raise DataError(f"dataset {name!r}: proprio=True but its proprio statistics are all zeros (the "
-                        "placeholder block of statistics computed without proprio); recompute them "
-                        "with proprio=True")
+        raise DataError(
+            f"dataset {name!r}: proprio=True but its statistics have no 'proprio' "
+            "entry to normalise with (given dataset_statistics from an older run?)"
+        )
+    if not any(np.asarray(p_stats.get("max", [1.0])) != np.asarray(p_stats.get("min", [0.0]))) and not any(
+        np.asarray(p_stats["q01"])
+    ):
+        raise DataError(
+            f"dataset {name!r}: proprio=True but its proprio statistics are all zeros (the "
+            "placeholder block of statistics computed without proprio); recompute them "
+            "with proprio=True"
+        )
     return p_stats
 
 

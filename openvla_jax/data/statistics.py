@@ -39,13 +39,22 @@ def builder_fingerprint(builder) -> str:
 def _summary(x: np.ndarray) -> dict:
     """Per-dimension statistics of float32 `[N, D]`, computed in float32 as the original does."""
     x = np.asarray(x, np.float32)
-    return {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(), "max": x.max(0).tolist(),
-            "min": x.min(0).tolist(), "q01": np.quantile(x, 0.01, axis=0).tolist(),
-            "q99": np.quantile(x, 0.99, axis=0).tolist()}
+    return {
+        "mean": x.mean(0).tolist(),
+        "std": x.std(0).tolist(),
+        "max": x.max(0).tolist(),
+        "min": x.min(0).tolist(),
+        "q01": np.quantile(x, 0.01, axis=0).tolist(),
+        "q99": np.quantile(x, 0.99, axis=0).tolist(),
+    }
 
 
-def compute_statistics(trajectories: Iterable[Mapping[str, np.ndarray]], total: int | None = None,
-                       desc: str = "statistics", progress: bool = True) -> dict:
+def compute_statistics(
+    trajectories: Iterable[Mapping[str, np.ndarray]],
+    total: int | None = None,
+    desc: str = "statistics",
+    progress: bool = True,
+) -> dict:
     """Statistics over every transition of an iterable of `{action [T, A], proprio [T, P]}`.
 
     Empty trajectories count in `num_trajectories` (the original counts them too)."""
@@ -62,8 +71,7 @@ def compute_statistics(trajectories: Iterable[Mapping[str, np.ndarray]], total: 
     proprio = np.concatenate(proprios).astype(np.float32, copy=False)
     if not len(action):
         raise ValueError(f"{desc}: {n_traj} trajectories but no transitions to compute statistics over")
-    stats = {"action": _summary(action), "num_transitions": int(len(action)),
-             "num_trajectories": n_traj}
+    stats = {"action": _summary(action), "num_transitions": int(len(action)), "num_trajectories": n_traj}
     stats["proprio"] = _summary(proprio) if proprio.shape[-1] else {}
     return stats
 
@@ -114,6 +122,7 @@ def cached_statistics(key: str, compute, cache_dirs: Iterable[str | None]) -> tu
 
 def save_dataset_statistics(statistics: Mapping[str, dict], out_dir: str) -> str:
     """Write `{dataset: stats}` as `out_dir/dataset_statistics.json` (lists, JSON-ready)."""
+
     def plain(x):
         if isinstance(x, Mapping):
             return {k: plain(v) for k, v in x.items()}

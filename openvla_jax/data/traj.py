@@ -44,16 +44,18 @@ def find_dataset_dir(name: str, data_dir: str | None) -> str:
     version = None
     if ":" in name and not name.startswith(("gs://", "s3://")) and "://" not in name:
         name, version = name.rsplit(":", 1)
-    candidates = [name] if (data_dir is None or os.path.isabs(name) or "://" in name) \
-        else [os.path.join(data_dir, name), name]
+    candidates = (
+        [name] if (data_dir is None or os.path.isabs(name) or "://" in name) else [os.path.join(data_dir, name), name]
+    )
     for root in candidates:
         if version:
             root = os.path.join(root, version)
         if tf.io.gfile.exists(os.path.join(root, "dataset_info.json")):
             return root
         if tf.io.gfile.isdir(root):
-            versions = sorted((v.rstrip("/") for v in tf.io.gfile.listdir(root)
-                               if _is_version(v.rstrip("/"))), key=_version_key)
+            versions = sorted(
+                (v.rstrip("/") for v in tf.io.gfile.listdir(root) if _is_version(v.rstrip("/"))), key=_version_key
+            )
             for v in reversed(versions):
                 if tf.io.gfile.exists(os.path.join(root, v, "dataset_info.json")):
                     return os.path.join(root, v)
@@ -63,7 +65,8 @@ def find_dataset_dir(name: str, data_dir: str | None) -> str:
     raise DatasetNotFoundError(
         f"dataset {name!r}{':' + version if version else ''} not found: expected a prepared tfds "
         f"directory (with dataset_info.json) at {candidates[0]}[/<version>]. "
-        f"data_dir={data_dir!r} contains: {have or 'nothing'}")
+        f"data_dir={data_dir!r} contains: {have or 'nothing'}"
+    )
 
 
 def open_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
@@ -84,23 +87,44 @@ def default_split(builder: tfds.core.DatasetBuilder, train: bool) -> str:
 class TrajDataset:
     """A tf.data pipeline of trajectories (or, after `flatten`, frames) with a few helpers."""
 
-    def __init__(self, ds: tf.data.Dataset, *, name: str = "", deterministic: bool = False,
-                 num_parallel_calls: int = AUTOTUNE, is_flat: bool = False):
+    def __init__(
+        self,
+        ds: tf.data.Dataset,
+        *,
+        name: str = "",
+        deterministic: bool = False,
+        num_parallel_calls: int = AUTOTUNE,
+        is_flat: bool = False,
+    ):
         self.ds, self.name, self.deterministic = ds, name, deterministic
         self.num_parallel_calls, self.is_flat = num_parallel_calls, is_flat
 
     def _new(self, ds, **kw) -> "TrajDataset":
-        args = dict(name=self.name, deterministic=self.deterministic,
-                    num_parallel_calls=self.num_parallel_calls, is_flat=self.is_flat)
+        args = dict(
+            name=self.name,
+            deterministic=self.deterministic,
+            num_parallel_calls=self.num_parallel_calls,
+            is_flat=self.is_flat,
+        )
         args.update(kw)
         return TrajDataset(ds, **args)
 
     # --- construction ------------------------------------------------------------------------
     @classmethod
-    def from_rlds(cls, builder: tfds.core.DatasetBuilder, split: str, *, shuffle: bool = True,
-                  seed: int = 0, process_index: int = 0, process_count: int = 1,
-                  deterministic: bool = False, num_parallel_reads: int = AUTOTUNE,
-                  num_parallel_calls: int = AUTOTUNE, name: str | None = None) -> "TrajDataset":
+    def from_rlds(
+        cls,
+        builder: tfds.core.DatasetBuilder,
+        split: str,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        deterministic: bool = False,
+        num_parallel_reads: int = AUTOTUNE,
+        num_parallel_calls: int = AUTOTUNE,
+        name: str | None = None,
+    ) -> "TrajDataset":
         """Episodes of `split`, this host's share only (`tfds.even_splits`: disjoint, covering).
 
         Each element: the episode's step fields stacked `[T, ...]` (images as encoded bytes),
@@ -112,13 +136,22 @@ class TrajDataset:
         if process_count > 1:
             split = tfds.even_splits(split, n=process_count)[process_index]
         read_config = tfds.ReadConfig(
-            shuffle_seed=seed if shuffle else None, skip_prefetch=True, add_tfds_id=True,
+            shuffle_seed=seed if shuffle else None,
+            skip_prefetch=True,
+            add_tfds_id=True,
             num_parallel_calls_for_interleave_files=num_parallel_reads,
-            interleave_cycle_length=num_parallel_reads, try_autocache=False,
-            options=_options(deterministic), enable_ordering_guard=False)
-        ds = builder.as_dataset(split=split, shuffle_files=shuffle, read_config=read_config,
-                                # steps undecoded: images stay encoded bytes until a frame needs them
-                                decoders={"steps": tfds.decode.SkipDecoding()})
+            interleave_cycle_length=num_parallel_reads,
+            try_autocache=False,
+            options=_options(deterministic),
+            enable_ordering_guard=False,
+        )
+        ds = builder.as_dataset(
+            split=split,
+            shuffle_files=shuffle,
+            read_config=read_config,
+            # steps undecoded: images stay encoded bytes until a frame needs them
+            decoders={"steps": tfds.decode.SkipDecoding()},
+        )
         episode_index = _episode_index(builder)
 
         def to_traj(i, episode):
@@ -131,32 +164,35 @@ class TrajDataset:
             steps["_len"] = tf.repeat(t[None], t, 0)
             return steps
 
-        ds = ds.enumerate().map(to_traj, num_parallel_calls=num_parallel_calls,
-                                deterministic=deterministic or None)
-        return cls(ds, name=name or builder.name, deterministic=deterministic,
-                   num_parallel_calls=num_parallel_calls)
+        ds = ds.enumerate().map(to_traj, num_parallel_calls=num_parallel_calls, deterministic=deterministic or None)
+        return cls(ds, name=name or builder.name, deterministic=deterministic, num_parallel_calls=num_parallel_calls)
 
     # --- element-wise ops ----------------------------------------------------------------------
     def traj_map(self, fn: Callable[[dict], dict]) -> "TrajDataset":
         if self.is_flat:
             raise ValueError("traj_map after flatten(): use frame_map")
-        return self._new(self.ds.map(fn, num_parallel_calls=self.num_parallel_calls,
-                                     deterministic=self.deterministic or None))
+        return self._new(
+            self.ds.map(fn, num_parallel_calls=self.num_parallel_calls, deterministic=self.deterministic or None)
+        )
 
     def frame_map(self, fn: Callable[[dict], dict]) -> "TrajDataset":
         if not self.is_flat:
             raise ValueError("frame_map before flatten(): use traj_map")
-        return self._new(self.ds.map(fn, num_parallel_calls=self.num_parallel_calls,
-                                     deterministic=self.deterministic or None))
+        return self._new(
+            self.ds.map(fn, num_parallel_calls=self.num_parallel_calls, deterministic=self.deterministic or None)
+        )
 
     def filter(self, predicate: Callable[[dict], tf.Tensor]) -> "TrajDataset":
         return self._new(self.ds.filter(predicate))
 
     def flatten(self, cycle_length: int = 16) -> "TrajDataset":
         """Trajectories -> frames (interleaving `cycle_length` trajectories at a time)."""
-        ds = self.ds.interleave(tf.data.Dataset.from_tensor_slices, cycle_length=cycle_length,
-                                num_parallel_calls=self.num_parallel_calls,
-                                deterministic=self.deterministic or None)
+        ds = self.ds.interleave(
+            tf.data.Dataset.from_tensor_slices,
+            cycle_length=cycle_length,
+            num_parallel_calls=self.num_parallel_calls,
+            deterministic=self.deterministic or None,
+        )
         return self._new(ds, is_flat=True)
 
     def repeat(self) -> "TrajDataset":
@@ -168,26 +204,31 @@ class TrajDataset:
     def with_ram_budget(self, gb: float) -> "TrajDataset":
         """Cap tf.data autotuning's buffers at `gb` GiB (0 = tf.data's default)."""
         opts = tf.data.Options()
-        opts.autotune.ram_budget = int(gb * 1024 ** 3)
+        opts.autotune.ram_budget = int(gb * 1024**3)
         return self._new(self.ds.with_options(opts))
 
     def with_determinism(self, deterministic: bool = True) -> "TrajDataset":
         return self._new(self.ds.with_options(_options(deterministic)), deterministic=deterministic)
 
     @staticmethod
-    def interleave(datasets: Sequence["TrajDataset"], weights: Sequence[float], seed: int | None,
-                   deterministic: bool = False) -> "TrajDataset":
+    def interleave(
+        datasets: Sequence["TrajDataset"], weights: Sequence[float], seed: int | None, deterministic: bool = False
+    ) -> "TrajDataset":
         """Sample elements from `datasets` with probabilities `weights` (normalised)."""
         if len(datasets) != len(weights):
             raise ValueError(f"{len(datasets)} datasets but {len(weights)} weights")
         total = float(sum(weights))
         if total <= 0 or min(weights) < 0:
             raise ValueError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
-        ds = tf.data.Dataset.sample_from_datasets([d.ds for d in datasets],
-                                                  [w / total for w in weights], seed=seed,
-                                                  stop_on_empty_dataset=False)
-        return TrajDataset(ds, name="+".join(d.name for d in datasets), deterministic=deterministic,
-                           is_flat=all(d.is_flat for d in datasets))
+        ds = tf.data.Dataset.sample_from_datasets(
+            [d.ds for d in datasets], [w / total for w in weights], seed=seed, stop_on_empty_dataset=False
+        )
+        return TrajDataset(
+            ds,
+            name="+".join(d.name for d in datasets),
+            deterministic=deterministic,
+            is_flat=all(d.is_flat for d in datasets),
+        )
 
 
 def _episode_index(builder: tfds.core.DatasetBuilder) -> Callable[[tf.Tensor], tf.Tensor]:
@@ -206,8 +247,9 @@ def _episode_index(builder: tfds.core.DatasetBuilder) -> Callable[[tf.Tensor], t
         fname = tf.strings.regex_replace(tfds_id, r"__[0-9]+$", "")
         record = tf.strings.to_number(tf.strings.regex_replace(tfds_id, r"^.*__", ""), tf.int64)
         hit = tf.where(tf.equal(files_t, fname))[:, 0]
-        return tf.cond(tf.size(hit) > 0, lambda: tf.gather(offsets_t, hit[0]) + record,
-                       lambda: tf.constant(-1, tf.int64))
+        return tf.cond(
+            tf.size(hit) > 0, lambda: tf.gather(offsets_t, hit[0]) + record, lambda: tf.constant(-1, tf.int64)
+        )
 
     return index
 

@@ -13,16 +13,17 @@ from typing import Sequence
 
 import tensorflow as tf
 
-
 # --- trajectory transforms -----------------------------------------------------------------------
+
 
 def is_labeled(traj: dict) -> tf.Tensor:
     """True when any step has a non-empty instruction (the original's unlabeled filter)."""
     return tf.reduce_any(tf.strings.length(traj["task"]["language_instruction"]) > 0)
 
 
-def chunk_act_obs(traj: dict, window_size: int = 1, future_action_window_size: int = 0,
-                  absolute_mask: Sequence[bool] | None = None) -> dict:
+def chunk_act_obs(
+    traj: dict, window_size: int = 1, future_action_window_size: int = 0, absolute_mask: Sequence[bool] | None = None
+) -> dict:
     """Observation windows and action chunks, as the original's `chunk_act_obs`.
 
     observation leaves `[T, ...]` -> `[T, window, ...]` (indices t-window+1..t, clamped at 0, with
@@ -42,8 +43,11 @@ def chunk_act_obs(traj: dict, window_size: int = 1, future_action_window_size: i
     traj["observation"]["pad_mask"] = obs_idx >= 0
     action = tf.gather(traj["action"], tf.clip_by_value(act_idx, 0, t_len - 1))  # [T, K, A]
     if future_action_window_size > 0:
-        absolute = tf.zeros([action.shape[-1]], tf.bool) if absolute_mask is None \
+        absolute = (
+            tf.zeros([action.shape[-1]], tf.bool)
+            if absolute_mask is None
             else tf.constant(list(absolute_mask), tf.bool)
+        )
         neutral = tf.where(absolute, action, tf.zeros_like(action))
         action = tf.where((act_idx > t_len - 1)[:, :, None], neutral, action)
     traj["action"] = action
@@ -54,11 +58,11 @@ def subsample(traj: dict, length: int, seed) -> dict:
     """Keep `length` random steps (in time order) of trajectories longer than `length`."""
     t_len = tf.shape(traj["action"])[0]
     idx = tf.sort(tf.random.experimental.stateless_shuffle(tf.range(t_len), seed)[:length])
-    return tf.cond(t_len > length, lambda: tf.nest.map_structure(lambda x: tf.gather(x, idx), traj),
-                   lambda: traj)
+    return tf.cond(t_len > length, lambda: tf.nest.map_structure(lambda x: tf.gather(x, idx), traj), lambda: traj)
 
 
 # --- frame transforms ----------------------------------------------------------------------------
+
 
 def decode_image(image: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
     """Encoded bytes (JPEG/PNG) or uint8 `[H, W, 3]` -> uint8 `[H', W', 3]` at `size`.
@@ -66,9 +70,11 @@ def decode_image(image: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
     An empty string (a camera the dataset lacks) becomes a black image.
     """
     if image.dtype == tf.string:
-        image = tf.cond(tf.strings.length(image) > 0,
-                        lambda: tf.io.decode_image(image, channels=3, expand_animations=False),
-                        lambda: tf.zeros([*size, 3], tf.uint8))
+        image = tf.cond(
+            tf.strings.length(image) > 0,
+            lambda: tf.io.decode_image(image, channels=3, expand_animations=False),
+            lambda: tf.zeros([*size, 3], tf.uint8),
+        )
     return resize_image(image, size)
 
 
@@ -80,8 +86,9 @@ def resize_image(image: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
     return tf_resize_uint8(image, size)
 
 
-AUGMENT_DEFAULTS = dict(crop_scale=0.9, crop_ratio=1.0, brightness=0.2, contrast=(0.8, 1.2),
-                        saturation=(0.8, 1.2), hue=0.05)
+AUGMENT_DEFAULTS = dict(
+    crop_scale=0.9, crop_ratio=1.0, brightness=0.2, contrast=(0.8, 1.2), saturation=(0.8, 1.2), hue=0.05
+)
 
 
 def random_resized_crop(image: tf.Tensor, scale: float, ratio: float, seed) -> tf.Tensor:
@@ -95,8 +102,17 @@ def random_resized_crop(image: tf.Tensor, scale: float, ratio: float, seed) -> t
     return tf.image.crop_and_resize(image[None], box, [0], tf.stack([h, w]))[0]
 
 
-def augment_image(image: tf.Tensor, seed, crop_scale=0.9, crop_ratio=1.0, brightness=0.2,
-                  contrast=(0.8, 1.2), saturation=(0.8, 1.2), hue=0.05, crop: bool = True) -> tf.Tensor:
+def augment_image(
+    image: tf.Tensor,
+    seed,
+    crop_scale=0.9,
+    crop_ratio=1.0,
+    brightness=0.2,
+    contrast=(0.8, 1.2),
+    saturation=(0.8, 1.2),
+    hue=0.05,
+    crop: bool = True,
+) -> tf.Tensor:
     """OpenVLA training augmentation on uint8 `[H, W, 3]` with a stateless seed `[2]` -> uint8.
 
     Order: random resized crop, brightness, contrast, saturation, hue; each result clipped to [0, 1].

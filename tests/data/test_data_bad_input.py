@@ -6,11 +6,10 @@ import types
 import numpy as np
 import pytest
 
-from tests.support.rlds_fixtures import make_cfg
-from tests.support.rlds_fixtures import write_libero
 from openvla_jax.data.oxe import REGISTRY, register_dataset, transforms
 from openvla_jax.data.rlds import DataError, RLDSPipeline
 from openvla_jax.data.traj import DatasetNotFoundError
+from tests.support.rlds_fixtures import make_cfg, write_libero
 
 NAN, EMPTY = "libero_object_no_noops", "libero_10_no_noops"
 
@@ -52,8 +51,11 @@ def test_missing_dataset(bad, tmp_path):
 
 
 def test_missing_field(bad, tmp_path):
-    with pytest.raises(DataError, match="dataset 'renamed_camera': field 'agentview_rgb' is missing "
-                                        r"\(every episode\).*observation/image"):
+    with pytest.raises(
+        DataError,
+        match="dataset 'renamed_camera': field 'agentview_rgb' is missing "
+        r"\(every episode\).*observation/image",
+    ):
         RLDSPipeline(cfg(bad, tmp_path, mixture="renamed_camera"), bad.tok)
 
 
@@ -77,8 +79,9 @@ def test_unlabeled_episode_is_kept_or_skipped(bad, tmp_path):
     from openvla_jax.tokenizer.prompt import prompt_prefix_ids
 
     empty_prompt = prompt_prefix_ids(bad.tok, "")  # "... take to ?": the original's prompt for ""
-    kept = RLDSPipeline(cfg(bad, tmp_path, mixture=EMPTY, skip_unlabeled=False, shuffle=False,
-                            episode_info=True, batch_size=4), bad.tok)
+    kept = RLDSPipeline(
+        cfg(bad, tmp_path, mixture=EMPTY, skip_unlabeled=False, shuffle=False, episode_info=True, batch_size=4), bad.tok
+    )
     batches = [b for _, b in zip(range(6), kept)]
     unlabeled = np.concatenate([b["episode_id"] == 0 for b in batches])
     ids = np.concatenate([b["input_ids"][:, : len(empty_prompt)] for b in batches])

@@ -4,10 +4,10 @@ import os
 
 import numpy as np
 import pytest
-from tests.support.rlds_fixtures import load_script
 
 from openvla_jax.data.iterator import CheckpointableIterator, IteratorStateError
 from openvla_jax.data.rlds import DataConfig, RLDSPipeline
+from tests.support.rlds_fixtures import load_script
 
 
 @pytest.fixture(scope="module")

@@ -35,11 +35,21 @@ def original_statistics(std) -> dict:
     action = np.concatenate([a for a, _ in std]).astype(np.float32)
 
     def summary(x):
-        return {"mean": x.mean(0), "std": x.std(0), "max": x.max(0), "min": x.min(0),
-                "q01": np.quantile(x, 0.01, axis=0), "q99": np.quantile(x, 0.99, axis=0)}
+        return {
+            "mean": x.mean(0),
+            "std": x.std(0),
+            "max": x.max(0),
+            "min": x.min(0),
+            "q01": np.quantile(x, 0.01, axis=0),
+            "q99": np.quantile(x, 0.99, axis=0),
+        }
 
-    return {"action": summary(action), "proprio": summary(np.zeros_like(action)),
-            "num_transitions": len(action), "num_trajectories": len(std)}
+    return {
+        "action": summary(action),
+        "proprio": summary(np.zeros_like(action)),
+        "num_transitions": len(action),
+        "num_trajectories": len(std),
+    }
 
 
 def test_statistics_cover_every_episode_labeled_or_not(unlabeled, tmp_path):
@@ -65,11 +75,17 @@ def _frames(pipe, n_batches):
 
 def test_original_format_statistics_normalise_actions_exactly(unlabeled, tmp_path):
     want = original_statistics(unlabeled.std)
-    stats = {NAME: {"action": {k: v.tolist() for k, v in want["action"].items()} | {"mask": [True] * 6 + [False]},
-                    "proprio": {k: [0.0] * 7 for k in want["proprio"]},  # the released 7-dim zero block
-                    "num_transitions": want["num_transitions"], "num_trajectories": 10}}
-    pipe = RLDSPipeline(cfg(unlabeled, tmp_path, dataset_statistics=stats, shuffle=False, episode_info=True),
-                        unlabeled.tok)
+    stats = {
+        NAME: {
+            "action": {k: v.tolist() for k, v in want["action"].items()} | {"mask": [True] * 6 + [False]},
+            "proprio": {k: [0.0] * 7 for k in want["proprio"]},  # the released 7-dim zero block
+            "num_transitions": want["num_transitions"],
+            "num_trajectories": 10,
+        }
+    }
+    pipe = RLDSPipeline(
+        cfg(unlabeled, tmp_path, dataset_statistics=stats, shuffle=False, episode_info=True), unlabeled.tok
+    )
     frames = _frames(pipe, 4)
     for e, t, action in frames:
         expect = N.normalize(unlabeled.std[e][0][t], stats[NAME]["action"])
@@ -142,8 +158,10 @@ def test_max_action_filter_drops_whole_episodes_after_normalisation(unlabeled, t
     limit = float(ranked[len(ranked) // 2 - 1] + ranked[len(ranked) // 2]) / 2
     keep = [e for e in labeled if peak[e] <= limit]
     assert 0 < len(keep) < len(labeled)
-    pipe = RLDSPipeline(cfg(unlabeled, tmp_path, shuffle=False, episode_info=True, normalization=N.NORMAL,
-                            max_action=limit), unlabeled.tok)
+    pipe = RLDSPipeline(
+        cfg(unlabeled, tmp_path, shuffle=False, episode_info=True, normalization=N.NORMAL, max_action=limit),
+        unlabeled.tok,
+    )
     n = sum(len(unlabeled.std[e][0]) for e in keep)
     frames = _frames(pipe, -(-n // 8))
     assert [(e, t) for e, t, _ in frames][:n] == [(e, t) for e in keep for t in range(len(unlabeled.std[e][0]))]
@@ -171,6 +189,12 @@ def test_a_datasets_chunk_filter_drops_frames_after_normalisation(rlds, tmp_path
         actions = np.concatenate([b["action"][:, 0, 0] for _, b in zip(range(4), pipe)])
     finally:
         REGISTRY[name] = original
-    unfiltered = np.concatenate([b["action"][:, 0, 0] for _, b in zip(range(4), RLDSPipeline(
-        make_cfg(rlds, mixture=name, statistics_dir=str(tmp_path)), rlds.tok))])
+    unfiltered = np.concatenate(
+        [
+            b["action"][:, 0, 0]
+            for _, b in zip(
+                range(4), RLDSPipeline(make_cfg(rlds, mixture=name, statistics_dir=str(tmp_path)), rlds.tok)
+            )
+        ]
+    )
     assert (actions > 0).all() and (unfiltered <= 0).any()

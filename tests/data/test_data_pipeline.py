@@ -3,11 +3,11 @@
 import numpy as np
 import tensorflow as tf
 
-from tests.support.rlds_fixtures import make_cfg
 from openvla_jax.data.rlds import RLDSPipeline
 from openvla_jax.data.traj import TrajDataset, open_builder
 from openvla_jax.models.preprocess import FUSED_MEAN, FUSED_STD
 from openvla_jax.tokenizer.actions import ActionTokenizer
+from tests.support.rlds_fixtures import make_cfg
 
 GOAL = "libero_goal_no_noops"
 
@@ -17,8 +17,13 @@ def take(pipe, n):
 
 
 def test_mixture_samples_in_stated_proportions(rlds):
-    cfg = make_cfg(rlds, mixture=[("bridge_orig", 3.0), ("libero_spatial_no_noops", 1.0)],
-                   balance_weights=False, batch_size=16, shuffle_buffer=1)
+    cfg = make_cfg(
+        rlds,
+        mixture=[("bridge_orig", 3.0), ("libero_spatial_no_noops", 1.0)],
+        balance_weights=False,
+        batch_size=16,
+        shuffle_buffer=1,
+    )
     pipe = RLDSPipeline(cfg, rlds.tok)
     names = np.concatenate([b["dataset_name"] for b in take(pipe, 30)])
     frac = np.mean(names == "bridge_orig")
@@ -47,13 +52,11 @@ def test_host_shards_disjoint_and_covering(rlds):
 
 def test_same_seed_same_batches(rlds):
     mix = [("bridge_orig", 1.0), ("fractal20220817_data", 1.0)]
-    runs = [take(RLDSPipeline(make_cfg(rlds, mixture=mix, augment=True, seed=s), rlds.tok), 3)
-            for s in (3, 3, 4)]
+    runs = [take(RLDSPipeline(make_cfg(rlds, mixture=mix, augment=True, seed=s), rlds.tok), 3) for s in (3, 3, 4)]
     for b1, b2 in zip(runs[0], runs[1]):
         for k in b1:
             np.testing.assert_array_equal(b1[k], b2[k], err_msg=k)
-    assert any(not np.array_equal(b1["pixel_values"], b3["pixel_values"])
-               for b1, b3 in zip(runs[0], runs[2]))
+    assert any(not np.array_equal(b1["pixel_values"], b3["pixel_values"]) for b1, b3 in zip(runs[0], runs[2]))
 
 
 def test_augmentation_in_range_and_off_at_eval(rlds):
@@ -90,16 +93,15 @@ def test_labels_eight_supervised_and_decode_to_action(rlds):
         for i in range(len(ids)):
             pos = np.nonzero(sup[i])[0]
             assert (np.diff(pos) == 1).all() and ids[i, pos[-1]] == rlds.tok.eos_id
-            assert mask[i, : pos[-1] + 1].all() and not mask[i, pos[-1] + 1:].any()
-            assert (ids[i, pos[-1] + 1:] == rlds.tok.pad_id).all()
+            assert mask[i, : pos[-1] + 1].all() and not mask[i, pos[-1] + 1 :].any()
+            assert (ids[i, pos[-1] + 1 :] == rlds.tok.pad_id).all()
             assert ids[i, 0] == rlds.tok.bos_id and ids[i, pos[0] - 1] == rlds.tok.space_id
             err = np.abs(at.decode(labels[i, pos[:7]]) - batch["action"][i, 0])
             assert err.max() <= at.bin_width / 2 + 1e-6
 
 
 def test_action_chunks_supervise_all_future_actions(rlds):
-    cfg = make_cfg(rlds, mixture="libero_spatial_no_noops", future_action_window_size=2, batch_size=4,
-                   ram_budget_gb=1)
+    cfg = make_cfg(rlds, mixture="libero_spatial_no_noops", future_action_window_size=2, batch_size=4, ram_budget_gb=1)
     batch = next(iter(RLDSPipeline(cfg, rlds.tok)))
     at = ActionTokenizer(vocab_size=rlds.tok.sp_vocab_size)
     assert batch["action"].shape == (4, 3, 7)

@@ -3,12 +3,12 @@ full pipeline; actions compared with a NumPy computation of each dataset's conve
 
 import numpy as np
 
-from tests.support.rlds_fixtures import make_cfg
-from tests.data.test_data_transforms import np_binarize, np_rel2abs
 from openvla_jax.data import normalize as N
 from openvla_jax.data.oxe import get_dataset_config
 from openvla_jax.data.rlds import RLDSPipeline, make_standardize
 from openvla_jax.data.traj import TrajDataset, open_builder
+from tests.data.test_data_transforms import np_binarize, np_rel2abs
+from tests.support.rlds_fixtures import make_cfg
 
 
 def np_standardized(name, raw):
@@ -21,8 +21,7 @@ def np_standardized(name, raw):
             act = np.concatenate([s[1:, :6] - s[:-1, :6], g[:-1, None]], 1)
             prop = np.concatenate([s[:-1, :6], np.zeros((len(s) - 1, 1)), s[:-1, -1:]], 1)
         elif name == "fractal20220817_data":  # relative gripper -> absolute
-            act = np.concatenate([ep["world_vector"], ep["rotation_delta"],
-                                  np_rel2abs(ep["gripper"])[:, None]], 1)
+            act = np.concatenate([ep["world_vector"], ep["rotation_delta"], np_rel2abs(ep["gripper"])[:, None]], 1)
             prop = np.concatenate([ep["pose"], ep["closed"]], 1)
         else:  # LIBERO: -1 open / +1 close -> 1 - clip(g, 0, 1)
             a, s = ep["action"], ep["state"]
@@ -36,8 +35,10 @@ def read_standardized(rlds, name):
     builder = open_builder(name, rlds.dir)
     std = make_standardize(name, get_dataset_config(name), "primary", [])
     ds = TrajDataset.from_rlds(builder, "train", shuffle=False, deterministic=True).traj_map(std)
-    return [(t["action"].numpy(), t["observation"]["proprio"].numpy(), t["task"]["language_instruction"].numpy())
-            for t in ds.ds]
+    return [
+        (t["action"].numpy(), t["observation"]["proprio"].numpy(), t["task"]["language_instruction"].numpy())
+        for t in ds.ds
+    ]
 
 
 def test_bridge_folder_with_other_builder_name_and_catalog_name_load_offline(rlds):

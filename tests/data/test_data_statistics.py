@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from tests.support.rlds_fixtures import make_cfg
-from tests.data.test_data_standardize import np_standardized
 from openvla_jax.data import normalize as N
 from openvla_jax.data import statistics as S
 from openvla_jax.data.oxe import REGISTRY, register_dataset
 from openvla_jax.data.rlds import RLDSPipeline
+from tests.data.test_data_standardize import np_standardized
+from tests.support.rlds_fixtures import make_cfg
 
 NAME = "libero_spatial_no_noops"
 
@@ -18,8 +18,14 @@ NAME = "libero_spatial_no_noops"
 def np_stats(x):
     """The original's definition: NumPy statistics of the float32 transitions along time."""
     x = np.asarray(x, np.float32)
-    return {"mean": x.mean(0), "std": x.std(0), "max": x.max(0), "min": x.min(0),
-            "q01": np.quantile(x, 0.01, axis=0), "q99": np.quantile(x, 0.99, axis=0)}
+    return {
+        "mean": x.mean(0),
+        "std": x.std(0),
+        "max": x.max(0),
+        "min": x.min(0),
+        "q01": np.quantile(x, 0.01, axis=0),
+        "q99": np.quantile(x, 0.99, axis=0),
+    }
 
 
 def test_statistics_equal_numpy_and_cache(rlds, tmp_path):
@@ -27,11 +33,11 @@ def test_statistics_equal_numpy_and_cache(rlds, tmp_path):
     pipe = RLDSPipeline(cfg, rlds.tok)
     assert pipe.statistics_cache_hit[NAME] is False
     std = np_standardized(NAME, rlds.raw[NAME])
-    for key, arr in (("action", np.concatenate([a for a, _ in std])),
-                     ("proprio", np.concatenate([p for _, p in std]))):
+    for key, arr in (("action", np.concatenate([a for a, _ in std])), ("proprio", np.concatenate([p for _, p in std]))):
         for stat, val in np_stats(arr).items():
-            np.testing.assert_allclose(pipe.statistics[NAME][key][stat], val, rtol=1e-6, atol=1e-7,
-                                       err_msg=f"{key}.{stat}")
+            np.testing.assert_allclose(
+                pipe.statistics[NAME][key][stat], val, rtol=1e-6, atol=1e-7, err_msg=f"{key}.{stat}"
+            )
     assert pipe.statistics[NAME]["num_transitions"] == sum(len(a) for a, _ in std)
     assert pipe.statistics[NAME]["num_trajectories"] == len(std)
     assert pipe.statistics[NAME]["action"]["mask"] == [True] * 6 + [False]
@@ -49,14 +55,14 @@ def test_statistics_equal_numpy_and_cache(rlds, tmp_path):
         return traj
 
     try:
-        register_dataset(NAME, standardize=doubled, image_keys=original.image_keys,
-                         state_keys=original.state_keys)
+        register_dataset(NAME, standardize=doubled, image_keys=original.image_keys, state_keys=original.state_keys)
         changed = RLDSPipeline(cfg, rlds.tok)
     finally:
         REGISTRY[NAME] = original
     assert changed.statistics_cache_hit[NAME] is False
-    np.testing.assert_allclose(changed.statistics[NAME]["action"]["max"],
-                               2 * np.asarray(pipe.statistics[NAME]["action"]["max"]), rtol=1e-6)
+    np.testing.assert_allclose(
+        changed.statistics[NAME]["action"]["max"], 2 * np.asarray(pipe.statistics[NAME]["action"]["max"]), rtol=1e-6
+    )
     assert len(list(tmp_path.glob("dataset_statistics_*.json"))) == 2
 
     # Without proprio the block summarises zeros shaped like the actions, as released checkpoints hold.
@@ -75,9 +81,15 @@ def test_statistics_equal_numpy_and_cache(rlds, tmp_path):
     assert S.load_dataset_statistics(str(tmp_path / "run")) == loaded
 
 
-STATS = {"q01": [-1.0, 0.0, 2.0, 0.0], "q99": [1.0, 4.0, 2.0, 1.0], "min": [-2.0, -1.0, 2.0, 0.0],
-         "max": [2.0, 5.0, 2.0, 1.0], "mean": [0.0, 2.0, 2.0, 0.5], "std": [1.0, 2.0, 0.0, 0.5],
-         "mask": [True, True, True, False]}
+STATS = {
+    "q01": [-1.0, 0.0, 2.0, 0.0],
+    "q99": [1.0, 4.0, 2.0, 1.0],
+    "min": [-2.0, -1.0, 2.0, 0.0],
+    "max": [2.0, 5.0, 2.0, 1.0],
+    "mean": [0.0, 2.0, 2.0, 0.5],
+    "std": [1.0, 2.0, 0.0, 0.5],
+    "mask": [True, True, True, False],
+}
 
 
 def test_bounds_q99_hand_values_tf_matches_numpy():
@@ -86,8 +98,7 @@ def test_bounds_q99_hand_values_tf_matches_numpy():
     want = np.array([[0.5, -0.5, 0.0, 0.7], [1.0, -1.0, 0.0, 1.0]], np.float32)  # row 2 clipped
     np.testing.assert_allclose(N.normalize(x, STATS), want, atol=1e-6)
     for kind in N.SCHEMES:
-        np.testing.assert_allclose(N.normalize_tf(x, STATS, kind).numpy(), N.normalize(x, STATS, kind),
-                                   atol=1e-6)
+        np.testing.assert_allclose(N.normalize_tf(x, STATS, kind).numpy(), N.normalize(x, STATS, kind), atol=1e-6)
     # NORMAL: (x - mean) / (std + 1e-8) on masked dims
     np.testing.assert_allclose(N.normalize(x, STATS, N.NORMAL)[0, :2], [0.5, -0.5], atol=1e-6)
 

@@ -59,8 +59,10 @@ def test_quaternion_to_euler_matches_scipy():
 
 def test_chunk_act_obs_matches_numpy():
     T, W, F = 5, 2, 2
-    traj = {"observation": {"x": np.arange(T, dtype=np.float32)[:, None]},
-            "action": np.arange(T * 3, dtype=np.float32).reshape(T, 3) + 1}
+    traj = {
+        "observation": {"x": np.arange(T, dtype=np.float32)[:, None]},
+        "action": np.arange(T * 3, dtype=np.float32).reshape(T, 3) + 1,
+    }
     absolute = [False, False, True]  # the last dim is an absolute (gripper-like) command
     out = X.chunk_act_obs(traj, W, F, absolute_mask=absolute)
     for t in range(T):
@@ -73,8 +75,9 @@ def test_chunk_act_obs_matches_numpy():
                 a[:2] = 0
             want.append(a)
         np.testing.assert_array_equal(out["action"][t].numpy(), want)
-        np.testing.assert_array_equal(out["observation"]["pad_mask"][t].numpy(),
-                                      [i >= 0 for i in range(t - W + 1, t + 1)])
+        np.testing.assert_array_equal(
+            out["observation"]["pad_mask"][t].numpy(), [i >= 0 for i in range(t - W + 1, t + 1)]
+        )
     assert out["action"][T - 1, -1].numpy().tolist() == [0.0, 0.0, traj["action"][T - 1, 2]]
     every_relative = X.chunk_act_obs(traj, 1, 1)  # no mask given: all dims relative
     np.testing.assert_array_equal(every_relative["action"][T - 1, 1].numpy(), [0.0, 0.0, 0.0])

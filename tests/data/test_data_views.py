@@ -13,11 +13,10 @@ import types
 import numpy as np
 import pytest
 
-from tests.support.rlds_fixtures import make_cfg
 from openvla_jax.data.prepare import DataError
 from openvla_jax.data.rlds import RLDSPipeline
 from openvla_jax.models.preprocess import FUSED_MEAN, FUSED_STD
-from tests.support.rlds_fixtures import write_libero
+from tests.support.rlds_fixtures import make_cfg, write_libero
 
 NAME = "libero_10_no_noops"  # registered with primary = image, wrist = wrist_image
 
@@ -39,10 +38,12 @@ def views(rlds, tmp_path_factory):
     for ep in ds:
         e = int(ep["episode_metadata"]["file_path"].numpy().decode().rsplit("/", 1)[1])
         obs = ep["steps"]["observation"]
-        decoded[e] = {k: [np.asarray(Image.open(io.BytesIO(b))) for b in obs[k].numpy()]
-                      for k in ("image", "wrist_image")}
-        decoded_tf[e] = {k: [tf.io.decode_jpeg(b, channels=3).numpy() for b in obs[k].numpy()]
-                         for k in ("image", "wrist_image")}
+        decoded[e] = {
+            k: [np.asarray(Image.open(io.BytesIO(b))) for b in obs[k].numpy()] for k in ("image", "wrist_image")
+        }
+        decoded_tf[e] = {
+            k: [tf.io.decode_jpeg(b, channels=3).numpy() for b in obs[k].numpy()] for k in ("image", "wrist_image")
+        }
 
     proprio = [np.concatenate([r["state"][:, :6], r["state"][:, -2:]], 1) for r in raw]
     action = []
@@ -60,12 +61,18 @@ def views(rlds, tmp_path_factory):
         def norm(y):
             out = np.where(m, np.clip(2 * (y - q01) / (q99 - q01 + 1e-8) - 1, -1, 1), y)
             return np.where(const, 0.0, out)
+
         return norm
 
     norm_p, norm_a = bounds(proprio), bounds(action, [True] * 6 + [False])
     return types.SimpleNamespace(
-        dir=d, raw=raw, decoded=decoded, decoded_tf=decoded_tf, proprio=[norm_p(p) for p in proprio],
-        action=[norm_a(a) for a in action])
+        dir=d,
+        raw=raw,
+        decoded=decoded,
+        decoded_tf=decoded_tf,
+        proprio=[norm_p(p) for p in proprio],
+        action=[norm_a(a) for a in action],
+    )
 
 
 def _cfg(rlds, views, **kw):
@@ -85,8 +92,9 @@ def _to_uint8(x):
 
 def _locate(views, first_action):
     """(episode, step) whose normalised action equals `first_action` (actions are random floats)."""
-    hits = [(e, t) for e, a in enumerate(views.action) for t in range(len(a))
-            if np.allclose(a[t], first_action, atol=1e-5)]
+    hits = [
+        (e, t) for e, a in enumerate(views.action) for t in range(len(a)) if np.allclose(a[t], first_action, atol=1e-5)
+    ]
     assert len(hits) == 1, (first_action, hits)
     return hits[0]
 
@@ -97,17 +105,25 @@ def test_views_proprio_and_chunks_match_numpy(rlds, views):
     seen_end, errs = 0, []
     for n_batch, batch in enumerate(pipe):
         if n_batch == 12 or (n_batch >= 3 and seen_end):  # flatten interleaves 16 episodes: the
-            break                                         # last steps come after a few batches
-        assert set(batch) == {"pixel_values", "proprio", "input_ids", "attention_mask", "labels",
-                              "action", "dataset_name"}
+            break  # last steps come after a few batches
+        assert set(batch) == {
+            "pixel_values",
+            "proprio",
+            "input_ids",
+            "attention_mask",
+            "labels",
+            "action",
+            "dataset_name",
+        }
         assert batch["pixel_values"].shape == (8, 2, 32, 32, 6) and batch["pixel_values"].dtype == np.float32
         assert batch["proprio"].shape == (8, 8) and batch["proprio"].dtype == np.float32
         assert batch["action"].shape == (8, 3, 7)
         for i in range(8):
             e, t = _locate(views, batch["action"][i, 0])
             T = len(views.action[e])
-            want = [views.action[e][t + k] if t + k < T else np.r_[np.zeros(6), views.action[e][-1][6:]]
-                    for k in range(3)]  # past the end: neutral movement, the last gripper command
+            want = [
+                views.action[e][t + k] if t + k < T else np.r_[np.zeros(6), views.action[e][-1][6:]] for k in range(3)
+            ]  # past the end: neutral movement, the last gripper command
             np.testing.assert_allclose(batch["action"][i], want, atol=1e-5)
             seen_end += t + 2 > T - 1
             np.testing.assert_allclose(batch["proprio"][i], views.proprio[e][t], atol=1e-5)
@@ -123,8 +139,10 @@ def test_views_proprio_and_chunks_match_numpy(rlds, views):
             # the views are really different cameras (a swap or a copy would fail above and here)
             assert np.abs(px[0] - px[1]).mean() > 20
     assert seen_end > 0  # some chunks ran past an episode's end
-    print(f"pixel error vs PIL: mean {np.mean(errs):.3f} levels over {len(errs)} views, "
-          f"{n_batch} batches, {seen_end} chunks past an episode end")
+    print(
+        f"pixel error vs PIL: mean {np.mean(errs):.3f} levels over {len(errs)} views, "
+        f"{n_batch} batches, {seen_end} chunks past an episode end"
+    )
 
 
 def test_default_batches_unchanged(rlds, views):
@@ -152,8 +170,9 @@ def test_augment_views_independently(rlds, views):
 def test_missing_view_raises_or_pads(rlds):
     with pytest.raises(DataError, match=r"bridge_orig.*\['wrist'\]"):
         RLDSPipeline(make_cfg(rlds, mixture="bridge_orig", image_views=("primary", "wrist")), rlds.tok)
-    pad = RLDSPipeline(make_cfg(rlds, mixture="bridge_orig", image_views=("primary", "wrist"),
-                                pad_missing_views=True), rlds.tok)
+    pad = RLDSPipeline(
+        make_cfg(rlds, mixture="bridge_orig", image_views=("primary", "wrist"), pad_missing_views=True), rlds.tok
+    )
     px = next(iter(pad))["pixel_values"]
     black = np.broadcast_to(-FUSED_MEAN / FUSED_STD, px[:, 1].shape)
     np.testing.assert_allclose(px[:, 1], black, atol=1e-6)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import tensorflow_datasets as tfds
-from tests.support.rlds_fixtures import load_script
 
 from openvla_jax.data.rlds_writer import infer_features, write_rlds
 from openvla_jax.envs import tabletop
 from openvla_jax.tokenizer.prompt import PROMPT_TEMPLATE
+from tests.support.rlds_fixtures import load_script
 
 
 def _toy_episode(rng, i, t):
