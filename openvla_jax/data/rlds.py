@@ -12,6 +12,8 @@ buffer (debugging, exact reproduction); `dataset_length` is the epoch length in 
 Batches (this host's slice of the global batch, `B = batch_size // process_count`):
     pixel_values   float32 [B, S, S, 6]   DINOv2-normalised RGB, then SigLIP-normalised RGB
                    float32 [B, N, S, S, 6] with `image_views` (N cameras, in that order)
+                   uint8 [B, (N,) S, S, 3] with `pixels="uint8"`: raw RGB, normalised by the model
+                   on the device (8x fewer bytes to move; most of the host's per-frame work)
     proprio        float32 [B, P]         only with `proprio=True`: normalised state of the frame
     input_ids      int32   [B, L]         right-padded with the pad id, L a multiple of seq_bucket
     attention_mask bool    [B, L]
@@ -77,6 +79,7 @@ class DataConfig:
     max_proprio: float | None = None  # likewise for the normalised proprio (when loaded)
     on_bad_data: str = "raise"  # "raise" or "skip" (skipped episodes are counted)
     augment: bool = False  # applied only when train=True
+    pixels: str = "float32"  # "uint8": raw RGB batches, normalised by the model on the device
     shuffle: bool = True  # False: the split in its order, no shuffle buffer
     shuffle_buffer: int = 256_000
     episode_info: bool = False  # batches carry episode_id and timestep
@@ -132,6 +135,8 @@ class RLDSPipeline:
             raise ValueError(f"batch_size {cfg.batch_size} not divisible by {self.process_count} hosts")
         self.host_batch_size = cfg.batch_size // self.process_count
         self.views = _check_views(cfg)
+        if cfg.pixels not in ("float32", "uint8"):
+            raise ValueError(f"DataConfig.pixels must be 'float32' or 'uint8', got {cfg.pixels!r}")
         self.deterministic = cfg.deterministic or not cfg.shuffle  # reading in order needs ordered maps
         # As the original, datasets it cannot train on (joint-space actions) are skipped, with a warning.
         self.mixture, self.skipped_datasets = loadable_mixture(cfg.mixture)
@@ -315,9 +320,16 @@ class RLDSPipeline:
             num_parallel_calls=cfg.num_parallel_calls,
             deterministic=self.deterministic or None,
         )
-        # Pixels stay uint8 through the batching copy (8x fewer bytes); a batch is normalised at once.
+
+        # Pixels stay uint8 through the batching copy (8x fewer bytes); a batch is normalised at once,
+        # or, with pixels="uint8", by the model on the device.
+        def finish(batch):
+            if cfg.pixels == "uint8":
+                return self._trim(batch)
+            return dict(self._trim(batch), pixel_values=normalise(batch["pixel_values"]))
+
         ds = ds.map(
-            lambda b: dict(self._trim(b), pixel_values=normalise(b["pixel_values"])),
+            finish,
             num_parallel_calls=cfg.num_parallel_calls,
             deterministic=self.deterministic or None,
         )

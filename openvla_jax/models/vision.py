@@ -5,7 +5,8 @@ Input NHWC `pixel_values [B, H, W, 6]` (channels 0-2 normalised for DINOv2, 3-5 
 returns the output of its second-to-last block, without the final norm and without prefix tokens
 (Prismatic's `get_intermediate_layers(n={depth - 2})`); the last block is never computed.
 Output `[B, N, D_dino + D_siglip]` (7B: `[B, 256, 1024 + 1152]`). With no fused tower the module is
-a single backbone on `[B, H, W, 3]`.
+a single backbone on `[B, H, W, 3]`. Raw uint8 RGB `[B, H, W, 3]` (what the data pipeline yields with
+`DataConfig(pixels="uint8")`) is normalised here, on the device, as the host would (to an ulp).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 from openvla_jax.models.common import numerics
 from openvla_jax.models.config import VLAConfig, as_config
+from openvla_jax.models.preprocess import FUSED_MEAN, FUSED_STD
 from openvla_jax.models.vit import ViT, ViTConfig, tower_from_config
 
 Array = jax.Array
@@ -68,7 +70,10 @@ class VisionBackbone(nn.Module):
         return d + (self.fused_config.embed_dim if self.fused_config is not None else 0)
 
     def __call__(self, pixel_values: Array) -> Array:
-        """pixel_values `[B, H, W, 6]` (fused) or `[B, H, W, 3]` -> patch features `[B, N, D]`."""
+        """pixel_values `[B, H, W, 6]` (fused) or `[B, H, W, 3]`, normalised float, or raw uint8
+        `[B, H, W, 3]` -> patch features `[B, N, D]`."""
+        if pixel_values.dtype == jnp.uint8:
+            pixel_values = normalize_pixels(pixel_values)[..., : self.channels]
         size = self.featurizer_config.img_size
         if pixel_values.ndim != 4 or pixel_values.shape[-1] != self.channels:
             raise ValueError(
@@ -86,13 +91,22 @@ class VisionBackbone(nn.Module):
         return jnp.concatenate([feats, fused.astype(feats.dtype)], axis=-1)
 
 
+def normalize_pixels(images: Array) -> Array:
+    """uint8 `[..., H, W, 3]` -> float32 `[..., H, W, 6]` (DINOv2 channels, then SigLIP channels): the
+    same float32 formula as the pipeline's and `preprocess.normalize_uint8` (XLA may fold the division)."""
+    if images.shape[-1] != 3:
+        raise ValueError(f"expected raw uint8 images [..., H, W, 3], got shape {images.shape}")
+    x = images.astype(jnp.float32) / 255.0
+    return (jnp.concatenate([x, x], axis=-1) - jnp.asarray(FUSED_MEAN)) / jnp.asarray(FUSED_STD)
+
+
 def from_config(model_config: VLAConfig, **overrides) -> VisionBackbone:
     """The backbone of a model config: `vision.featurizer` and, when present,
     `vision.fused_featurizer`, at `vision.image_size`, with the model's numerics."""
     config = as_config(model_config)
     vc = config.vision
     fused = vc.fused_featurizer
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         featurizer_config=tower_from_config(vc.featurizer, vc.image_size),
         fused_config=tower_from_config(fused, vc.image_size) if fused is not None else None,
     )

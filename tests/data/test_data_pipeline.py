@@ -1,5 +1,7 @@
 """Mixture proportions, host sharding, determinism, augmentation on/off, labels of model batches."""
 
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 
@@ -110,3 +112,14 @@ def test_action_chunks_supervise_all_future_actions(rlds):
     for i in range(4):
         ids = batch["labels"][i, sup[i]][:-1].reshape(3, 7)
         assert np.abs(at.decode(ids) - batch["action"][i]).max() <= at.bin_width / 2 + 1e-6
+
+
+def test_uint8_pixels_are_the_float_batches_before_normalisation(rlds):
+    from openvla_jax.models.preprocess import normalize_uint8
+
+    cfg = make_cfg(rlds, mixture=GOAL, augment=True)
+    floats = next(iter(RLDSPipeline(cfg, rlds.tok)))
+    raw = next(iter(RLDSPipeline(dataclasses.replace(cfg, pixels="uint8"), rlds.tok)))
+    assert raw["pixel_values"].dtype == np.uint8 and raw["pixel_values"].shape == (8, 32, 32, 3)
+    np.testing.assert_array_equal(raw["input_ids"], floats["input_ids"])  # the same frames, in order
+    np.testing.assert_allclose(normalize_uint8(raw["pixel_values"]), floats["pixel_values"], rtol=0, atol=1e-6)

@@ -119,6 +119,24 @@ def test_vla_dot_product_attention_matches_xla():
     np.testing.assert_allclose(out["dpa"], out["xla"], rtol=2e-5, atol=2e-5)
 
 
+def test_raw_uint8_pixels_are_normalised_on_device_exactly_as_on_the_host():
+    """DataConfig(pixels="uint8") batches: the model normalises them; same logits as host-normalised."""
+    from openvla_jax.models.preprocess import normalize_uint8
+    from openvla_jax.models.vision import normalize_pixels
+
+    b = BATCH
+    raw = np.random.default_rng(3).integers(0, 256, (4, 28, 28, 3), dtype=np.uint8)
+    apply = jax.jit(PLAIN.apply)
+    on_host = np.asarray(apply({"params": PARAMS}, normalize_uint8(raw), b["input_ids"], b["attention_mask"]))
+    on_device = np.asarray(apply({"params": PARAMS}, raw, b["input_ids"], b["attention_mask"]))
+    assert np.abs(on_host).max() > 1e-2
+    # XLA may fold the /255 into a multiply: pixels agree to an ulp, logits to fp32 parity.
+    np.testing.assert_allclose(np.asarray(normalize_pixels(raw)), normalize_uint8(raw), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(on_device, on_host, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"raw uint8 images \[..., H, W, 3\]"):
+        apply({"params": PARAMS}, np.zeros((4, 28, 28, 6), np.uint8), b["input_ids"], b["attention_mask"])
+
+
 @pytest.mark.parametrize("policy", ["full", pytest.param("dots", marks=pytest.mark.slow)])
 def test_scan_and_remat_give_the_same_train_step(plain_step, policy):
     """scan over layers + a named remat policy: same loss, grad norm and updated params as the plain
