@@ -16,7 +16,8 @@ the caller starts a new one (`libero.evaluate_libero` then re-runs the episode f
 
 A backend is a picklable object made in the parent and used in the worker: `reset(spec) -> obs`,
 `step(action) -> (obs, done)`, `set_joint_qpos({joint: value})`, `describe(suite)`, `close()`,
-where obs is the simulator's observation dict. `LiberoBackend` is the real one; tests pass their own.
+where obs is the simulator's observation dict (the worker's `raw_observation` returns the last
+one as it is). `LiberoBackend` is the real one; tests pass their own.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ def _message(obs: dict, done: bool, wrist: bool) -> dict:
 def worker_main(conn, backend, num_steps_wait: int, wrist: bool) -> None:
     """The worker's loop: one command in, one ("ok", value) or ("error", text) out. A reset runs the
     protocol's wait steps (no-op actions) before returning the first observation the policy sees."""
+    obs = None
     try:
         while True:
             try:
@@ -132,7 +134,10 @@ def worker_main(conn, backend, num_steps_wait: int, wrist: bool) -> None:
                         obs, done = backend.step(protocol.NOOP_ACTION)
                     value = _message(obs, done, wrist)
                 elif cmd == "step":
-                    value = _message(*backend.step(arg), wrist)
+                    obs, done = backend.step(arg)
+                    value = _message(obs, done, wrist)
+                elif cmd == "raw_observation":  # the simulator's last observation as it gave it
+                    value = obs
                 elif cmd == "set_joint_qpos":
                     value = backend.set_joint_qpos(arg)
                 elif cmd == "describe":
