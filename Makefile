@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo demo-oft test test-slow lint format bench install install-dev clean
+.PHONY: demo demo-oft test test-slow lint format bench install install-dev install-libero clean
 
 $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 
 install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
+
+# The LIBERO simulator (scripts/eval_libero.py, tests/envs/test_libero.py): ~730 MB download, ~1 min.
+$(VENV)/.libero: $(VENV)/.runtime requirements-libero.txt
+	$(PY) -m pip install --quiet -r requirements-libero.txt
+	touch $@
+
+install-libero: $(VENV)/.libero
 
 demo: $(VENV)/.runtime
 	$(PY) scripts/demo.py
