@@ -90,6 +90,7 @@ def main(argv):
                 "episodes": s["episodes"],
                 "this_run_episodes": run["episodes"],
                 "env_steps_per_second": round(run["env_steps_per_second"], 3),
+                "steady_steps_per_second": round(run["steady_steps_per_second"], 3),
                 "out": str(out),
             }
         )

@@ -154,7 +154,9 @@ def evaluate_libero(
     benchmarks); `wrist` / `proprio` default to the policy's attributes of those names (OFT);
     `settings` are extra facts (checkpoint, center crop) a resumed run must share. `make_backend`
     (tests): a zero-argument picklable factory of a worker backend. Returns the summary, with
-    `this_run`: episodes, policy calls, env steps and steps/s of this call."""
+    `this_run`: episodes, policy calls and seconds, env steps (wait steps included), env steps/s
+    over the whole call, and `steady_steps_per_second`: policy steps/s while every worker was
+    stepping (no scene build or reset in the round; the policy's time included)."""
     protocol.check_suite(suite)
     wrist = bool(getattr(policy, "wrist", False) if wrist is None else wrist)
     proprio = bool(getattr(policy, "proprio", False) if proprio is None else proprio)
@@ -182,7 +184,9 @@ def evaluate_libero(
     todo = collections.deque(
         _Episode(suite, t, k, info[t]["task"]) for t in ids for k in range(trials) if (suite, t, k) not in done
     )
-    stats = dict(episodes=0, policy_calls=0, policy_seconds=0.0, env_steps=0, restarts=0)
+    stats = dict(
+        episodes=0, policy_calls=0, policy_seconds=0.0, env_steps=0, restarts=0, steady_steps=0, steady_seconds=0.0
+    )
     t_start = time.perf_counter()
     pool: list[EnvWorker] = [None] * min(workers, len(todo))
     running: list[Optional[_Episode]] = [None] * len(pool)
@@ -241,7 +245,7 @@ def evaluate_libero(
                 for ep, chunk in zip(eps, acts):
                     ep.queue = list(protocol.env_action(chunk[: execute or len(chunk)]))
             # Every worker gets its command, then every answer is collected: they step at once.
-            sent = []
+            t_iter, sent = time.perf_counter(), []
             for i in range(len(pool)):
                 if running[i] is None and todo:
                     if pool[i] is None or not pool[i].alive():
@@ -275,6 +279,9 @@ def evaluate_libero(
                     finish(i, False)
                 elif record:
                     ep.frames.append(obs["image"])
+            if sent and all(cmd == "step" for _, cmd in sent):  # steady state: no scene build or reset
+                stats["steady_steps"] += len(sent)
+                stats["steady_seconds"] += time.perf_counter() - t_iter
     finally:
         for w in pool:
             if w is not None:
@@ -282,7 +289,12 @@ def evaluate_libero(
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t_start
-    stats.update(seconds=seconds, workers=len(pool), env_steps_per_second=stats["env_steps"] / max(seconds, 1e-9))
+    stats.update(
+        seconds=seconds,
+        workers=len(pool),
+        env_steps_per_second=stats["env_steps"] / max(seconds, 1e-9),
+        steady_steps_per_second=stats["steady_steps"] / max(stats["steady_seconds"], 1e-9),
+    )
     return results.write_summary(out_dir, log.records, {"this_run": stats})
 
 

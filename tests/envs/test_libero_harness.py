@@ -138,3 +138,34 @@ def test_protocol_conventions_by_hand():
     np.testing.assert_array_equal(libero_protocol.quat_to_axis_angle([0, 0, 0, 1.0]), np.zeros(3))
     assert [libero_protocol.MAX_STEPS[s] for s in libero_protocol.SUITES] == [220, 280, 300, 520, 400]
     assert libero_results.summarize([])["overall"]["episodes"] == 0
+
+
+class FakeVLA:
+    """Duck-typed OpenVLA (the attributes `openvla_policy` reads) that records its calls."""
+
+    def __init__(self, num_images=1, proprio_dim=0, image_resize="train_jpeg"):
+        self.num_images, self.proprio_dim, self.image_resize = num_images, proprio_dim, image_resize
+        self.norm_stats = {"libero_spatial_no_noops": {}, "bridge_orig": {}}
+        self.calls = []
+
+    def predict_action(self, images, instructions, unnorm_key=None, proprio=None):
+        self.calls.append((np.shape(images), unnorm_key, None if proprio is None else np.shape(proprio)))
+        return np.zeros((len(instructions), 8, 7) if self.num_images == 2 else (len(instructions), 7))
+
+
+def test_openvla_policy_wires_cameras_proprio_and_the_suite_key():
+    vla = FakeVLA()
+    pol = libero.openvla_policy(vla, "libero_spatial")
+    assert pol.unnorm_key == "libero_spatial_no_noops" and not pol.wrist and not pol.proprio
+    img = np.zeros((3, 16, 16, 3), np.uint8)
+    assert pol(img, ["a", "b", "c"]).shape == (3, 7)
+    assert vla.calls[-1] == ((3, 16, 16, 3), "libero_spatial_no_noops", None)
+    oft = FakeVLA(num_images=2, proprio_dim=8)
+    pol = libero.openvla_policy(oft, "libero_spatial")
+    assert pol.wrist and pol.proprio
+    assert pol(img, ["a"] * 3, wrist=img, proprio=np.zeros((3, 8))).shape == (3, 8, 7)
+    assert oft.calls[-1] == ((3, 2, 16, 16, 3), "libero_spatial_no_noops", (3, 8))
+    with pytest.raises(ValueError, match="load_model"):
+        libero.openvla_policy(FakeVLA(image_resize="processor"), "libero_spatial")
+    with pytest.raises(KeyError, match="neither"):
+        libero.openvla_policy(vla, "libero_goal")
