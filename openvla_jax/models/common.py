@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Optional
 
@@ -23,6 +25,25 @@ REMAT_POLICIES = {
 }
 
 ATTENTION_IMPLS = ("xla", "dpa", "cudnn")
+
+# The platform a program is traced for when it is not the host's (an ahead-of-time compile for a
+# GPU mesh on a CPU machine): set from the mesh's devices by `traced_for`.
+_PLATFORM = contextvars.ContextVar("openvla_jax_platform", default=None)
+
+
+@contextlib.contextmanager
+def traced_for(mesh):
+    """Trace for the platform of `mesh`'s devices (not `jax.default_backend()`) inside this block."""
+    token = _PLATFORM.set(mesh.devices.flat[0].platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
+
+
+def target_platform() -> str:
+    """The platform being traced for ("gpu", "tpu", "cpu"; see `traced_for`), else the host's backend."""
+    return _PLATFORM.get() or jax.default_backend()
 
 
 def as_dtype(name_or_dtype) -> jnp.dtype:
@@ -82,11 +103,11 @@ def attention(
     kv_heads = k.shape[2]
     if h % kv_heads:
         raise ValueError(f"{h} query heads is not a multiple of {kv_heads} key/value heads")
-    if impl == "cudnn" and jax.default_backend() != "gpu":
+    if impl == "cudnn" and target_platform() != "gpu":
         # jax would fail deep inside lowering; say what to pick instead (same results: tested).
         raise ValueError(
             f"attention_impl='cudnn' (cuDNN flash attention) needs a GPU; this backend is "
-            f"{jax.default_backend()!r}: use 'dpa' (jax.nn.dot_product_attention, XLA) or 'xla'"
+            f"{target_platform()!r}: use 'dpa' (jax.nn.dot_product_attention, XLA) or 'xla'"
         )
     if impl != "xla":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None if impl == "dpa" else "cudnn")

@@ -72,9 +72,10 @@ def make_mesh(cfg: Optional[ml_collections.ConfigDict] = None, devices: Optional
     devices = list(jax.devices() if devices is None else devices)
     ici, dcn = mesh_shape(cfg, len(devices))
     if math.prod(dcn) > 1:
-        # TPU slices carry `slice_index`; elsewhere (GPU hosts) each process is one granule.
-        granule_is_process = not hasattr(devices[0], "slice_index")
-        arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=granule_is_process)
+        # Group by slice only when the devices span several (multi-slice TPU); otherwise (GPU hosts,
+        # whose devices all report slice 0 or none) each process is one granule.
+        by_slice = len({getattr(d, "slice_index", None) for d in devices}) > 1
+        arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice)
     else:
         try:
             arr = mesh_utils.create_device_mesh(ici, devices)

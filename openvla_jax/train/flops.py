@@ -94,24 +94,31 @@ def predict_flops(model_config, batch: int, prompt_len: int, num_tokens: int = 7
 
 
 # Dense bf16 peak FLOP/s of known accelerators (vendor datasheets, without sparsity).
+# Keys are matched as substrings of the device kind the runtime reports, first match wins: v5e
+# reports "TPU v5 lite", v5p plain "TPU v5" (so "TPU v5 lite" must come first), v6e "TPU v6 lite".
 PEAK_FLOPS = {
     "H100": 989e12,
     "H200": 989e12,
+    "B200": 2250e12,
     "A100": 312e12,
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
-    "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # v5p
     "TPU v6 lite": 918e12,
+    "TPU7x": 1153e12,  # per device: a TPU7x chip (2307 TFLOP/s) is two devices
 }
 
 # HBM bandwidth in bytes/s (datasheets): batch-1 decoding reads every weight once per token.
 HBM_BANDWIDTH = {
     "H100": 3.35e12,
     "H200": 4.8e12,
+    "B200": 7.7e12,
     "A100": 2.0e12,
     "TPU v4": 1.2e12,
     "TPU v5 lite": 0.82e12,
-    "TPU v5p": 2.76e12,
+    "TPU v5": 2.76e12,  # v5p
+    "TPU v6 lite": 1.64e12,
+    "TPU7x": 3.69e12,  # per device (7.37 TB/s a chip of two)
 }
 
 

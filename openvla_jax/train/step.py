@@ -412,3 +412,50 @@ def make_eval_step(
 
     eval_step.jitted = jitted
     return eval_step
+
+
+# ----------------------------------------------------------------------------- ahead of time
+def abstract_train_state(module, optimizer: optax.GradientTransformation, shardings: TrainState, optimizer_config=None):
+    """The train state as `ShapeDtypeStruct`s carrying `shardings` (no arrays): what `init_train_state`
+    would make, with the frozen leaves in `optimizer_config.frozen_dtype` as the loop stores them."""
+    from openvla_jax.train.optimizer import cast_frozen
+
+    def init():
+        p = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), nn.meta.unbox(abstract_params(module)))
+        if optimizer_config is not None:
+            p = cast_frozen(p, optimizer_config)
+        return TrainState.create(p, optimizer, jnp.zeros((2,), jnp.uint32))
+
+    shapes = jax.eval_shape(init)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def abstract_batch(module, mesh: Mesh, rows: int, text_len: int, num_datasets: int = 1) -> dict:
+    """A global batch of `rows` rows of `text_len` tokens as sharded `ShapeDtypeStruct`s, with the
+    fields and dtypes the data pipeline gives (`data/rlds.py`) for this model's options."""
+    pixels, _ = sample_inputs(module, rows, text_len)
+    fields = dict(
+        pixel_values=(pixels.shape, jnp.float32),
+        input_ids=((rows, text_len), jnp.int32),
+        attention_mask=((rows, text_len), jnp.bool_),
+        labels=((rows, text_len), jnp.int32),
+    )
+    if num_datasets > 1:
+        fields["dataset_index"] = ((rows,), jnp.int32)
+    if getattr(module, "proprio_projector", None) is not None:
+        fields["proprio"] = ((rows, module.proprio_projector.proprio_dim), jnp.float32)
+    if getattr(module, "action_head", None) is not None:
+        fields["action"] = ((rows, module.action_chunk, module.action_dim), jnp.float32)
+    sharding = NamedSharding(mesh, P(R.BATCH_AXES))
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in fields.items()}
+
+
+def lower_train_step(step: Callable, state, batch: dict, mesh: Mesh, rules=None):
+    """`jax.stages.Lowered` of a `make_train_step` step for (abstract or real) `state` and `batch`,
+    traced under the same mesh / logical-rules context as a call: `.compile()` it for any backend."""
+    from openvla_jax.models.common import traced_for
+
+    context = _Context(mesh, R.RULES if rules is None else rules, step.activation_constraints)
+    expected = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
+    with context, traced_for(mesh):  # e.g. cuDNN attention for a GPU mesh, traced on a CPU host
+        return step.jitted.lower(state, select_batch(batch), expected)
