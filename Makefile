@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo demo-oft test test-slow lint format bench install install-dev install-libero clean
+.PHONY: demo demo-oft test test-slow lint format bench install install-dev install-aot install-libero compile-check clean
 
 $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,14 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
+# The TPU and GPU compilers for ahead-of-time compile checks (scripts/compile_check.py): no hardware used.
+$(VENV)/.aot: $(VENV)/.runtime requirements-aot.txt
+	$(PY) -m pip install --quiet -r requirements-aot.txt
+	touch $@
+
 install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
+install-aot: $(VENV)/.aot
 
 # The LIBERO simulator (scripts/eval_libero.py, tests/envs/test_libero.py): ~730 MB download, ~1 min.
 $(VENV)/.libero: $(VENV)/.runtime requirements-libero.txt
@@ -51,6 +57,11 @@ test: $(VENV)/.dev
 
 test-slow: $(VENV)/.dev
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m slow || [ $$? -eq 5 ]  # 5: no slow case collected yet
+
+# Does the 7B pretraining step fit? `make compile-check TARGET=v5p-64 ARGS=--rows_per_device=8`
+TARGET ?= h100:1x8
+compile-check: $(VENV)/.aot
+	$(PY) scripts/compile_check.py --config=configs/train.py:openvla_7b_pretrain --target=$(TARGET) $(ARGS)
 
 bench: $(VENV)/.dev
 	$(PY) scripts/bench.py --case all
