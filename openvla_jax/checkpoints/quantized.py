@@ -90,7 +90,7 @@ def load_quantized(path):
     config = read_json(cfg_path, "quantization config")
     if config.get("format") != FORMAT:
         raise ValueError(f"{cfg_path}: format {config.get('format')!r}, expected {FORMAT!r}")
-    reader = open_state_dict(path / WEIGHTS_NAME)
+    reader = open_state_dict(path / WEIGHTS_NAME, allow_nonfloat=True)  # int8 / packed int4 codes
     keys = set(reader)
     quantized = config["quantized"]
     flat = {}

@@ -33,6 +33,8 @@ _ST_DTYPES = {
     np.dtype(np.bool_): "BOOL",
 }
 _NP_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 
 
 class StateDictError(ValueError):
@@ -67,25 +69,33 @@ def check_state_dict(expected: Mapping[str, Sequence[int]], got: Mapping[str, Se
 class SafetensorsReader(Mapping):
     """Lazy, read-only view of one or several safetensors files: `reader[key]` reads one tensor.
 
-    `shapes` and `dtypes` come from the headers without reading any data. Tensors are read with
+    `shapes` and `dtypes` come from the headers without reading any data; every header entry is
+    checked (dtype, shape, offsets inside the file) before any tensor is read. Weights must be
+    floating point and finite unless `allow_nonfloat` / `allow_nonfinite`: a model converted from
+    integer or NaN weights would run and emit garbage actions. Tensors are read with
     plain file reads into a fresh array, not through a memory map: mapped pages that were touched
     stay in the process's resident set, so reading a 15 GB checkpoint through mmap would show (and
     on some systems hold) 15 GB; this way only the tensor being converted is resident.
     """
 
-    def __init__(self, files: Sequence[Path]):
+    def __init__(self, files: Sequence[Path], allow_nonfloat: bool = False, allow_nonfinite: bool = False):
         self.files = [Path(f) for f in files]
+        self.allow_nonfloat, self.allow_nonfinite = allow_nonfloat, allow_nonfinite
         self._where: dict[str, tuple[Path, int, int]] = {}  # key -> (file, start byte, end byte)
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
         self.metadata: dict[str, str] = {}
         for f in self.files:
             header, data_start = read_header(f, with_offset=True)
-            self.metadata.update(header.pop("__metadata__", None) or {})
+            meta = header.pop("__metadata__", None) or {}
+            if not isinstance(meta, dict):
+                raise ValueError(f"{f}: safetensors __metadata__ must be a JSON object, got {type(meta).__name__}")
+            self.metadata.update(meta)
+            data_size = f.stat().st_size - data_start
             for key, info in header.items():
                 if key in self._where:
                     raise ValueError(f"tensor {key!r} appears in both {self._where[key][0]} and {f}")
-                begin, end = info["data_offsets"]
+                begin, end = _check_entry(f, key, info, data_size)
                 self._where[key] = (f, data_start + begin, data_start + end)
                 self.shapes[key] = tuple(info["shape"])
                 self.dtypes[key] = info["dtype"]
@@ -97,13 +107,18 @@ class SafetensorsReader(Mapping):
             raise ValueError(
                 f"{path}: tensor {key!r} has safetensors dtype {self.dtypes[key]}, expected one of {sorted(_NP_DTYPES)}"
             )
+        if self.dtypes[key] not in _FLOAT_DTYPES and not self.allow_nonfloat:
+            raise ValueError(
+                f"{path}: tensor {key!r} has dtype {self.dtypes[key]}; model weights must be floating point "
+                f"({', '.join(_FLOAT_DTYPES)}). Pass allow_nonfloat=True to open_state_dict if this is intended"
+            )
         out = np.empty(self.shapes[key], dtype)
         if out.nbytes != end - begin:
             raise ValueError(
                 f"{path}: tensor {key!r} header says {end - begin} bytes, but shape "
                 f"{self.shapes[key]} x {dtype} is {out.nbytes}; the file is corrupt"
             )
-        view = memoryview(out.reshape(-1).view(np.uint8))
+        view = memoryview(out.reshape(-1).view(np.uint8))  # pyright: ignore[reportArgumentType]  (numpy stubs: __buffer__ on 3.12+)
         with open(path, "rb") as f:
             f.seek(begin)
             got = f.readinto(view)
@@ -111,6 +126,13 @@ class SafetensorsReader(Mapping):
             raise ValueError(
                 f"{path} is truncated: tensor {key!r} needs bytes {begin}..{end}, file ends after {begin + got}"
             )
+        if not self.allow_nonfinite and self.dtypes[key] in _FLOAT_DTYPES:
+            bad = int(out.size - np.count_nonzero(np.isfinite(out)))
+            if bad:
+                raise ValueError(
+                    f"{path}: tensor {key!r} holds {bad} non-finite values (NaN or inf) of {out.size}; a model "
+                    "with them emits garbage actions. Pass allow_nonfinite=True to open_state_dict to load anyway"
+                )
         return out
 
     def __iter__(self) -> Iterator[str]:
@@ -122,35 +144,76 @@ class SafetensorsReader(Mapping):
 
 def read_header(path: Path, with_offset: bool = False):
     """The JSON header of a safetensors file (and, with `with_offset`, where the data starts)."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise ValueError(f"{path} is not a safetensors file (shorter than its 8-byte header size)")
         (n,) = struct.unpack("<Q", raw)
+        if n > min(MAX_HEADER_BYTES, size - 8):  # checked before allocating: a corrupt size is not a MemoryError
+            raise ValueError(
+                f"{path}: safetensors header claims {n} bytes, but the file has {size - 8} after the size field "
+                f"(and headers are at most {MAX_HEADER_BYTES}); the file is corrupt or not safetensors"
+            )
         try:
             header = json.loads(f.read(n))
         except ValueError as e:
             raise ValueError(f"{path}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header must be a JSON object, got {type(header).__name__}")
     return (header, 8 + n) if with_offset else header
 
 
-def open_state_dict(path: os.PathLike | str) -> SafetensorsReader:
-    """Open a `.safetensors` file, or a directory with `model.safetensors` or a sharded index."""
+def _check_entry(path: Path, key: str, info, data_size: int) -> tuple[int, int]:
+    """(begin, end) of tensor `key`'s bytes after checking its header entry names a dtype, a shape and
+    offsets inside the file's data."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        have = sorted(info) if isinstance(info, dict) else type(info).__name__
+        raise ValueError(f"{path}: header entry {key!r} needs dtype, shape and data_offsets; has {have}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise ValueError(f"{path}: tensor {key!r} has shape {shape!r}; expected a list of non-negative ints")
+    ok = isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    if not ok or not 0 <= offsets[0] <= offsets[1] <= data_size:
+        raise ValueError(
+            f"{path}: tensor {key!r} has data_offsets {offsets!r}; expected [begin, end] within the file's "
+            f"{data_size} data bytes"
+        )
+    return offsets[0], offsets[1]
+
+
+def open_state_dict(
+    path: os.PathLike | str, allow_nonfloat: bool = False, allow_nonfinite: bool = False
+) -> SafetensorsReader:
+    """Open a `.safetensors` file, or a directory with `model.safetensors` or a sharded index (whose
+    shards must lie inside the directory). See `SafetensorsReader` for the two `allow_` options."""
     path = Path(path)
+    opts = dict(allow_nonfloat=allow_nonfloat, allow_nonfinite=allow_nonfinite)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ValueError(_pickle_refusal(path))
-        return SafetensorsReader([path])
+        return SafetensorsReader([path], **opts)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if (path / INDEX_NAME).exists():
-        index = json.loads((path / INDEX_NAME).read_text())
-        shards = sorted(set(index["weight_map"].values()))
+        index_path = path / INDEX_NAME
+        try:
+            index = json.loads(index_path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{index_path}: unreadable JSON ({e})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index_path}: expected {{'weight_map': {{tensor name: shard file name}}}}")
+        shards = sorted(set(weight_map.values()))
+        root = path.resolve()
+        outside = [s for s in shards if not (path / s).resolve().is_relative_to(root)]
+        if outside:
+            raise ValueError(f"{index_path} names shard files outside {path}: {outside}")
         missing = [s for s in shards if not (path / s).exists()]
         if missing:
-            raise FileNotFoundError(f"{path / INDEX_NAME} names shards that are not there: {missing}")
-        reader = SafetensorsReader([path / s for s in shards])
-        listed = set(index["weight_map"])
+            raise FileNotFoundError(f"{index_path} names shards that are not there: {missing}")
+        reader = SafetensorsReader([path / s for s in shards], **opts)
+        listed = set(weight_map)
         if listed != set(reader):
             raise ValueError(
                 f"{path / INDEX_NAME} and its shards disagree: in index only "
@@ -158,10 +221,10 @@ def open_state_dict(path: os.PathLike | str) -> SafetensorsReader:
             )
         return reader
     if (path / SINGLE_NAME).exists():
-        return SafetensorsReader([path / SINGLE_NAME])
+        return SafetensorsReader([path / SINGLE_NAME], **opts)
     singles = sorted(path.glob("*.safetensors"))
     if singles:
-        return SafetensorsReader(singles)
+        return SafetensorsReader(singles, **opts)
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if pickles:
         raise ValueError(_pickle_refusal(path / pickles[0]))
