@@ -5,19 +5,18 @@
       --config.data.mixture=my_robot
   python scripts/finetune.py --config=configs/finetune.py:full --workdir=runs/full ...
 
-LoRA writes to the work dir: adapters/ (`train.lora.save_adapters`, every `train.save_every` steps
-and at the end), dataset_statistics.json (the new dataset's, for unnormalizing), metrics.jsonl and
-export/ (the base with the adapters merged, a converted checkpoint: `OpenVLA.load` or
-`scripts/convert.py to-hf export/ OUT`), and checkpoints/ (adapters + optimizer state + data position,
-`checkpoints/training.py`): re-running with the same --workdir resumes. LoRA runs single-process on one
-device; `:full` is `train/loop.py` (sharded, resumable).
+Both run `train/loop.py` (sharded on `config.mesh`, resumable: re-running with the same --workdir
+resumes; SIGTERM saves and exits). The work dir gets checkpoints/ (LoRA: adapters + their optimizer
+state + data position; the frozen base is not copied), dataset_statistics.json (the new dataset's,
+for unnormalizing), metrics.jsonl and export/ (a converted checkpoint: `OpenVLA.load` or
+`scripts/convert.py to-hf export/ OUT`; LoRA: the base with the adapters merged). LoRA also writes
+adapters/ (`train.lora.save_adapters`) at every checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -26,7 +25,9 @@ from ml_collections import config_flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 config_flags.DEFINE_config_file("config", None, "e.g. configs/finetune.py:lora", lock_config=False)
-flags.DEFINE_string("workdir", None, "where adapters/, metrics.jsonl, dataset_statistics.json, export/ go")
+flags.DEFINE_string(
+    "workdir", None, "where checkpoints/, adapters/, metrics.jsonl, dataset_statistics.json, export/ go"
+)
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -51,151 +52,27 @@ def with_model_of_checkpoint(config):
     return config
 
 
-def finetune_lora(config, workdir) -> dict:
-    """LoRA on a frozen base; resumes from `workdir/checkpoints` (adapters, their optimizer state, step,
-    RNG and the data position, saved every `train.save_every` steps by `train.checkpoint`)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from openvla_jax.checkpoints.converted import load_converted
-    from openvla_jax.checkpoints.training import TrainCheckpointer
-    from openvla_jax.data.iterator import CheckpointableIterator
-    from openvla_jax.data.rlds import RLDSPipeline
-    from openvla_jax.models import vla
-    from openvla_jax.tokenizer.actions import ActionTokenizer
-    from openvla_jax.tokenizer.text import TextTokenizer
-    from openvla_jax.train import lora as L
-    from openvla_jax.train.loop import (
-        MetricsWriter,
-        data_config,
-        supervised_tokens,
-        tokenizer_dir,
-        trained_preprocessing,
-    )
-    from openvla_jax.train.optimizer import make_optimizer
-
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    tc = config.train
-    ckpt = TrainCheckpointer(
-        workdir, save_every=tc.save_every, keep_last=tc.keep_last, async_save=tc.async_save, checksum=tc.checksum
-    )
-    latest = ckpt.latest_step()
-    # a resumed run normalises with the statistics it started with
-    stats = ckpt.read_dataset_statistics() if latest is not None else None
-    tok_dir = tokenizer_dir(config)
-    pipeline = RLDSPipeline(
-        data_config(config, train=True, dataset_statistics=stats),
-        TextTokenizer(tok_dir),
-        ActionTokenizer.for_model(config.model),
-    )
-    ckpt.write_config(config)
-    ckpt.write_dataset_statistics(pipeline.statistics)
-    data = CheckpointableIterator(pipeline)
-
-    cfg = L.LoraConfig(**config.lora.to_dict())
-    module = vla.from_config(config.model, dtype=config.model.dtype)
-    _, params, _ = load_converted(config.init_from)
-    base = jax.tree.map(lambda x: jnp.asarray(np.asarray(x), config.base_dtype), params)
-    del params
-    optimizer, schedule = make_optimizer(config.optimizer, L.abstract_adapters(base, cfg))
-    state = L.init_lora_state(base, cfg, optimizer, jax.random.key(config.seed))
-    if latest is not None:
-        state = _restore_lora(ckpt, latest, state, cfg, data)
-    meta = dict(rng=np.asarray(jax.device_get(state.rng)).tolist(), lora=cfg.to_dict())
-    n, total = L.count(state.params), L.count(base)
-    print(
-        f"finetune: LoRA r={cfg.rank} on {config.model.variant}: {n:,} trainable of {total:,} "
-        f"({100 * n / total:.2f}%)" + (f"; resumed at step {latest}" if latest is not None else "")
-    )
-    step_fn = L.make_lora_train_step(module, optimizer, schedule, cfg, supervised_tokens=supervised_tokens(config))
-    writer = MetricsWriter(workdir, [name for name, _ in pipeline.mixture], True)
-    first = (latest or 0) + 1
-    last, t0 = {}, time.perf_counter()
-    try:
-        for step in range(first, tc.steps + 1):
-            state, metrics = step_fn(state, base, next(data))
-            if step % tc.log_every == 0 or step == tc.steps:
-                metrics = jax.device_get(metrics)
-                if not bool(metrics["finite"]):
-                    raise FloatingPointError(f"step {step}: loss {float(metrics['loss'])} is not finite")
-                last = writer.write(step, dict(metrics, step_time=(time.perf_counter() - t0) / (step - first + 1)))
-            if ckpt.save(step, state.params, state.opt_state, meta, force=step == tc.steps, data_iterator=data):
-                L.save_adapters(workdir / "adapters", jax.device_get(state.params), cfg)
-        ckpt.wait()
-    finally:
-        writer.close()
-        ckpt.close()
-    summary = dict(step=tc.steps, adapters=str(workdir / "adapters"), trainable=n, **last)
-    if config.export_merged:
-        export = workdir / "export"
-        if export.exists():
-            import shutil
-
-            shutil.rmtree(export)
-        L.merge_and_export(
-            config.init_from,
-            jax.device_get(state.params),
-            cfg,
-            export,
-            norm_stats=_jsonable(pipeline.statistics),
-            model_config_updates=trained_preprocessing(config, pipeline),
-        )
-        summary["export"] = str(export)
-    return summary
-
-
-def _restore_lora(ckpt, step: int, state, cfg, data):
-    """state (adapters, optimizer state, step, RNG) and the data position of checkpoint `step`."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    saved = ckpt.restore_meta(step).get("lora")
-    if saved != cfg.to_dict():
-        raise ValueError(
-            f"{ckpt.directory}/{step} was trained with LoRA {saved}, this run asks for {cfg.to_dict()}: "
-            "use another --workdir or the same config.lora"
-        )
-    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    like = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), tree)  # noqa: E731
-    adapters, opt_state, meta = ckpt.restore(
-        step, abstract_params=like(state.params), abstract_opt_state=like(state.opt_state)
-    )
-    ckpt.restore_data_iterator(step, data)
-    return state.replace(
-        step=jnp.asarray(step, jnp.int32),
-        params=adapters,
-        opt_state=opt_state,
-        rng=jnp.asarray(np.asarray(meta["rng"], np.uint32)),
-    )
-
-
-def _jsonable(x):
-    import numpy as np
-
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
-
-
 def main(argv):
     del argv
+    import jax
+
+    from openvla_jax.train.loop import TrainingDiverged, train
+
     logging.set_verbosity(logging.WARNING)
     config = with_model_of_checkpoint(FLAGS.config)
-    if config.variant == "full":
-        from openvla_jax.train.loop import train
-
+    try:
         summary = train(config, FLAGS.workdir)
-    else:
-        summary = finetune_lora(config, FLAGS.workdir)
+    except TrainingDiverged as e:
+        print(f"finetune.py: {e}", file=sys.stderr)
+        return 3
+    if jax.process_index() != 0:
+        return 0
+    if "trainable" in summary:
+        n, total = summary["trainable"], summary["total"]
+        print(
+            f"finetune: LoRA r={summary['lora_rank']}: {n:,} trainable of {total:,} ({100 * n / total:.2f}%)"
+            + (f"; resumed at step {summary['resumed_from']}" if summary.get("resumed_from") is not None else "")
+        )
     keys = ("train/loss", "train/action_accuracy", "train/l1")
     print(
         f"finetune ({config.variant}): step {summary['step']} "

@@ -14,6 +14,12 @@ What happens, in order:
   5. a non-finite loss or gradient stops the run with `TrainingDiverged` (the step left the state
      untouched, and the last good checkpoint is kept: nothing after it is saved);
   6. at the end: a final checkpoint and an export `OpenVLA.load` reads (`workdir/export`).
+
+What is trained is a `train.trainable` object: every parameter (pretraining, full fine-tuning), or,
+when the config has a `lora` section (`configs/finetune.py:lora`), LoRA adapters on the frozen base
+of `config.init_from` (which then also writes `workdir/adapters` at every checkpoint, and exports
+the base with the adapters merged unless `config.export_merged` is False). Same mesh, steps,
+checkpoints, resume, evaluation, metrics and NaN guard either way.
 """
 
 from __future__ import annotations
@@ -184,9 +190,8 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
     from openvla_jax.parallel.mesh import make_mesh
     from openvla_jax.tokenizer.actions import ActionTokenizer
     from openvla_jax.tokenizer.text import TextTokenizer
-    from openvla_jax.train.optimizer import make_optimizer
     from openvla_jax.train.preemption import PreemptionWatcher
-    from openvla_jax.train.step import abstract_params, init_train_state, make_train_step
+    from openvla_jax.train.trainable import make_trainable
 
     distributed.maybe_initialize()
     from openvla_jax.utils.compile_cache import enable_compilation_cache
@@ -220,39 +225,20 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
     data = CheckpointableIterator(pipeline)
 
     module = build_module(config)
-    optimizer, schedule = make_optimizer(config.optimizer, abstract_params(module))
     k = supervised_tokens(config)
-    step_fn = make_train_step(
-        module,
-        optimizer,
-        schedule,
-        mesh,
-        rules,
-        num_datasets=len(dataset_names),
-        accumulate_steps=config.optimizer.accumulate_steps,
-        freeze=config.optimizer.freeze,
-        supervised_tokens=k,
-    )
-    shardings = step_fn.shardings
+    # the whole model, or LoRA adapters on a frozen base (`config.lora`): its state, step and export
+    trainable = make_trainable(config, module, mesh, rules, num_datasets=len(dataset_names), supervised_tokens=k)
     if latest is not None:
-        state = _restore(ckpt, latest, module, optimizer, shardings, data)
+        state = _restore(ckpt, latest, trainable, data)
         log.info("resumed from step %d of %s", latest, workdir)
     else:
-        params = None
-        if config.init_from:
-            from openvla_jax.checkpoints.converted import load_converted
-
-            _, params, _ = load_converted(config.init_from)
-        state = init_train_state(
-            module, config.model, optimizer, mesh, rules, jax.random.key(config.seed), params=params
-        )
-    from openvla_jax.train.optimizer import cast_frozen
-
-    state = state.replace(params=cast_frozen(state.params, config.optimizer))  # optimizer.frozen_dtype
+        state = trainable.init_state()
+    state = trainable.prepare(state)  # e.g. frozen params cast to optimizer.frozen_dtype
     start = int(jax.device_get(state.step))
+    log.info("training %s from step %d", trainable.describe(), start)
     # The run's RNG key data never changes (per-step keys are fold_in(rng, step)): read it once for
     # every checkpoint's meta instead of a device->host copy each step.
-    meta = dict(rng=np.asarray(jax.device_get(state.rng)).tolist())
+    meta = dict(rng=np.asarray(jax.device_get(state.rng)).tolist(), **trainable.meta())
 
     eval_fn = None
     if tc.eval_every and tc.eval_batches:
@@ -265,7 +251,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
             action_tokenizer,
             pipeline.statistics,
             dataset_names,
-            shardings.params,
+            trainable.params_shardings,
         )
 
     writer = MetricsWriter(workdir, dataset_names, main)
@@ -320,7 +306,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
                 host = next(data)
                 batch = global_batch(host, mesh, dataset_names)
                 seq_tokens = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] + module.num_patches)
-                state, metrics = step_fn(state, batch, expected_step=step)
+                state, metrics = trainable.step(state, batch, expected_step=step)
                 step += 1
                 steps_since += 1
                 pending.append((step, metrics))
@@ -342,35 +328,41 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
                     t_last, steps_since = now, 0
                     last = writer.write(step, metrics)
                 if eval_fn is not None and (step % tc.eval_every == 0 or step == tc.steps):
-                    last.update(writer.write(step, eval_fn(state.params), prefix="eval"))
+                    last.update(writer.write(step, eval_fn(trainable.model_params(state)), prefix="eval"))
                 if tc.get("offline_eval_every") and (step % tc.offline_eval_every == 0 or step == tc.steps):
                     last.update(
                         writer.write(
-                            step, offline_eval(config, state.params, pipeline.statistics, tok_dir), prefix="offline"
+                            step,
+                            offline_eval(config, trainable.model_params(state), pipeline.statistics, tok_dir),
+                            prefix="offline",
                         )
                     )
-                ckpt.save(step, state.params, state.opt_state, meta, data_iterator=data)
+                if ckpt.save(step, state.params, state.opt_state, meta, data_iterator=data):
+                    trainable.on_save(state, workdir)
                 if on_step is not None:
                     on_step(step, metrics)
                 if watcher.should_stop(step):
                     stopped_by = "preemption"
                     check(step)
-                    ckpt.save(step, state.params, state.opt_state, meta, force=True, data_iterator=data)
+                    if ckpt.save(step, state.params, state.opt_state, meta, force=True, data_iterator=data):
+                        trainable.on_save(state, workdir)
                     log.warning("preemption signal: saved step %d, exiting", step)
                     break
             else:
                 check(step)
-                ckpt.save(step, state.params, state.opt_state, meta, force=True, data_iterator=data)
+                if ckpt.save(step, state.params, state.opt_state, meta, force=True, data_iterator=data):
+                    trainable.on_save(state, workdir)
         ckpt.wait()
         summary = dict(step=step, stopped_by=stopped_by or "done", workdir=str(workdir), **last)
-        if stopped_by is None and jax.process_count() == 1:
+        summary.update(trainable.summary(workdir), resumed_from=latest)
+        if stopped_by is None and jax.process_count() == 1 and config.get("export_merged", True):
             export = Path(tc.export_dir) if tc.export_dir else workdir / "export"
             if export.exists():
                 import shutil
 
                 shutil.rmtree(export)
             model_config = as_config(config.model).replace(**trained_preprocessing(config, pipeline))
-            ckpt.export_for_inference(None, export, model_config, pipeline.statistics, tok_dir, params=state.params)
+            trainable.export(state, ckpt, export, model_config, pipeline.statistics, tok_dir)
             summary["export"] = str(export)
     finally:
         if bar is not None:
@@ -399,19 +391,22 @@ def offline_eval(config, params, statistics, tok_dir) -> dict:
     return {k: v for k, v in overall.items() if isinstance(v, (int, float))}
 
 
-def _restore(ckpt, step: int, module, optimizer, shardings, data):
-    import flax.linen as nn
-
+def _restore(ckpt, step: int, trainable, data):
+    """The state and data position of checkpoint `step`, placed with the trainable's shardings."""
     from openvla_jax.train.state import TrainState
-    from openvla_jax.train.step import abstract_params
 
-    boxed = nn.meta.unbox(abstract_params(module))
-    abs_params = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=s), boxed, shardings.params
-    )
+    saved = ckpt.restore_meta(step).get("lora")
+    want = trainable.meta().get("lora")
+    if saved != want:
+        raise ValueError(
+            f"{ckpt.directory}/{step} was trained with LoRA {saved}, this run asks for {want}: "
+            "use another --workdir or the same config.lora"
+        )
+    shardings = trainable.shardings
+    abs_params = trainable.abstract_params()
     abs_opt = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        jax.eval_shape(optimizer.init, abs_params),
+        jax.eval_shape(trainable.optimizer.init, abs_params),
         shardings.opt_state,
     )
     params, opt_state, meta = ckpt.restore(step, abstract_params=abs_params, abstract_opt_state=abs_opt)

@@ -171,11 +171,63 @@ def trainable_count(model_config, cfg: LoraConfig = LoraConfig()) -> tuple[int, 
 
 
 # ------------------------------------------------------------------------------------- training
-def init_lora_state(base_params, cfg: LoraConfig, optimizer: optax.GradientTransformation, rng) -> TrainState:
-    """A TrainState whose params are the adapters only (the optimizer state covers them alone)."""
+def adapter_shardings(boxed_params, cfg: LoraConfig, mesh, rules=None) -> dict:
+    """-> `{path: {"A": NamedSharding, "B": NamedSharding}}`: each adapter sharded by the logical axis
+    rules + FSDP (`parallel.sharding.spec_for`) as its kernel is: A `[stack.., in, r]` takes the
+    kernel's first input axis name, B `[stack.., r, out]` its first output axis name (`models.kernels`
+    says which are which), a stack axis stays `layers`, the rank axis has none. `boxed_params`: the
+    base's boxed abstract params (`train.step.abstract_params`); unboxed ones give replicated + FSDP."""
+    from jax.sharding import NamedSharding
+
+    from openvla_jax.parallel import rules as R
+    from openvla_jax.parallel.sharding import spec_for
+
+    rules = R.RULES if rules is None else rules
+    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    leaves = jax.tree.leaves(boxed_params, is_leaf=is_box)
+    paths = jax.tree.leaves(param_paths(boxed_params))
+    names = {p: (x.names if is_box(x) else None) for p, x in zip(paths, leaves)}
+    out = {}
+    for path, shape in targets(boxed_params, cfg).items():
+        stack, n_in, _ = _split(path, shape)
+        a_shape, b_shape = adapter_shapes(path, shape, cfg.rank)
+        n = tuple(names[path] or (None,) * len(shape))
+        lead = n[:stack]
+        a_names, b_names = lead + (n[stack], None), lead + (None, n[stack + n_in])
+        out[path] = {
+            "A": NamedSharding(mesh, spec_for(a_shape, a_names, mesh, rules)),
+            "B": NamedSharding(mesh, spec_for(b_shape, b_names, mesh, rules)),
+        }
+    return out
+
+
+def lora_state_shardings(boxed_params, cfg: LoraConfig, optimizer: optax.GradientTransformation, mesh, rules=None):
+    """A TrainState of NamedSharding for an adapters-only state: adapters by `adapter_shardings`, their
+    optimizer state mirrors them, step and RNG replicated."""
+    from openvla_jax.parallel.sharding import opt_state_shardings, replicated
+
+    a_sh = adapter_shardings(boxed_params, cfg, mesh, rules)
+    o_sh = opt_state_shardings(optimizer, abstract_adapters(boxed_params, cfg), a_sh, mesh)
+    rep = replicated(mesh)
+    return TrainState(step=rep, params=a_sh, opt_state=o_sh, rng=rep)
+
+
+def init_lora_state(
+    base_params, cfg: LoraConfig, optimizer: optax.GradientTransformation, rng, shardings: Optional[TrainState] = None
+) -> TrainState:
+    """A TrainState whose params are the adapters only (the optimizer state covers them alone).
+    `base_params` supplies shapes only (arrays, ShapeDtypeStruct, boxed or not). With `shardings`
+    (`lora_state_shardings`) the state is created already sharded, with the same values."""
     rng = key_data(rng)
-    adapters = init_lora(base_params, cfg, jax.random.wrap_key_data(rng))
-    return TrainState.create(adapters, optimizer, rng)
+    if shardings is None:
+        adapters = init_lora(base_params, cfg, jax.random.wrap_key_data(rng))
+        return TrainState.create(adapters, optimizer, rng)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.meta.unbox(base_params))
+
+    def init(key):
+        return TrainState.create(init_lora(shapes, cfg, jax.random.wrap_key_data(key)), optimizer, key)
+
+    return jax.jit(init, out_shardings=shardings)(rng)
 
 
 def make_lora_train_step(
@@ -184,33 +236,71 @@ def make_lora_train_step(
     lr_schedule: Callable,
     cfg: LoraConfig,
     *,
+    mesh=None,
+    rules=None,
+    num_datasets: int = 1,
     supervised_tokens: Optional[int] = None,
+    state_shardings: Optional[TrainState] = None,
+    base_shardings=None,
     donate: bool = True,
     compiler_options: Optional[dict] = None,
 ) -> Callable:
-    """-> `step(state, base_params, batch) -> (state, metrics)`, jitted (single device / replicated).
+    """-> `step(state, base_params, batch, expected_step=None) -> (state, metrics)`, jitted.
 
     `state.params` are the adapters; `base_params` are a frozen argument (no gradient, never donated,
-    any float dtype). batch: pixel_values `[B, S, S, 6]`, input_ids / attention_mask / labels `[B, T]`.
-    metrics: loss, action_accuracy, l1, tokens, ... (`train.loss.summarize`), grad_norm (of the
-    adapter gradients), lr, finite. A non-finite loss or gradient leaves the state unchanged."""
+    any float dtype). batch: pixel_values `[B, S, S, 6]`, input_ids / attention_mask / labels `[B, T]`,
+    optional dataset_index `[B]`. metrics: loss, action_accuracy, l1, tokens, ... (`train.loss.summarize`),
+    grad_norm (of the adapter gradients), lr, finite. A non-finite loss or gradient leaves the state
+    unchanged; `expected_step` makes that sticky (`train.step.guarded_update`).
+    `mesh` (with the logical `rules`): jitted with in/out shardings on it like `train.step.make_train_step`:
+    the state by `lora_state_shardings` (or `state_shardings`), the base by the rules + FSDP (or
+    `base_shardings`), the batch over ("data", "fsdp"). Without a mesh: one device, shardings left to jit."""
+    from contextlib import nullcontext
+
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from openvla_jax.parallel import rules as R
+    from openvla_jax.parallel.sharding import param_shardings, replicated
+    from openvla_jax.train.step import _Context, abstract_params, mesh_context_safe
 
     def loss_fn(adapters, base, batch):
-        return forward_sums(module, merge(base, adapters, cfg), batch, supervised_tokens=supervised_tokens)
+        return forward_sums(module, merge(base, adapters, cfg), batch, num_datasets, mesh, supervised_tokens)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, base, batch):
+    def train_step(state: TrainState, base, batch, expected_step):
         base = jax.lax.stop_gradient(base)
         (loss_sum, sums), grads = grad_fn(state.params, base, batch)
-        return guarded_update(state, grads, loss_sum, sums, optimizer, lr_schedule)
+        return guarded_update(state, grads, loss_sum, sums, optimizer, lr_schedule, expected_step)
 
-    jitted = jax.jit(train_step, donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
+    donated = (0,) if donate else ()
+    shardings = None
+    if mesh is None:
+        context = nullcontext()
+        jitted = jax.jit(train_step, donate_argnums=donated, compiler_options=compiler_options)
+    else:
+        rules = R.RULES if rules is None else rules
+        boxed = abstract_params(module)
+        shardings = state_shardings or lora_state_shardings(boxed, cfg, optimizer, mesh, rules)
+        base_shardings = base_shardings or param_shardings(boxed, mesh, rules)
+        context = _Context(mesh, rules, mesh_context_safe(boxed))
+        jitted = jax.jit(
+            train_step,
+            in_shardings=(shardings, base_shardings, NamedSharding(mesh, P(R.BATCH_AXES)), replicated(mesh)),
+            out_shardings=(shardings, replicated(mesh)),
+            donate_argnums=donated,
+            compiler_options=compiler_options,
+        )
 
-    def step(state, base_params, batch):
-        return jitted(state, base_params, select_batch(batch))
+    def step(state, base_params, batch, expected_step: Optional[int] = None):
+        expected = jnp.asarray(-1 if expected_step is None else expected_step, jnp.int32)
+        with context:
+            return jitted(state, base_params, select_batch(batch), expected)
 
     step.jitted = jitted
+    step.shardings = shardings
+    step.base_shardings = base_shardings
     return step
 
 

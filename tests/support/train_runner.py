@@ -9,6 +9,8 @@ chance to clean up): the resumed run must continue from K.
 --nan-at K: the batch of step K has NaN pixels (its loss is NaN), logged and saved every 5 steps.
 --oft 1: the OFT variant of configs/train.py:oft_demo (chunks of 4, parallel decoding, L1 head,
 proprio token) on the same small model.
+--lora R: LoRA of rank R (configs/finetune.py's targets) on the frozen base $INIT_FROM (a converted
+checkpoint of this small model), fp32, through the same loop.
 """
 
 import json
@@ -99,6 +101,12 @@ def main(argv):
 
         loop.global_batch = poisoned
         on_step = None  # no per-step callback: the loop reads metrics only when it logs or saves
+    if opts.get("--lora"):
+        from configs.finetune import lora_config
+
+        config.lora = lora_config()
+        config.lora.rank = opts["--lora"]
+        config.base_dtype = "float32"
     config.init_from = os.environ.get("INIT_FROM", "")
     summary = train(config, workdir, on_step=on_step)
     print("SUMMARY " + json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}))

@@ -194,3 +194,34 @@ def test_lora_finetune_resumes_where_it_stopped(inputs, tmp_path):
         np.testing.assert_allclose(a[p]["B"], b[p]["B"], rtol=1e-5, atol=1e-7)
     vla = OpenVLA.load(tmp_path / "split" / "export", dtype="float32")
     assert set(vla.norm_stats) == {"demo_tabletop"}
+
+
+@pytest.mark.slow  # one run of the script in a subprocess: ~105 s on 2 shared cores
+def test_lora_finetune_runs_through_the_training_loop(inputs, tmp_path):
+    """`:lora` is `train/loop.py` with LoRA plugged in: its metrics carry the loop's throughput, it
+    checkpoints adapters + optimizer state (not the base), writes adapters/ and a merged export that
+    OpenVLA.load reads with the new dataset's statistics."""
+    from openvla_jax import OpenVLA
+    from openvla_jax.train import lora as LO
+
+    base, data_dir = inputs
+    workdir = tmp_path / "lora"
+    out, got = lora_run(base, data_dir, workdir, 2, tmp_path / "cache")
+    assert "finetune: LoRA r=4" in out and "resumed" not in out and "finetune (lora): step 2" in out, out
+    assert sorted(got) == [1, 2] and all(np.isfinite(list(got.values())))
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert all("train/tokens_per_s" in r for r in rows if "train/loss" in r)  # the loop's metrics
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+    adapters, cfg = LO.load_adapters(workdir / "adapters")
+    assert cfg.rank == 4 and any(np.abs(v["B"]).max() > 0 for v in adapters.values())
+    vla = OpenVLA.load(workdir / "export", dtype="float32")
+    assert set(vla.norm_stats) == {"demo_tabletop"}
+    # the export is the base with exactly these adapters merged
+    from openvla_jax.checkpoints.converted import load_converted
+
+    _, base_params, _ = load_converted(base)
+    want = LO.merge(base_params, adapters, cfg, xp=np)
+    for x, y in zip(jax.tree.leaves(jax.device_get(vla.params)), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=1e-6, atol=1e-6)
+    actions = vla.predict_action(np.zeros((1, 128, 128, 3), np.uint8), ["pick up the red block"], "demo_tabletop")
+    assert actions.shape == (1, 7) and np.all(np.isfinite(actions))
