@@ -31,7 +31,7 @@ SUITE, TASK, STOVE = "libero_goal", 7, "flat_stove_1_button"
 
 @pytest.fixture(scope="module")
 def worker():
-    w = EnvWorker(LiberoBackend(resolution=libero_protocol.ENV_RESOLUTION), timeout=600)
+    w = EnvWorker(LiberoBackend(libero_protocol.ENV_RESOLUTION, wrist=True), wrist=True, timeout=600)  # as for OFT
     try:
         yield w
     finally:
@@ -84,6 +84,8 @@ def test_real_observation_processed_as_the_original(worker):
     assert raw["agentview_image"].shape == (256, 256, 3) and raw["agentview_image"].dtype == np.uint8
     assert raw["agentview_image"].std() > 10  # a rendered scene, not a blank buffer
     np.testing.assert_array_equal(msg["image"], raw["agentview_image"][::-1, ::-1])
+    np.testing.assert_array_equal(msg["wrist"], raw["robot0_eye_in_hand_image"][::-1, ::-1])
+    assert msg["wrist"].shape == (256, 256, 3) and msg["wrist"].std() > 10
     np.testing.assert_allclose(msg["proprio"], original_state(raw), rtol=0, atol=1e-12)
     assert msg["instruction"] == "turn on the stove" and not msg["done"]
     for crop in (False, True):
