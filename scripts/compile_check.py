@@ -40,6 +40,14 @@ flags.DEFINE_string("json", "", "append the report as one JSON line to this file
 FLAGS = flags.FLAGS
 
 
+def show(report) -> None:
+    """Print a report as soon as it exists (a bisection prints each try), and append it as JSON."""
+    print(report.format(), flush=True)
+    if FLAGS.json:
+        with open(FLAGS.json, "a") as f:
+            f.write(json.dumps(report.table_row()) + "\n")
+
+
 def main(_):
     from openvla_jax.aot import compile as C
     from openvla_jax.aot.targets import TargetUnavailable, get_target
@@ -49,39 +57,39 @@ def main(_):
     except TargetUnavailable as e:
         print(e, file=sys.stderr)
         return 2
+    save = FLAGS.save or None if not FLAGS.find_max_batch else None
     if FLAGS.predict:
         from configs import model as model_configs
 
-        def at(b, save=None):
-            return C.compile_predict(
-                model_configs.get_config(FLAGS.model), target, b, FLAGS.prompt_len, save, FLAGS.precheck
+        def at(batch):
+            r = C.compile_predict(
+                model_configs.get_config(FLAGS.model), target, batch, FLAGS.prompt_len, save, FLAGS.precheck
             )
+            show(r)
+            return r
 
-        if FLAGS.find_max_batch:
-            best, reports = C.find_max_batch(lambda r: at(r * target.num_devices), start=FLAGS.batch)
+        if FLAGS.find_max_batch:  # per device: batch = rows x devices
+            best, reports = C.find_max_batch(lambda rows: at(rows * target.num_devices), start=FLAGS.batch)
         else:
-            reports = [at(FLAGS.batch, FLAGS.save or None)]
+            reports = [at(FLAGS.batch)]
     else:
         if FLAGS.config is None:
             raise app.UsageError("--config=configs/train.py:<variant> (or --predict)")
 
-        def at(rows, save=None):
-            return C.compile_train(FLAGS.config, target, rows, FLAGS.text_len, save, FLAGS.precheck)
+        def at(rows):
+            r = C.compile_train(FLAGS.config, target, rows, FLAGS.text_len, save, FLAGS.precheck)
+            show(r)
+            return r
 
         if FLAGS.find_max_batch:
             best, reports = C.find_max_batch(at, start=int(FLAGS.rows_per_device or 1))
         else:
-            reports = [at(FLAGS.rows_per_device or None, FLAGS.save or None)]
-    for r in reports:
-        print(r.format(), flush=True)
-        if FLAGS.json:
-            with open(FLAGS.json, "a") as f:
-                f.write(json.dumps(r.table_row()) + "\n")
+            reports = [at(FLAGS.rows_per_device or None)]
     if FLAGS.find_max_batch:
         print(f"largest per-device batch that fits on {target.name}: {best}")
         return 0 if best else 1
-    if FLAGS.save and not reports[-1].error:
-        print(f"saved the executable to {FLAGS.save}")
+    if save and not reports[-1].error:
+        print(f"saved the executable to {save}")
     return 0 if reports[-1].fits else 1
 
 

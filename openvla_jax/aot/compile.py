@@ -196,7 +196,9 @@ def _finish(report: Report, lowered, target: Target, save: Optional[str] = None)
     report.code = int(m.generated_code_size_in_bytes)
     report.fits = report.peak <= report.memory_bytes
     try:
-        report.input_formats = list(compiled.input_formats[0])
+        import jax
+
+        report.input_formats = jax.tree.leaves(compiled.input_formats[0])  # one per argument leaf
     except Exception:  # noqa: BLE001
         report.input_formats = []
     try:
