@@ -99,7 +99,8 @@ class Report:
             ]
         if self.flops:
             lines.append(f"  model FLOPs per step: {self.flops:.3e} ({self.flops / self.devices:.3e} per device)")
-        lines.append(f"  compiled in {self.compile_s:.0f} s")
+        if self.compile_s:
+            lines.append(f"  compiled in {self.compile_s:.0f} s")
         return "\n".join(lines)
 
 
