@@ -123,7 +123,10 @@ def available(platform: str) -> bool:
 
     if platform == "tpu":
         return importlib.util.find_spec("libtpu") is not None
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    try:
+        if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+            return False
+    except ModuleNotFoundError:  # no jax_plugins namespace at all
         return False
     from jax._src import xla_bridge
 
