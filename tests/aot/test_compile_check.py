@@ -180,12 +180,14 @@ def test_7b_pretraining_runs_out_of_hbm_in_the_tpu_compiler():
 
 
 @pytest.mark.skipif(not T.available("gpu"), reason="no CUDA plugin (pip install -e '.[aot]')")
-def test_tiny_step_compiles_for_gpus_and_reports_peak_memory():
+def test_tiny_step_compiles_for_gpus_and_reports_peak_memory(tmp_path):
     from configs import train as train_configs
     from openvla_jax.aot import compile as C
 
     config = train_configs.get_config("tiny")
     config.model.scan_layers = True
-    report = C.compile_train(config, T.get_target("h100:1x2"), rows_per_device=1, text_len=16)
+    saved = tmp_path / "step.exe"
+    report = C.compile_train(config, T.get_target("h100:1x2"), rows_per_device=1, text_len=16, save=str(saved))
     assert report.fits and report.device_kind.startswith("NVIDIA H100")
     assert 0 < report.peak < report.memory_bytes
+    assert saved.stat().st_size > 100_000  # the serialized executable (--save)
