@@ -164,4 +164,5 @@ def get_target(name: str, num_slices: int = 1) -> Target:
         chips_per_host_bounds=host,
         num_slices=num_slices,
     ).devices
-    return Target(name, "tpu", tuple(devices), hbm // per_chip, devices[0].device_kind, num_slices, topo)
+    label = name if num_slices == 1 else f"{num_slices} x {name}"
+    return Target(label, "tpu", tuple(devices), hbm // per_chip, devices[0].device_kind, num_slices, topo)
