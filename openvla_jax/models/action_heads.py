@@ -12,7 +12,7 @@ normalised actions; the output is in the normalised action space, unnormalised l
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from openvla_jax.models.common import partitioned
 
 
-def _dense(features: int, names: tuple[str, str], dtype, param_dtype, name: str) -> nn.Dense:
+def _dense(features: int, names: tuple[str, Optional[str]], dtype, param_dtype, name: str) -> nn.Dense:
     return nn.Dense(
         features,
         dtype=dtype,

@@ -20,7 +20,7 @@ import json
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import ml_collections
 
@@ -209,9 +209,10 @@ class VLAConfig:
         """A mutable ConfigDict in the same layout (tower fields accept ints where they hold None)."""
         d = self.to_dict()
         cd = ml_collections.ConfigDict(d)
+        vision = cast(ml_collections.ConfigDict, cd.vision)
         for key in ("featurizer", "fused_featurizer"):
             if d["vision"][key] is not None:
-                cd.vision[key] = ml_collections.ConfigDict(d["vision"][key], type_safe=False)
+                vision[key] = ml_collections.ConfigDict(d["vision"][key], type_safe=False)
         return cd
 
     def replace(self, **changes) -> "VLAConfig":

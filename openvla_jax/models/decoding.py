@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, cast
 
 import jax
 import jax.numpy as jnp
@@ -76,8 +76,9 @@ def parallel_decode(
 ) -> Array:
     """The parallel decoder's prediction in one forward pass: greedy action ids `[B, K * A]` (token
     head) or normalised actions `[B, K, A]` (continuous head). Jit this."""
-    out = module.apply(
-        {"params": params}, pixel_values, input_ids, attention_mask, proprio, method=VLA.parallel_actions
+    out = cast(
+        Array,
+        module.apply({"params": params}, pixel_values, input_ids, attention_mask, proprio, method=VLA.parallel_actions),
     )
     if module.action_head is not None:
         return out

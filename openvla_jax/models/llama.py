@@ -8,11 +8,13 @@ D hidden, H heads, K key/value heads, Dh head dim, V vocabulary.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from collections.abc import Sequence
+from typing import Any, Optional, cast
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.spmd import with_logical_constraint
 
 from openvla_jax.models.common import attention, numerics, partitioned, remat_policy
 from openvla_jax.models.config import LlamaConfig, VLAConfig, as_config
@@ -40,7 +42,9 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", partitioned(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.param_dtype)
+        scale = jnp.asarray(
+            self.param("scale", partitioned(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.param_dtype)
+        )
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return scale.astype(self.dtype) * xf.astype(self.dtype)
@@ -138,7 +142,7 @@ class DecoderLayer(nn.Module):
         )
         x = x + h
         x = x + MLP(c, self.dtype, self.param_dtype, name="mlp")(norm("post_attention_layernorm")(x))
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = with_logical_constraint(x, ("batch", "length", "embed"))
         return x, new_kv
 
 
@@ -191,13 +195,15 @@ class Llama(nn.Module):
         policy = remat_policy(self.remat_policy)
         if self.remat_policy != "none":
             layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not self.scan_layers)
-        kwargs = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+        kwargs: dict[str, Any] = dict(
+            config=c, dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl
+        )
         if self.scan_layers:
             scanned = nn.scan(
                 layer_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),  # pyright: ignore[reportArgumentType]
                 length=c.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
@@ -240,9 +246,12 @@ class Llama(nn.Module):
         `bidirectional` (start, length), static: the slots start..start+length-1 also attend to each
         other's *later* slots (a block decoded in parallel); every other query stays causal, so
         nothing before the block can see into it."""
-        if (tokens is None) == (embeddings is None):
+        if tokens is not None and embeddings is None:
+            x = self.embed(tokens)
+        elif tokens is None and embeddings is not None:
+            x = embeddings.astype(self.dtype)
+        else:
             raise ValueError("pass exactly one of `tokens` [B, T] or `embeddings` [B, T, D]")
-        x = self.embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
         b, t = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -251,20 +260,20 @@ class Llama(nn.Module):
         if keys_valid.shape != (b, s):
             raise ValueError(f"attention_mask must be [B, S] = {(b, s)}, got {keys_valid.shape}")
         mask = attention_mask_4d(keys_valid, t, cache_index, bidirectional)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = with_logical_constraint(x, ("batch", "length", "embed"))
 
         new_cache = None
         if self.scan_layers:
             kv = None if cache is None else (cache["k"], cache["v"])
-            x, new_kv = self.layers(x, positions, mask, kv, cache_index)
-            if cache is not None:
+            x, new_kv = cast(DecoderLayer, self.layers)(x, positions, mask, kv, cache_index)
+            if new_kv is not None:  # exactly when a cache was passed
                 new_cache = {"k": new_kv[0], "v": new_kv[1]}
         else:
             ks, vs = [], []
-            for i, layer in enumerate(self.layers):
+            for i, layer in enumerate(cast(Sequence[DecoderLayer], self.layers)):
                 kv = None if cache is None else (cache["k"][i], cache["v"][i])
                 x, new_kv = layer(x, positions, mask, kv, cache_index)
-                if cache is not None:
+                if new_kv is not None:
                     ks.append(new_kv[0])
                     vs.append(new_kv[1])
             if cache is not None:
@@ -276,7 +285,7 @@ class Llama(nn.Module):
             idx = logits_index[:, None] if logits_index.ndim == 1 else logits_index
             picked = jnp.take_along_axis(hidden, idx[..., None], axis=1)
         logits = self.lm_head(picked).astype(jnp.float32)
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        logits = with_logical_constraint(logits, ("batch", "length", "vocab"))
         if return_hidden:
             return logits, new_cache, hidden
         return logits, new_cache
@@ -285,6 +294,6 @@ class Llama(nn.Module):
 def from_config(model_config: VLAConfig, **overrides) -> Llama:
     """Build the Llama module from a model config (its `llm` section and numerics)."""
     config = as_config(model_config)
-    kwargs = dict(config=config.llm)
+    kwargs: dict[str, Any] = dict(config=config.llm)
     kwargs.update(numerics(config, **overrides))
     return Llama(**kwargs)

@@ -201,7 +201,7 @@ def tf_center_crop(images, crop_scale: float = 0.9, size: Sequence[int] = (IMAGE
     side = tf.clip_by_value(tf.sqrt(tf.cast(crop_scale, tf.float32)), 0.0, 1.0)
     off = (1.0 - side) / 2.0
     box = tf.stack([off, off, off + side, off + side])
-    boxes = tf.tile(box[None], [b, 1])
+    boxes = tf.tile(box[None], [b, 1])  # pyright: ignore[reportArgumentType]  (tf packs a list with tensors)
     x = tf.clip_by_value(tf.image.crop_and_resize(x, boxes, tf.range(b), tuple(size)), 0.0, 1.0)
     x = tf.image.convert_image_dtype(x, tf.uint8, saturate=True)
     return x[0] if single else x

@@ -64,7 +64,7 @@ def from_config(model_config: VLAConfig, vision_dim: int, **overrides) -> Projec
     """The projector of a model config (`projector.arch`, `llm.hidden_size`), reading `vision_dim`
     from the backbone (`VisionBackbone.embed_dim`)."""
     config = as_config(model_config)
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         vision_dim=vision_dim,
         llm_dim=config.llm.hidden_size,
         arch=config.projector.arch,

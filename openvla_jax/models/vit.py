@@ -18,12 +18,13 @@ final norm, attention pool) so a checkpoint round trip is complete.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.spmd import with_logical_constraint
 
 from openvla_jax.models.common import attention, numerics, partitioned, remat_policy
 from openvla_jax.models.config import TowerConfig, VLAConfig, as_config, as_tower
@@ -57,7 +58,8 @@ class ViTConfig:
 
     @property
     def grid(self) -> tuple[int, int]:
-        return (self.img_size // self.patch_size,) * 2
+        side = self.img_size // self.patch_size
+        return (side, side)
 
     @property
     def num_patches(self) -> int:
@@ -101,7 +103,7 @@ def vit_config(
     arch = model_id.split(".")[0]
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown ViT model id {model_id!r}; expected one of {sorted(ARCHITECTURES)}")
-    fields = dict(ARCHITECTURES[arch], img_size=img_size)
+    fields: dict[str, Any] = dict(ARCHITECTURES[arch], img_size=img_size)
     for name, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
         if value is not None:
             fields[name] = value
@@ -222,7 +224,8 @@ class LayerScale(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         init = partitioned(nn.initializers.constant(1e-5), ("embed",))
-        return x * self.param("scale_factor", init, (x.shape[-1],), self.param_dtype).astype(x.dtype)
+        scale = jnp.asarray(self.param("scale_factor", init, (x.shape[-1],), self.param_dtype))
+        return x * scale.astype(x.dtype)
 
 
 class Block(nn.Module):
@@ -249,7 +252,7 @@ class Block(nn.Module):
         if c.layer_scale:
             h = LayerScale(pdt, name="ls2")(h)
         x = x + h
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = with_logical_constraint(x, ("batch", "length", "embed"))
         if self.scan_mode:
             return x, (x if self.emit else None)
         return x
@@ -266,11 +269,13 @@ class AttentionPool(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c, dt, pdt = self.cfg, self.dtype, self.param_dtype
-        latent = self.param(
-            "latent",
-            partitioned(nn.initializers.normal(c.embed_dim**-0.5), (None, None, "embed")),
-            (1, 1, c.embed_dim),
-            pdt,
+        latent = jnp.asarray(
+            self.param(
+                "latent",
+                partitioned(nn.initializers.normal(c.embed_dim**-0.5), (None, None, "embed")),
+                (1, 1, c.embed_dim),
+                pdt,
+            )
         )
         dense = lambda feats, names, bias_names, name, **kw: nn.DenseGeneral(  # noqa: E731
             feats,
@@ -313,11 +318,13 @@ class ViT(nn.Module):
         block_cls = Block
         if self.remat_policy != "none":
             block_cls = nn.remat(block_cls, policy=remat_policy(self.remat_policy), prevent_cse=not self.scan_layers)
-        kwargs = dict(cfg=c, dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+        kwargs: dict[str, Any] = dict(
+            cfg=c, dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl
+        )
         if not self.scan_layers:
             outs = []
             for i in range(n):
-                x = block_cls(**kwargs, name=f"blocks_{i}")(x)
+                x = cast(Array, block_cls(**kwargs, name=f"blocks_{i}")(x))  # not scan_mode: just x
                 outs.append(x)
             return x, (jnp.stack(outs) if return_blocks else None)
         scanned = nn.scan(
@@ -357,11 +364,13 @@ class ViT(nn.Module):
             bias_init=_zeros(("embed",)),
         )(images.astype(dt))
         b, gh, gw, d = x.shape
-        pos = self.param(
-            "pos_embed",
-            partitioned(nn.initializers.normal(0.02), (None, "pos", "embed")),
-            (1, c.num_pos_prefix + c.num_patches, d),
-            pdt,
+        pos = jnp.asarray(
+            self.param(
+                "pos_embed",
+                partitioned(nn.initializers.normal(0.02), (None, "pos", "embed")),
+                (1, c.num_pos_prefix + c.num_patches, d),
+                pdt,
+            )
         )
         pos = resample_pos_embed(pos, c.grid, (gh, gw), c.num_pos_prefix).astype(dt)
         x = x.reshape(b, gh * gw, d)
@@ -369,19 +378,17 @@ class ViT(nn.Module):
             x = x + pos
         prefix = []
         if c.class_token:
-            cls = self.param(
-                "cls_token", partitioned(nn.initializers.normal(1e-6), (None, None, "embed")), (1, 1, d), pdt
-            )
+            init = partitioned(nn.initializers.normal(1e-6), (None, None, "embed"))
+            cls = jnp.asarray(self.param("cls_token", init, (1, 1, d), pdt))
             prefix.append(jnp.broadcast_to(cls.astype(dt), (b, 1, d)))
         if c.reg_tokens:
-            reg = self.param(
-                "reg_token", partitioned(nn.initializers.normal(1e-6), (None, None, "embed")), (1, c.reg_tokens, d), pdt
-            )
+            init = partitioned(nn.initializers.normal(1e-6), (None, None, "embed"))
+            reg = jnp.asarray(self.param("reg_token", init, (1, c.reg_tokens, d), pdt))
             prefix.append(jnp.broadcast_to(reg.astype(dt), (b, c.reg_tokens, d)))
         x = jnp.concatenate(prefix + [x], axis=1) if prefix else x
         if not c.no_embed_class:  # original ViT: prefix tokens have positions too, add after concat
             x = x + pos
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = with_logical_constraint(x, ("batch", "length", "embed"))
 
         x, blocks = self._blocks(x, n, return_blocks)
         out = {"tokens": x}
@@ -404,7 +411,7 @@ def from_config(tower: TowerConfig, model_config: Optional[VLAConfig] = None, **
     """A ViT from a tower config at the model's image size, with its numerics; without a model
     config, a standalone tower: 224 px, fp32 compute."""
     config = as_config(model_config) if model_config is not None else VLAConfig(dtype="float32")
-    kwargs = dict(cfg=tower_from_config(tower, config.vision.image_size))
+    kwargs: dict[str, Any] = dict(cfg=tower_from_config(tower, config.vision.image_size))
     kwargs.update(numerics(config, **overrides))
     return ViT(**kwargs)
 

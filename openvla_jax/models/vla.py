@@ -21,7 +21,7 @@ parameters and its outputs are exactly OpenVLA's):
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, cast
 
 import flax.linen as nn
 import jax
@@ -122,7 +122,8 @@ class VLA(nn.Module):
             attention_mask if attention_mask is not None else jnp.ones(input_ids.shape, bool), self.num_patches
         )
         if cache is None:
-            logits, _ = self.language_model(embeddings=x, attention_mask=mask, logits_index=logits_index)
+            out = self.language_model(embeddings=x, attention_mask=mask, logits_index=logits_index)
+            logits, _ = cast(tuple[Array, Any], out)  # (logits, no cache)
             return logits
         slots = cache["k"].shape[2]
         if kv_mask is None:
@@ -161,7 +162,7 @@ class VLA(nn.Module):
         valid = jnp.concatenate([multimodal_mask(attention_mask, self.num_patches), jnp.ones((b, n_act), bool)], 1)
         positions = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
         index = jnp.broadcast_to(n + jnp.arange(n_act, dtype=jnp.int32), (b, n_act))
-        logits, _, hidden = self.language_model(
+        out = self.language_model(
             embeddings=x,
             attention_mask=valid,
             positions=positions,
@@ -169,6 +170,7 @@ class VLA(nn.Module):
             logits_index=index[:, :1] if self.action_head is not None else index,
             return_hidden=True,
         )
+        logits, _, hidden = cast(tuple[Array, Any, Array], out)  # return_hidden: (logits, cache, hidden)
         if self.action_head is None:
             return logits
         return self.action_head(hidden[:, n:])
