@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import linen as nn
@@ -71,7 +72,7 @@ def build_manifest(step_dir, checksum: bool = True) -> dict:
     for item in ITEMS:
         for p in sorted((step_dir / item).rglob("*")):
             if p.is_file():
-                entry = {"size": p.stat().st_size}
+                entry: dict[str, Any] = {"size": p.stat().st_size}
                 if checksum:
                     entry["crc32"] = _crc32(p)
                 files[str(p.relative_to(step_dir))] = entry
@@ -315,7 +316,7 @@ class TrainCheckpointer:
                 meta=ocp.args.JsonRestore(),
             ),
         )
-        return out.params, out.opt_state, out.meta
+        return out["params"], out["opt_state"], out["meta"]
 
     def restore_params(self, step: Optional[int] = None, abstract_params=None):
         """The params item alone. Without `abstract_params`: the whole tree on one device (the
@@ -328,11 +329,11 @@ class TrainCheckpointer:
         out = self._mngr.restore(
             step, args=ocp.args.Composite(params=ocp.args.StandardRestore(nn.meta.unbox(abstract_params)))
         )
-        return out.params
+        return out["params"]
 
     def restore_meta(self, step: Optional[int] = None) -> dict:
         step = self._resolve(step)
-        return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore_data_iterator(self, step: int, iterator) -> None:
         """Put `iterator` (a `CheckpointableIterator`) at the position saved with `step`."""
@@ -404,13 +405,13 @@ class TrainCheckpointer:
         return save_converted(out_dir, model_config, params_to_numpy(params), norm_stats, tokenizer_dir)
 
 
-def _jsonable(x: Any):
+def _jsonable(x: Any) -> Any:
     """NumPy/JAX scalars and arrays -> Python numbers and lists (json.dumps-able)."""
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
-    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)  # typed keys -> their uint32 data
     if isinstance(x, (np.ndarray, jax.Array)):
         return np.asarray(x).tolist()

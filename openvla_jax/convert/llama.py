@@ -7,6 +7,8 @@ HF keys: `model.embed_tokens.weight`, `model.layers.N.self_attn.{q,k,v,o}_proj.w
 
 from __future__ import annotations
 
+from typing import cast
+
 import flax.linen as nn
 import numpy as np
 
@@ -18,7 +20,8 @@ from openvla_jax.models.llama import LlamaConfig
 def llama_specs(config: LlamaConfig, scanned: bool, prefix: str = "") -> list[ParamSpec]:
     c = config
     d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
-    h, k, dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    h, dh = c.num_attention_heads, c.head_dim
+    k = cast(int, c.num_key_value_heads)  # never None after LlamaConfig.__post_init__
     specs = [ParamSpec(f"{prefix}model.embed_tokens.weight", ("embed_tokens", "embedding"), (v, d), (v, d))]
     per_layer = [
         # (hf name, flax path inside the layer, hf shape, flax shape, kind)

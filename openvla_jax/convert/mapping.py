@@ -37,7 +37,11 @@ class ParamSpec:
 
     @property
     def stacked_shape(self) -> tuple[int, ...]:
-        return self.flax_shape if self.layer is None else (self.num_layers, *self.flax_shape)
+        if self.layer is None:
+            return self.flax_shape
+        if self.num_layers is None:
+            raise ValueError(f"{self.hf_key}: a stacked spec (layer={self.layer}) needs num_layers")
+        return (self.num_layers, *self.flax_shape)
 
 
 def linear_matrix(spec: ParamSpec) -> tuple[int, int]:
@@ -114,6 +118,7 @@ def iter_hf_to_flax(
                 if value is None:
                     value = np.empty(spec.stacked_shape, w.dtype)
                 value[spec.layer] = w
+        assert value is not None  # every group holds at least one spec
         yield path, value
 
 
