@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import tensorflow as tf
 
@@ -66,7 +66,7 @@ class CheckpointableIterator:
     def __init__(
         self,
         source,
-        postprocess: Callable[[dict], object] = to_numpy_batch,
+        postprocess: Callable[[dict], Any] = to_numpy_batch,
         process_index: Optional[int] = None,
         fingerprint: Optional[dict] = None,
     ):
@@ -185,7 +185,7 @@ def _plain(v):
 
 
 def _fingerprint(source, dataset: tf.data.Dataset) -> dict:
-    fp = {"element_spec": repr(dataset.element_spec)}
+    fp: dict[str, Any] = {"element_spec": repr(dataset.element_spec)}
     cfg = getattr(source, "cfg", None)
     if dataclasses.is_dataclass(cfg):
         for f in dataclasses.fields(cfg):

@@ -153,16 +153,19 @@ def make_validator(name: str, cfg, log: BadDataLog | None, for_statistics: bool 
     original computes statistics over every episode, before its unlabeled filter)."""
 
     def problem(traj):
-        finite = tf.reduce_all(tf.math.is_finite(traj["action"]))
+        # tf.logical_not: what `~` runs on a bool tensor (the tf stubs lack Tensor.__invert__)
+        nonfinite = tf.logical_not(tf.reduce_all(tf.math.is_finite(traj["action"])))
         if for_statistics:
-            return tf.where(~finite, "action (NaN or inf)", "")
+            return tf.where(nonfinite, "action (NaN or inf)", "")
         labeled = X.is_labeled(traj) if cfg.skip_unlabeled else tf.constant(True)
         nonempty = tf.shape(traj["action"])[0] > 0
         return tf.where(
-            ~nonempty,
+            tf.logical_not(nonempty),
             "steps (no steps left after standardize)",
             tf.where(
-                ~finite, "action (NaN or inf)", tf.where(~labeled, "language_instruction (empty in every step)", "")
+                nonfinite,
+                "action (NaN or inf)",
+                tf.where(tf.logical_not(labeled), "language_instruction (empty in every step)", ""),
             ),
         )
 
@@ -177,7 +180,8 @@ def make_validator(name: str, cfg, log: BadDataLog | None, for_statistics: bool 
         if log is None:
             record = lambda: tf.constant(False)  # noqa: E731
         else:
-            record = lambda: tf.numpy_function(log.record, [name, ep, p], tf.bool, stateful=True)  # noqa: E731
+            log_record = log.record
+            record = lambda: tf.numpy_function(log_record, [name, ep, p], tf.bool, stateful=True)  # noqa: E731
         assert_ok = tf.debugging.Assert(
             tf.logical_or(ok, skip_it), [f"{MARK} dataset {name}, episode", ep, "bad field:", p]
         )

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -169,7 +169,7 @@ class RLDSPipeline:
                 f"(state_keys={list(ds_cfg.state_keys)}); it has no proprioception to feed"
             )
         builder = open_builder(name, cfg.data_dir)
-        step_fields = _field_names(builder.info.features["steps"])
+        step_fields = _field_names(builder.info.features["steps"])  # pyright: ignore[reportIndexIssue, reportOptionalSubscript]
         standardize = make_standardize(
             name, ds_cfg, self.views or cfg.image_view, step_fields, pad_missing_views=cfg.pad_missing_views
         )
@@ -204,7 +204,7 @@ class RLDSPipeline:
                 f"action encoding has {len(mask)} (mask {mask}); statistics of another dataset?"
             )
 
-        def normalize(traj):
+        def normalize(traj: dict[str, Any]) -> dict[str, Any]:
             traj = dict(traj, observation=dict(traj["observation"]))
             traj["action"] = N.normalize_tf(traj["action"], a_stats, cfg.normalization, mask=mask)
             if p_stats is not None:  # proprio is normalised only when the config loads it
@@ -233,6 +233,7 @@ class RLDSPipeline:
             lambda t: X.chunk_act_obs(t, cfg.window_size, cfg.future_action_window_size, absolute_mask=absolute)
         )
         if cfg.train and cfg.subsample_length:
+            length = cfg.subsample_length
 
             def sub(traj):
                 seed = (
@@ -240,7 +241,7 @@ class RLDSPipeline:
                     if "_traj_index" in traj
                     else tf.stack([tf.constant(cfg.seed, tf.int64), traj["episode_id"][0]])
                 )
-                return X.subsample(traj, cfg.subsample_length, seed)
+                return X.subsample(traj, length, seed)
 
             ds = ds.traj_map(sub)
         ds = ds.traj_map(make_tokenize(name, cfg, self.tok, self.act_tok, len(mask)))
@@ -280,7 +281,7 @@ class RLDSPipeline:
             if "proprio" in out:
                 out["proprio"] = out["proprio"][-1]  # [W, P] -> the current frame's [P]
             if self.views is not None:  # window 1 (checked): one image per view
-                seeds = tf.random.experimental.stateless_split(seed, len(self.views))
+                seeds = tf.random.experimental.stateless_split(seed, len(self.views))  # pyright: ignore[reportAttributeAccessIssue]
                 per_view = []
                 for i, v in enumerate(self.views):
                     image = X.decode_image(frame[image_field(v)][0], size)
@@ -292,7 +293,8 @@ class RLDSPipeline:
             if cfg.window_size == 1:  # OpenVLA: one image, no per-frame loop (map_fn costs a while loop)
                 image = X.decode_image(frame["image"][0], size)
                 if augment:
-                    image = X.augment_image(image, tf.random.experimental.stateless_split(seed, 1)[0])
+                    seeds = tf.random.experimental.stateless_split(seed, 1)  # pyright: ignore[reportAttributeAccessIssue]
+                    image = X.augment_image(image, seeds[0])
                 out["pixel_values"] = image
                 return out
             image = tf.map_fn(
@@ -301,7 +303,7 @@ class RLDSPipeline:
                 fn_output_signature=tf.TensorSpec([*size, 3], tf.uint8),
             )
             if augment:  # one seed per frame, split per window image
-                seeds = tf.random.experimental.stateless_split(seed, tf.shape(image)[0])
+                seeds = tf.random.experimental.stateless_split(seed, tf.shape(image)[0])  # pyright: ignore[reportAttributeAccessIssue]
                 image = tf.map_fn(
                     lambda a: X.augment_image(a[0], a[1]),
                     (image, seeds),
@@ -433,7 +435,8 @@ def compute_dataset_statistics(
     )
     ds_cfg = get_dataset_config(name)
     builder = open_builder(name, data_dir)
-    standardize = make_standardize(name, ds_cfg, cfg.image_view, _field_names(builder.info.features["steps"]))
+    steps = builder.info.features["steps"]  # pyright: ignore[reportIndexIssue, reportOptionalSubscript]
+    standardize = make_standardize(name, ds_cfg, cfg.image_view, _field_names(steps))
     return dataset_statistics(name, builder, ds_cfg, standardize, cfg)[0]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -100,7 +100,7 @@ class TrajDataset:
         self.num_parallel_calls, self.is_flat = num_parallel_calls, is_flat
 
     def _new(self, ds, **kw) -> "TrajDataset":
-        args = dict(
+        args: dict[str, Any] = dict(
             name=self.name,
             deterministic=self.deterministic,
             num_parallel_calls=self.num_parallel_calls,
@@ -133,8 +133,9 @@ class TrajDataset:
         the file shuffling or host) and `_len`. shuffle=False with num_parallel_reads=1 reads the
         files one after another: the split in its order.
         """
+        host_split: tfds.typing.SplitArg = split
         if process_count > 1:
-            split = tfds.even_splits(split, n=process_count)[process_index]
+            host_split = tfds.even_splits(split, n=process_count)[process_index]
         read_config = tfds.ReadConfig(
             shuffle_seed=seed if shuffle else None,
             skip_prefetch=True,
@@ -146,7 +147,7 @@ class TrajDataset:
             enable_ordering_guard=False,
         )
         ds = builder.as_dataset(
-            split=split,
+            split=host_split,  # pyright: ignore[reportCallIssue]  (tfds' decorated as_dataset)
             shuffle_files=shuffle,
             read_config=read_config,
             # steps undecoded: images stay encoded bytes until a frame needs them

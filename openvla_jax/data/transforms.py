@@ -57,7 +57,8 @@ def chunk_act_obs(
 def subsample(traj: dict, length: int, seed) -> dict:
     """Keep `length` random steps (in time order) of trajectories longer than `length`."""
     t_len = tf.shape(traj["action"])[0]
-    idx = tf.sort(tf.random.experimental.stateless_shuffle(tf.range(t_len), seed)[:length])
+    shuffled = tf.random.experimental.stateless_shuffle(tf.range(t_len), seed)  # pyright: ignore[reportAttributeAccessIssue]
+    idx = tf.sort(shuffled[:length])
     return tf.cond(t_len > length, lambda: tf.nest.map_structure(lambda x: tf.gather(x, idx), traj), lambda: traj)
 
 
@@ -119,7 +120,7 @@ def augment_image(
     `crop=False` skips the crop (wrist cameras, as Octo's per-view augmentation does: a crop of a
     wrist view moves the gripper out of its fixed place); the colour jitter keeps the same seeds.
     """
-    seeds = tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 5))
+    seeds = tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 5))  # pyright: ignore[reportAttributeAccessIssue]
     x = tf.image.convert_image_dtype(image, tf.float32)
     if crop:
         x = tf.clip_by_value(random_resized_crop(x, crop_scale, crop_ratio, seeds[0]), 0, 1)

@@ -93,7 +93,7 @@ def euler_to_rotation_matrix(angles: tf.Tensor) -> tf.Tensor:
 
 def rotation_matrix_to_r6(rot: tf.Tensor) -> tf.Tensor:
     """`[..., 3, 3]` rotation matrix -> `[..., 6]` "R6": its first row, then its second row."""
-    return tf.concat([rot[..., 0, :], rot[..., 1, :]], axis=-1)
+    return tf.concat([rot[..., 0, :], rot[..., 1, :]], axis=-1)  # pyright: ignore[reportArgumentType]  (stubs reject Ellipsis)
 
 
 def velocity_to_wrist_frame(velocity: tf.Tensor, wrist_pose: tf.Tensor) -> tf.Tensor:
