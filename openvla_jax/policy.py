@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Union, cast
 
 import jax
 import numpy as np
@@ -87,7 +87,8 @@ class OpenVLA:
         self.continuous = opts.continuous
         module = self.module
         if self.quantization is not None:
-            module = quant.DequantizingModule(module, dtype)  # dequantize in the trace, next to each use
+            # Dequantize in the trace, next to each use; it stands in for the VLA (apply + attributes).
+            module = cast(vla_lib.VLA, quant.DequantizingModule(module, dtype))
         self._logits = jax.jit(lambda p, pv, ids, m, pr: module.apply({"params": p}, pv, ids, m, pr))
         if self.module.parallel:
             self._decode = jax.jit(lambda p, pv, ids, m, pr: decoding.parallel_decode(module, p, pv, ids, m, pr))
@@ -206,7 +207,7 @@ class OpenVLA:
     def _pixels(self, pixel_values) -> np.ndarray:
         pv = np.asarray(pixel_values, np.float32)
         if pv.ndim == 4 and pv.shape[1] == 6 and pv.shape[-1] != 6:
-            pv = to_nhwc(pv, 6)
+            pv = np.asarray(to_nhwc(pv, 6))
         return pv
 
     def _preprocess(self, images) -> np.ndarray:

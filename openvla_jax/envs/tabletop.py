@@ -117,7 +117,7 @@ def render(gripper: np.ndarray, gripper_open: bool, blocks: np.ndarray, colors: 
     for k, (bx, by) in enumerate(blocks):
         if k != held:
             tx, ty = bx / STEP - gx, by / STEP - gy
-            c, r = int(round(lens(tx))), int(round(lens(ty)))
+            c, r = int(np.round(lens(tx))), int(np.round(lens(ty)))
             _fill(img, r - BLOCK_H, r + BLOCK_H, c - BLOCK_H, c + BLOCK_H, COLORS[colors[k]])
     if held >= 0:
         _fill(img, C - HELD_H, C + HELD_H, C - HELD_H, C + HELD_H, COLORS[colors[held]])
@@ -168,7 +168,7 @@ class TabletopEnv:
         """New scene from ``np.random.default_rng(seed)`` (an int or a sequence of ints)."""
         rng = np.random.default_rng(seed)
         self.colors = [str(c) for c in rng.permutation(list(COLORS))[:NUM_BLOCKS]]
-        cells: list[tuple[int, int]] = []
+        cells: list[tuple[int, ...]] = []
         while len(cells) < NUM_BLOCKS:  # blocks at least 2 cells apart (Chebyshev) never touch
             c = tuple(int(v) for v in rng.integers(0, CELLS, 2))
             if all(max(abs(c[0] - o[0]), abs(c[1] - o[1])) >= 2 for o in cells):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union, cast
 
 import numpy as np
 
@@ -48,7 +48,7 @@ def as_policy_fn(policy, unnorm_key: Optional[str] = tabletop.DATASET_NAME) -> P
         raise TypeError(
             f"policy must be an OpenVLA or a function (images, instructions) -> actions, got {type(policy).__name__}"
         )
-    return policy
+    return cast(PolicyFn, policy)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -104,7 +104,7 @@ def closed_loop(
     tasks = [""] * n_episodes
     agree = {t: np.zeros(len(DIMS)) for t in tabletop.TASKS}
     counted = {t: 0 for t in tabletop.TASKS}
-    recorded = [dict(frames=[], policy=[], expert=[]) for _ in range(min(record, n_episodes))]
+    recorded: list[dict[str, Any]] = [dict(frames=[], policy=[], expert=[]) for _ in range(min(record, n_episodes))]
     calls = 0
     bar = None
     if progress:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -85,7 +85,7 @@ def finalize(sums: dict) -> dict:
         "l1_unnorm": sums["abs_unnorm"] / n,
         "mse_unnorm": sums["sq_unnorm"] / n,
     }
-    out = {k: float(v.mean()) for k, v in per_dim.items()}
+    out: dict[str, Any] = {k: float(v.mean()) for k, v in per_dim.items()}
     out["per_dim"] = {k: [float(x) for x in v] for k, v in per_dim.items()}
     out["frames"] = sums["frames"]
     out["tokens"] = sums["frames"] * len(sums["correct"])
@@ -127,7 +127,8 @@ def action_metrics(
         if name not in stats:
             raise KeyError(f"no statistics for dataset {name!r}; have {sorted(stats)}")
         m = names == name
-        sums[name] = action_sums(*(x[m] for x in arrays), stats[name], normalization)
+        pred, label, pred_n, gt_n = (x[m] for x in arrays)
+        sums[name] = action_sums(pred, label, pred_n, gt_n, stats[name], normalization)
     return metrics_from_sums(sums)
 
 
@@ -306,7 +307,8 @@ def read_episodes(cfg, tok, act_tok, stats: Mapping[str, Mapping], n: int) -> li
             continue
         ds_cfg = get_dataset_config(name)
         builder = open_builder(name, cfg.data_dir)
-        standardize = make_standardize(name, ds_cfg, cfg.image_view, list(builder.info.features["steps"].keys()))
+        steps = builder.info.features["steps"]  # pyright: ignore[reportIndexIssue, reportOptionalSubscript]
+        standardize = make_standardize(name, ds_cfg, cfg.image_view, list(steps.keys()))
         a_stats, mask = stats[name], ds_cfg.action_mask
         ds = TrajDataset.from_rlds(
             builder,

@@ -24,6 +24,7 @@ what lives in device memory and `q * scale` is traced next to its use, where XLA
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Optional
 
@@ -113,7 +114,7 @@ def quantize(w, bits: int, lead: int = 0, in_dims: int = 1, group_size: Optional
     scale = jnp.where(amax > 0, amax / qmax, 1.0)  # an all-zero column: any scale, q = 0
     q = jnp.clip(jnp.round(x / scale), -qmax, qmax).astype(jnp.int8)
     q = q.reshape(shape) if bits == 8 else pack_int4(q)
-    return qt.replace(q=q, scale=jnp.squeeze(scale, axis=-2))
+    return dataclasses.replace(qt, q=q, scale=jnp.squeeze(scale, axis=-2))
 
 
 def dequantize(qt: QTensor, dtype=jnp.bfloat16) -> jax.Array:

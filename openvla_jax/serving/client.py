@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import http.client
 import threading
-from typing import Optional
+from typing import Any, Optional
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -66,7 +66,9 @@ class ActionClient:
         return value
 
     # ------------------------------------------------------------------------------ transport
-    def request(self, method: str, path: str, body: Optional[bytes] = None, headers: Optional[dict] = None):
+    def request(
+        self, method: str, path: str, body: Optional[bytes] = None, headers: Optional[dict] = None
+    ) -> tuple[int, Any]:
         """-> (status, decoded JSON body, json-numpy arrays as ndarrays). Reconnects once when a
         kept-alive connection was closed by the server in between (safe: /act is idempotent)."""
         for attempt in (0, 1):

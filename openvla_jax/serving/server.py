@@ -329,6 +329,7 @@ def _handler_class(server: ActionServer):
             if pending.error is not None:
                 status, message = pending.error.split(":", 1)
                 return self._error(int(status), message)
+            assert pending.action is not None  # done without an error: the worker set the action
             self._reply(200, encode_action(pending.action, encoding))
 
         def do_GET(self):

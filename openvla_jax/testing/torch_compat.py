@@ -7,9 +7,12 @@ at import (`torchvision::nms`, `torchvision::qnms`) first lets the import succee
 
 import functools
 
+_TORCHVISION_LIBRARY = None  # the registration lives as long as this object
+
 
 @functools.lru_cache(maxsize=None)
 def import_torch(num_threads: int | None = None):
+    global _TORCHVISION_LIBRARY
     import torch
 
     if num_threads:
@@ -18,7 +21,7 @@ def import_torch(num_threads: int | None = None):
         lib = torch.library.Library("torchvision", "DEF")
         lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        import_torch.library = lib  # the registration lives as long as this object
+        _TORCHVISION_LIBRARY = lib
     except RuntimeError:  # already defined: the real torchvision ops loaded
         pass
     return torch
@@ -33,6 +36,8 @@ def transformers_llama(config, attn_implementation: str = "eager"):
     import transformers
 
     hf_config = transformers.LlamaConfig(
-        **dataclasses.asdict(config), attn_implementation=attn_implementation, tie_word_embeddings=False
+        **dataclasses.asdict(config),
+        attn_implementation=attn_implementation,  # pyright: ignore[reportCallIssue]  (a PretrainedConfig kwarg)
+        tie_word_embeddings=False,
     )
     return transformers.LlamaForCausalLM(hf_config).eval()

@@ -10,11 +10,16 @@ Any `configs/model.py` variant builds (timm ids with the config's width/depth/he
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 from openvla_jax.models.config import as_config, as_tower
 from openvla_jax.testing.torch_compat import import_torch, transformers_llama
 
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
-def timm_tower(tower, seed: int, img_size: int = 224, randomize: bool = True, **kw):
+
+def timm_tower(tower, seed: int, img_size: int = 224, randomize: bool = True, **kw) -> VisionTransformer:
     """timm model `tower.model_id` at the tower's size (None fields keep timm's). `randomize`: every
     tensor random (LayerScale gammas, norms, pos/cls/reg tokens, attention pool), so a mix-up shows."""
     t = import_torch()
@@ -23,7 +28,8 @@ def timm_tower(tower, seed: int, img_size: int = 224, randomize: bool = True, **
     t.manual_seed(seed)
     tower = as_tower(tower)
     sizes = {k: getattr(tower, k) for k in ("embed_dim", "depth", "num_heads") if getattr(tower, k) is not None}
-    model = timm.create_model(tower.model_id, pretrained=False, num_classes=0, img_size=img_size, **sizes, **kw).eval()
+    model = timm.create_model(tower.model_id, pretrained=False, num_classes=0, img_size=img_size, **sizes, **kw)
+    model = cast("VisionTransformer", model.eval())  # every tower in models/vit.py ARCHITECTURES
     if randomize:
         with t.no_grad():
             for name, p in model.named_parameters():
