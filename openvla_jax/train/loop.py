@@ -395,13 +395,16 @@ def _restore(ckpt, step: int, trainable, data):
     """The state and data position of checkpoint `step`, placed with the trainable's shardings."""
     from openvla_jax.train.state import TrainState
 
-    saved = ckpt.restore_meta(step).get("lora")
-    want = trainable.meta().get("lora")
-    if saved != want:
-        raise ValueError(
-            f"{ckpt.directory}/{step} was trained with LoRA {saved}, this run asks for {want}: "
-            "use another --workdir or the same config.lora"
-        )
+    def check(saved: dict):
+        want = trainable.meta().get("lora")
+        if saved.get("lora") != want:
+            raise ValueError(
+                f"{ckpt.directory}/{step} was trained with LoRA {saved.get('lora')}, this run asks for {want}: "
+                "use another --workdir or the same config.lora"
+            )
+
+    if trainable.lora is not None:  # before the arrays: another rank would fail on shapes first
+        check(ckpt.restore_meta(step))  # (a LoRA checkpoint is small: verifying it twice is cheap)
     shardings = trainable.shardings
     abs_params = trainable.abstract_params()
     abs_opt = jax.tree.map(
@@ -410,6 +413,7 @@ def _restore(ckpt, step: int, trainable, data):
         shardings.opt_state,
     )
     params, opt_state, meta = ckpt.restore(step, abstract_params=abs_params, abstract_opt_state=abs_opt)
+    check(meta)
     ckpt.restore_data_iterator(step, data)
     rep = shardings.step
     rng = jax.device_put(np.asarray(meta["rng"], np.uint32), rep)
