@@ -12,10 +12,19 @@ Models with the OFT options (`models/vla.py`) act through the same calls: `predi
 `[B, N, H, W, 3]` images for N cameras and `proprio` `[B, P]` (raw, normalised here with the
 dataset's proprio statistics), and returns `[B, K, A]` for an action chunk of K (OpenVLA itself
 returns `[B, A]`, as the original). Parallel decoding is one forward pass (no decode loop).
+
+Inputs are checked where they enter and predictions before they leave: a prompt longer than the
+model's context allows (or than `max_prompt_tokens`), an empty batch, an instruction that is not a
+string are errors naming the row; a row whose logits or actions are not finite (NaN weights, a
+broken checkpoint) raises `InvalidActionError` naming the rows, never a bin-edge action that would
+move a robot at full speed. A finite prediction of a token outside the action range (an untrained
+model) decodes to the nearest bin as the original does, with a warning; `strict_actions=True` makes it
+an error too.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union, cast
@@ -34,7 +43,18 @@ from openvla_jax.models.vision import to_nhwc
 from openvla_jax.tokenizer.actions import ActionTokenizer
 from openvla_jax.tokenizer.prompt import inference_prompt_ids
 
+log = logging.getLogger(__name__)
 LLAMA_SPACE_ID = 29871  # "▁": the token before the first action token
+
+
+class InvalidActionError(ValueError):
+    """Rows whose prediction is not an action; `rows` lists their indices in the batch."""
+
+    def __init__(self, rows: Sequence[int], reason: str):
+        self.rows = list(rows)
+        super().__init__(f"rows {self.rows} of the batch predicted no valid action ({reason}); nothing to send a robot")
+
+
 LENGTH_BUCKET = 16
 
 
@@ -54,6 +74,8 @@ class OpenVLA:
         group_size: Optional[int] = quant.DEFAULT_GROUP_SIZE,
         image_resize: Optional[str] = None,
         center_crop: Optional[float] = None,
+        max_prompt_tokens: Optional[int] = None,
+        strict_actions: bool = False,
     ):
         """`quantize`: None, "int8" or "int4" (weight-only, see `openvla_jax.quant`); params that are
         already quantized (from `checkpoints.quantized.load_quantized`) are used as they are. Quantized kernels stay
@@ -63,7 +85,11 @@ class OpenVLA:
         none) say how `predict_action` turns camera frames into pixels (`models/preprocess.py`).
         None takes the checkpoint's own: a model trained here records "train" and, when it was
         trained with random crops, center_crop 0.9, so it sees frames as its training data showed
-        them; an HF checkpoint uses its processor ("processor", no crop)."""
+        them; an HF checkpoint uses its processor ("processor", no crop).
+
+        `max_prompt_tokens` caps a prompt's tokens (BOS .. "▁"); it can only lower what the context
+        leaves: `max_position_embeddings` less the image patches (and proprio token) and the actions.
+        `strict_actions`: a token outside the action range raises instead of decoding to a bin edge."""
         dtype = as_dtype(dtype)
         self.config = model_config = as_config(model_config)
         self.image_resize = image_resize or model_config.image_resize
@@ -85,6 +111,8 @@ class OpenVLA:
         self.action_dim, self.action_chunk = opts.action_dim, opts.action_chunk
         self.num_images, self.proprio_dim = opts.num_images, opts.proprio_dim
         self.continuous = opts.continuous
+        self.max_prompt_tokens = self._prompt_budget(model_config, max_prompt_tokens)
+        self.strict_actions = bool(strict_actions)
         module = self.module
         if self.quantization is not None:
             # Dequantize in the trace, next to each use; it stands in for the VLA (apply + attributes).
@@ -191,19 +219,64 @@ class OpenVLA:
             instructions = [instructions]
         if len(images) != len(instructions):
             raise ValueError(f"got {len(images)} images but {len(instructions)} instructions")
+        if not len(images):
+            raise ValueError("predict_action got an empty batch (no images, no instructions)")
+        for i, text in enumerate(instructions):
+            if not isinstance(text, str):
+                raise TypeError(f"instruction {i} is {type(text).__name__}, expected a string")
         stats = action_stats(self.norm_stats, unnorm_key)  # fail early on a bad unnorm_key
         proprio = self._proprio(proprio, len(images), stats=self._proprio_stats(unnorm_key))
         rows = [inference_prompt_ids(self.tokenizer, text) for text in instructions]
+        too_long = [(i, len(r)) for i, r in enumerate(rows) if len(r) > self.max_prompt_tokens]
+        if too_long:
+            raise ValueError(
+                f"instruction(s) too long for this model: (row, prompt tokens) {too_long}; at most "
+                f"{self.max_prompt_tokens} prompt tokens fit (context {self.config.llm.max_position_embeddings} "
+                "less the image patches and the actions, or max_prompt_tokens)"
+            )
         out = self.decode_rows(self._preprocess(images), rows, proprio)
         if self.continuous:
+            bad = ~np.isfinite(out).reshape(len(rows), -1).all(1)
+            if bad.any():
+                raise InvalidActionError(np.flatnonzero(bad).tolist(), "non-finite continuous actions")
             normalized = out.astype(np.float64)
         else:
+            nan = (out == decoding.NON_FINITE).any(1)
+            if nan.any():
+                raise InvalidActionError(np.flatnonzero(nan).tolist(), "non-finite logits")
+            off = ~self.action_tokenizer.is_action(out).all(1)
+            if off.any():
+                why = (
+                    f"tokens outside the action range [{self.action_tokenizer.first_id}, "
+                    f"{self.action_tokenizer.vocab_size}): an untrained or wrong model?"
+                )
+                if self.strict_actions:
+                    raise InvalidActionError(np.flatnonzero(off).tolist(), why)
+                log.warning(
+                    "rows %s: %s; decoded to the nearest bin, as the original", np.flatnonzero(off).tolist(), why
+                )
             normalized = self.action_tokenizer.decode(out).astype(np.float64)
         if self.action_chunk > 1 or self.module.parallel:
             normalized = normalized.reshape(len(rows), self.action_chunk, self.action_dim)
         return unnormalize(normalized, stats)
 
     # ---------------------------------------------------------------------------------- internals
+    @staticmethod
+    def _prompt_budget(config: VLAConfig, cap: Optional[int]) -> int:
+        """Prompt tokens that fit the context beside the image patches (+ proprio) and the actions."""
+        from openvla_jax.models.vit import tower_from_config
+
+        opts = config.actions
+        patches = opts.num_images * tower_from_config(config.vision.featurizer, config.vision.image_size).num_patches
+        room = (
+            config.llm.max_position_embeddings - patches - (opts.proprio_dim > 0) - opts.action_dim * opts.action_chunk
+        )
+        if room < 2:
+            raise ValueError(f"the context ({config.llm.max_position_embeddings}) leaves no room for a prompt")
+        if cap is not None and cap < 2:
+            raise ValueError(f"max_prompt_tokens must be at least 2 (BOS and the space), got {cap}")
+        return room if cap is None else min(room, int(cap))
+
     def _pixels(self, pixel_values) -> np.ndarray:
         pv = np.asarray(pixel_values, np.float32)
         if pv.ndim == 4 and pv.shape[1] == 6 and pv.shape[-1] != 6:

@@ -104,3 +104,54 @@ def test_unnorm_key_and_tokenizer_errors(ckpt, tmp_path):
         vla.predict_action([image, image], ["go"])
     with pytest.raises(FileNotFoundError, match="not an OpenVLA checkpoint"):
         OpenVLA.load(tmp_path)
+
+
+def test_inputs_are_checked_where_they_enter(ckpt):
+    _, path, vla = ckpt
+    image = np.zeros((32, 32, 3), np.uint8)
+    room = vla.max_prompt_tokens
+    patches = (vla.config.vision.image_size // 14) ** 2  # 14-px patches
+    assert room == vla.config.llm.max_position_embeddings - patches - 7 > 0
+    long = " ".join(["block"] * (room + 10))
+    with pytest.raises(
+        ValueError, match=rf"too long for this model: \(row, prompt tokens\) \[\(1, \d+\)\]; at most {room}"
+    ):
+        vla.predict_action([image, image], ["go", long])
+    capped = OpenVLA(vla.config, vla.params, NORM_STATS, path, "float32", max_prompt_tokens=12)
+    with pytest.raises(ValueError, match="at most 12 prompt tokens"):
+        capped.predict_action(image, "put the green cup to the left of the big bowl")
+    with pytest.raises(ValueError, match="empty batch"):
+        vla.predict_action([], [])
+    with pytest.raises(TypeError, match="instruction 0 is NoneType, expected a string"):
+        vla.predict_action([image], [None])
+    with pytest.raises(ValueError, match=r"image 0 is empty: shape \(0, 0, 3\)"):
+        vla.predict_action([np.zeros((0, 0, 3), np.uint8)], ["go"])
+
+
+def test_a_nan_model_gives_no_action_and_strict_mode_refuses_non_action_tokens(ckpt):
+    import jax
+
+    from openvla_jax.policy import InvalidActionError
+
+    _, path, vla = ckpt
+    images = [np.full((32, 32, 3), v, np.uint8) for v in (0, 90, 200)]
+    nan = jax.tree.map(lambda x: np.full(x.shape, np.nan, x.dtype), vla.params)
+    broken = OpenVLA(vla.config, nan, NORM_STATS, path, "float32")
+    with pytest.raises(InvalidActionError, match=r"rows \[0, 1, 2\] .* \(non-finite logits\)") as e:
+        broken.predict_action(images, INSTRUCTIONS)
+    assert e.value.rows == [0, 1, 2]
+    ids = vla.action_token_ids(preprocess_images(images), *_prompt_ids(path))
+    off = np.flatnonzero(~vla.action_tokenizer.is_action(ids).all(1)).tolist()
+    assert off, "the random model should emit a non-action token somewhere (else this case tests nothing)"
+    strict = OpenVLA(vla.config, vla.params, NORM_STATS, path, "float32", strict_actions=True)
+    with pytest.raises(InvalidActionError, match="outside the action range") as e:
+        strict.predict_action(images, INSTRUCTIONS)
+    assert e.value.rows == off
+    assert np.isfinite(vla.predict_action(images, INSTRUCTIONS)).all()  # default: the original's clipping
+
+
+def _prompt_ids(path):
+    tok = TextTokenizer(str(path))
+    rows = [inference_prompt_ids(tok, s) for s in INSTRUCTIONS]
+    t = max(map(len, rows))
+    return np.array([r + [0] * (t - len(r)) for r in rows]), np.array([[j < len(r) for j in range(t)] for r in rows])

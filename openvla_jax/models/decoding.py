@@ -2,6 +2,8 @@
 
 `greedy_decode`: OpenVLA's token-by-token decoding (one prefill, then cached steps).
 `parallel_decode`: the OFT parallel decoder (the whole action chunk in one forward pass).
+A position whose logits are not all finite (NaN weights, an overflow) decodes to `NON_FINITE` (-1),
+never to a token: argmax over NaN would pick an arbitrary id that decodes to a full-scale action.
 """
 
 from __future__ import annotations
@@ -15,6 +17,13 @@ from openvla_jax.models import llama
 from openvla_jax.models.vla import VLA, multimodal_mask
 
 Array = jax.Array
+NON_FINITE = -1  # the id of a position whose logits were not all finite
+
+
+def _pick(logits: Array) -> Array:
+    """Greedy ids `[...]` of logits `[..., V]`; NON_FINITE where any logit is NaN or inf."""
+    ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jnp.where(jnp.isfinite(logits).all(axis=-1), ids, NON_FINITE)
 
 
 def greedy_decode(
@@ -48,7 +57,7 @@ def greedy_decode(
         kv_mask=kv_mask,
         logits_index=lengths - 1,
     )
-    first = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+    first = _pick(logits[:, 0])
     out = jnp.zeros((b, num_tokens), jnp.int32).at[:, 0].set(first)
 
     def body(i, carry):
@@ -64,7 +73,7 @@ def greedy_decode(
             slot,
             method=VLA.decode_step,
         )
-        nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        nxt = _pick(logits[:, 0])
         return cache, kv_mask, out.at[:, i + 1].set(nxt)
 
     _, _, out = jax.lax.fori_loop(0, num_tokens - 1, body, (cache, kv_mask, out))
@@ -82,4 +91,4 @@ def parallel_decode(
     )
     if module.action_head is not None:
         return out
-    return jnp.argmax(out, axis=-1).astype(jnp.int32)
+    return _pick(out)

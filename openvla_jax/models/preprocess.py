@@ -100,6 +100,8 @@ def _check_image(image, name: str = "image") -> np.ndarray:
         raise ValueError(f"{name} must be an RGB image [H, W, 3], got shape {image.shape}")
     if image.dtype != np.uint8:
         raise ValueError(f"{name} must be uint8 [H, W, 3], got dtype {image.dtype}")
+    if not image.size:
+        raise ValueError(f"{name} is empty: shape {image.shape}")
     return image
 
 

@@ -17,9 +17,9 @@ Endpoints
 
 Errors are JSON `{"error": message}`: 400 bad JSON / image (rank, shape, dtype, range) / instruction /
 unnorm_key (the message lists the known keys), 404 unknown path, 405 wrong method, 411 no
-Content-Length, 413 body over `max_body_bytes`, 500 the model raised (only the requests batched with
-that call fail), 503 shutting down, 504 no answer within `request_timeout_s`. No request can stop the
-server: every handler catches everything.
+Content-Length, 413 body over `max_body_bytes`, 500 the model raised on this request (a batch that
+fails is retried request by request, so only the failing ones answer 500), 503 shutting down, 504 no
+answer within `request_timeout_s`. No request can stop the server: every handler catches everything.
 
 Batching: each HTTP handler thread validates its request and queues it; one worker thread takes the
 first queued request, keeps collecting until it holds `max_batch` of them or `max_wait_ms` has passed
@@ -205,23 +205,33 @@ class ActionServer:
             if batch:
                 self._run(batch)
 
+    def _predict(self, group: list[Pending], key: Optional[str]) -> None:
+        actions = np.asarray(
+            self.vla.predict_action([p.image for p in group], [p.instruction for p in group], unnorm_key=key)
+        )
+        if actions.ndim not in (2, 3) or actions.shape[0] != len(group):  # [n, 7] or chunks [n, K, 7]
+            raise RuntimeError(f"predict_action returned shape {actions.shape} for {len(group)} requests")
+        for p, a in zip(group, actions):
+            p.action = a
+
     def _run(self, batch: list[Pending]) -> None:
         groups: dict[Optional[str], list[Pending]] = {}
         for p in batch:
             groups.setdefault(p.unnorm_key, []).append(p)
         for key, group in groups.items():
             try:
-                actions = np.asarray(
-                    self.vla.predict_action([p.image for p in group], [p.instruction for p in group], unnorm_key=key)
-                )
-                if actions.ndim not in (2, 3) or actions.shape[0] != len(group):  # [n, 7] or chunks [n, K, 7]
-                    raise RuntimeError(f"predict_action returned shape {actions.shape} for {len(group)} requests")
-                for p, a in zip(group, actions):
-                    p.action = a
+                self._predict(group, key)
             except Exception as e:  # noqa: BLE001 -- one failing batch must not stop the worker
-                log.exception("predict_action failed on a batch of %d", len(group))
-                for p in group:
-                    p.error = f"500:model failed on this batch: {type(e).__name__}: {e}"
+                if len(group) == 1:
+                    log.exception("predict_action failed on a request")
+                    group[0].error = f"500:model failed on this request: {type(e).__name__}: {e}"
+                else:  # find the failing request(s): the others in the batch still get their actions
+                    log.warning("predict_action failed on a batch of %d (%s); retrying one by one", len(group), e)
+                    for p in group:
+                        try:
+                            self._predict([p], key)
+                        except Exception as e1:  # noqa: BLE001
+                            p.error = f"500:model failed on this request: {type(e1).__name__}: {e1}"
             with self._lock:
                 self._stats["model_calls"] += 1
                 self._batch_sizes[len(group)] += 1
