@@ -52,10 +52,12 @@ format: $(VENV)/.dev
 # two cases at once; TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
 
-test: $(VENV)/.dev
+# make test installs the optional extras too, so the compile-check and LIBERO tests run (they skip,
+# naming the missing extra, in an environment without them).
+test: $(VENV)/.dev $(VENV)/.aot $(VENV)/.libero
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15
 
-test-slow: $(VENV)/.dev
+test-slow: $(VENV)/.dev $(VENV)/.aot $(VENV)/.libero
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m slow || [ $$? -eq 5 ]  # 5: no slow case collected yet
 
 # Does the 7B pretraining step fit? `make compile-check TARGET=v5p-64 ARGS=--rows_per_device=8`
