@@ -188,7 +188,7 @@ def evaluate_libero(
         episodes=0, policy_calls=0, policy_seconds=0.0, env_steps=0, restarts=0, steady_steps=0, steady_seconds=0.0
     )
     t_start = time.perf_counter()
-    pool: list[EnvWorker] = [None] * min(workers, len(todo))
+    pool: list[Optional[EnvWorker]] = [None] * min(workers, len(todo))
     running: list[Optional[_Episode]] = [None] * len(pool)
     bar = None
     if progress and todo:
@@ -198,6 +198,7 @@ def evaluate_libero(
 
     def finish(i: int, success: bool) -> None:
         ep = running[i]
+        assert ep is not None
         rec = dict(
             suite=ep.suite, task_id=ep.task_id, task=ep.task, trial=ep.trial, success=bool(success),
             steps=ep.steps, seconds=round(time.perf_counter() - ep.t0, 3), restarts=ep.restarts,
@@ -212,9 +213,10 @@ def evaluate_libero(
 
     def crashed(i: int, err: Exception) -> None:
         """Replace worker i and put its episode back at the front, to run again from its start."""
-        pool[i].close(timeout=2.0)
+        w, ep = pool[i], running[i]
+        assert w is not None and ep is not None  # a running episode has its worker
+        w.close(timeout=2.0)
         pool[i] = None
-        ep = running[i]
         running[i] = None
         stats["restarts"] += 1
         if ep.restarts >= max_restarts:
@@ -224,16 +226,16 @@ def evaluate_libero(
     try:
         while todo or any(running):
             # One batched policy call for every live episode whose chunk is used up.
-            ask = [i for i, ep in enumerate(running) if ep is not None and ep.obs is not None and not ep.queue]
+            ask = [(ep, ep.obs) for ep in running if ep is not None and ep.obs is not None and not ep.queue]
             if ask:
-                eps = [running[i] for i in ask]
+                eps, last = [ep for ep, _ in ask], [o for _, o in ask]
                 kw = {}
                 if wrist:
-                    kw["wrist"] = np.stack([ep.obs["wrist"] for ep in eps])
+                    kw["wrist"] = np.stack([o["wrist"] for o in last])
                 if proprio:
-                    kw["proprio"] = np.stack([ep.obs["proprio"] for ep in eps]).astype(np.float32)
+                    kw["proprio"] = np.stack([o["proprio"] for o in last]).astype(np.float32)
                 t0 = time.perf_counter()
-                acts = np.asarray(policy(np.stack([ep.obs["image"] for ep in eps]), [ep.task for ep in eps], **kw))
+                acts = np.asarray(policy(np.stack([o["image"] for o in last]), [ep.task for ep in eps], **kw))
                 stats["policy_seconds"] += time.perf_counter() - t0
                 stats["policy_calls"] += 1
                 if acts.ndim == 2:
@@ -247,25 +249,28 @@ def evaluate_libero(
             # Every worker gets its command, then every answer is collected: they step at once.
             t_iter, sent = time.perf_counter(), []
             for i in range(len(pool)):
-                if running[i] is None and todo:
-                    if pool[i] is None or not pool[i].alive():
-                        pool[i] = make_worker()
-                    running[i] = _pick(todo, pool[i].task)
-                    running[i].t0 = time.perf_counter()
-                    cmd, arg = "reset", running[i].spec
-                elif running[i] is not None:
-                    cmd, arg = "step", running[i].queue.pop(0)
+                w, ep = pool[i], running[i]
+                if ep is None and todo:
+                    if w is None or not w.alive():
+                        w = pool[i] = make_worker()
+                    ep = running[i] = _pick(todo, w.task)
+                    ep.t0 = time.perf_counter()
+                    cmd, arg = "reset", ep.spec
+                elif ep is not None:
+                    cmd, arg = "step", ep.queue.pop(0)
                 else:
                     continue
+                assert w is not None  # a running episode has its worker
                 try:
-                    pool[i].send(cmd, arg)
+                    w.send(cmd, arg)
                     sent.append((i, cmd))
                 except WorkerCrashed as e:
                     crashed(i, e)
             for i, cmd in sent:
-                ep = running[i]
+                w, ep = pool[i], running[i]
+                assert w is not None and ep is not None  # sent to: running, with its worker
                 try:
-                    obs = pool[i].receive()
+                    obs = w.receive()
                 except WorkerCrashed as e:
                     crashed(i, e)
                     continue

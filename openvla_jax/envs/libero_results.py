@@ -43,18 +43,18 @@ class EpisodeLog:
         self.path = self.dir / EPISODES_FILE
         if settings is not None:
             path = self.dir / SETTINGS_FILE
-            settings = json.loads(json.dumps(settings))  # as it reads back (tuples become lists)
+            want: dict = json.loads(json.dumps(settings))  # as it reads back (tuples become lists)
             if path.exists():
                 have = json.loads(path.read_text())
-                if have != settings:
-                    diff = {k: (have.get(k), settings.get(k)) for k in set(have) | set(settings)}
+                if have != want:
+                    diff = {k: (have.get(k), want.get(k)) for k in set(have) | set(want)}
                     diff = {k: v for k, v in diff.items() if v[0] != v[1]}
                     raise ValueError(
                         f"{self.dir} holds results of a run with other settings {diff} (was, now); "
                         "use another output directory"
                     )
             else:
-                write_json(path, settings, indent=1)
+                write_json(path, want, indent=1)
         self.records = self.read()
 
     def read(self) -> list[dict]:
@@ -167,7 +167,10 @@ def save_gif(frames, path: os.PathLike, fps: int = 10, size: int = 128) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    images = [Image.fromarray(np.asarray(f)).resize((size, size), Image.BILINEAR) for f in frames]
+    images = [
+        Image.fromarray(np.asarray(f)).resize((size, size), Image.BILINEAR)  # pyright: ignore[reportAttributeAccessIssue]
+        for f in frames
+    ]
     if not images:
         raise ValueError("no frames to write")
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)

@@ -81,20 +81,26 @@ class LiberoBackend:
             )
             self._env.seed(protocol.ENV_SEED)  # the original: the seed moves objects even with a fixed state
             self._task, self._language = (suite, task_id), task.language
-        self._env.reset()
-        obs = self._env.set_init_state(s.get_task_init_states(task_id)[trial])
+        env = self._env
+        assert env is not None  # built above, or kept from the last reset of this task
+        env.reset()
+        obs = env.set_init_state(s.get_task_init_states(task_id)[trial])
         obs = dict(obs, language=self._language)
         return obs
 
     def step(self, action) -> tuple[dict, bool]:
-        obs, _, done, _ = self._env.step(np.asarray(action, np.float64).tolist())
+        env = self._env
+        assert env is not None, "step before reset"
+        obs, _, done, _ = env.step(np.asarray(action, np.float64).tolist())
         return dict(obs, language=self._language), bool(done)
 
     def set_joint_qpos(self, values: dict) -> None:
         """Test hook: put joints (objects' free joints take a 7-d pose) where a goal holds."""
+        env = self._env
+        assert env is not None, "set_joint_qpos before reset"
         for name, value in values.items():
-            self._env.sim.data.set_joint_qpos(name, value)
-        self._env.sim.forward()
+            env.sim.data.set_joint_qpos(name, value)
+        env.sim.forward()
 
     def close(self) -> None:
         if self._env is not None:
@@ -189,6 +195,7 @@ class EnvWorker:
             raise WorkerCrashed(f"worker {self.process.pid} is gone ({e})") from None
         self._waiting = cmd
         if cmd == "reset":
+            assert arg is not None  # reset's arg: the episode spec (suite, task id, trial)
             self.task = tuple(arg[:2])
 
     def receive(self, timeout: Optional[float] = None):

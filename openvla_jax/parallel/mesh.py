@@ -10,7 +10,7 @@ devices are laid out so that only the DCN factor crosses slices.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import ml_collections
@@ -19,6 +19,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 AXES = ("data", "fsdp", "tensor")
+
+MeshConfig = Any  # ml_collections.ConfigDict, `default_mesh_config()` / `config.mesh` (fields are dynamic)
 
 
 def default_mesh_config() -> ml_collections.ConfigDict:
@@ -52,7 +54,7 @@ def _resolve(sizes: Sequence[int], total: int, what: str, requested) -> list[int
     return sizes
 
 
-def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[list[int], list[int]]:
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[list[int], list[int]]:
     """-> (ici sizes, dcn sizes), each [data, fsdp, tensor], with -1 resolved. Total per axis = ici x dcn."""
     requested = {a: cfg.get(a, -1 if a == "fsdp" else 1) for a in AXES}
     dcn = [int(cfg.get(f"dcn_{a}", 1)) for a in AXES]

@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import optax
+from flax.linen.spmd import logical_to_mesh_axes
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -27,7 +28,8 @@ def spec_for(shape: Sequence[int], names: Optional[Sequence], mesh: Mesh, rules=
     if names is None:
         logical = P(*([None] * len(shape)))
     else:
-        logical = nn.logical_to_mesh_axes(tuple(names), rules)
+        logical = logical_to_mesh_axes(tuple(names), rules)
+        assert logical is not None  # None only for names=None
         logical = P(*[None if e is nn.spmd._unassigned_axis else e for e in logical])  # unknown name: replicate
     spec = R.fit_spec(logical, shape, dict(mesh.shape))
     return R.add_fsdp(spec, shape, names, mesh.shape.get("fsdp", 1))

@@ -29,16 +29,17 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from openvla_jax.models.config import as_config
 
 log = logging.getLogger(__name__)
+
+TrainConfig = Any  # ml_collections.ConfigDict from configs/train.py / configs/finetune.py (fields are dynamic)
 
 
 class TrainingDiverged(RuntimeError):
@@ -46,7 +47,7 @@ class TrainingDiverged(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------- data + model
-def data_config(config: ml_collections.ConfigDict, train: bool, dataset_statistics=None):
+def data_config(config: TrainConfig, train: bool, dataset_statistics=None):
     from openvla_jax.data.rlds import DataConfig
 
     d = config.data
@@ -91,17 +92,17 @@ def data_config(config: ml_collections.ConfigDict, train: bool, dataset_statisti
     )
 
 
-def trained_preprocessing(config, pipeline) -> dict:
+def trained_preprocessing(config: TrainConfig, pipeline) -> dict:
     """The image preprocessing an export records (`OpenVLA.image_resize` / `center_crop`): frames are
     resized as the training pipeline resized them, and center-cropped (area 0.9, as OpenVLA's
     evaluation) when training used random crops, so `predict_action` sees what training saw."""
     from openvla_jax.data.transforms import AUGMENT_DEFAULTS
 
-    crop = AUGMENT_DEFAULTS["crop_scale"] if config.data.augment else 0.0
+    crop: Any = AUGMENT_DEFAULTS["crop_scale"] if config.data.augment else 0.0  # a float (crop_scale=0.9)
     return {"image_resize": pipeline.inference_resize, "center_crop": float(crop)}
 
 
-def tokenizer_dir(config) -> str:
+def tokenizer_dir(config: TrainConfig) -> str:
     path = config.data.tokenizer_dir or config.init_from
     if not path or not (Path(path) / "tokenizer.model").exists():
         raise FileNotFoundError(
@@ -111,7 +112,7 @@ def tokenizer_dir(config) -> str:
     return str(path)
 
 
-def supervised_tokens(config) -> int | None:
+def supervised_tokens(config: TrainConfig) -> int | None:
     """Logits are computed only at this many supervised positions per row (see `train.step`):
     `train.supervised_tokens` if set (0 = every position), else the action tokens of one example
     (action_dim x (1 + future window)) + EOS."""
@@ -121,7 +122,7 @@ def supervised_tokens(config) -> int | None:
     return as_config(config.model).action_dim * (1 + config.data.future_action_window_size) + 1
 
 
-def build_module(config):
+def build_module(config: TrainConfig):
     from openvla_jax.models import vla
 
     return vla.from_config(config.model, param_dtype="float32")
@@ -179,7 +180,7 @@ def flatten_metrics(metrics: dict, dataset_names, prefix: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- train
-def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Callable] = None) -> dict:
+def train(config: TrainConfig, workdir, *, on_step: Optional[Callable] = None) -> dict:
     """Run (or resume) training; returns a summary dict (final metrics, steps, export dir)."""
     from openvla_jax.checkpoints import training as ckpt_lib
     from openvla_jax.data.iterator import CheckpointableIterator
@@ -353,7 +354,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
                 if ckpt.save(step, state.params, state.opt_state, meta, force=True, data_iterator=data):
                     trainable.on_save(state, workdir)
         ckpt.wait()
-        summary = dict(step=step, stopped_by=stopped_by or "done", workdir=str(workdir), **last)
+        summary: dict[str, Any] = dict(step=step, stopped_by=stopped_by or "done", workdir=str(workdir), **last)
         summary.update(trainable.summary(workdir), resumed_from=latest)
         if stopped_by is None and jax.process_count() == 1 and config.get("export_merged", True):
             export = Path(tc.export_dir) if tc.export_dir else workdir / "export"
@@ -372,7 +373,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, on_step: Optional[Calla
     return summary
 
 
-def offline_eval(config, params, statistics, tok_dir) -> dict:
+def offline_eval(config: TrainConfig, params, statistics, tok_dir) -> dict:
     """`evaluate/offline.py` on the current params, where they are (sharded on the training mesh: the
     jitted greedy decoder runs partitioned like them), over `train.eval_batches` validation batches.
     Single process (the offline metrics are summed on one host)."""
@@ -423,7 +424,7 @@ def _restore(ckpt, step: int, trainable, data):
 
 
 def _make_evaluator(
-    config, module, mesh, rules, tokenizer, action_tokenizer, statistics, dataset_names, params_shardings
+    config: TrainConfig, module, mesh, rules, tokenizer, action_tokenizer, statistics, dataset_names, params_shardings
 ):
     """-> fn(params) -> metrics over `eval_batches` batches of the validation split (a fresh,
     deterministic pass each time, so numbers are comparable across steps)."""

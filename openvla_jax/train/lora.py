@@ -313,7 +313,7 @@ def save_adapters(path, adapters: dict, cfg: LoraConfig) -> Path:
     flat = {f"{p}/{k}": np.asarray(jax.device_get(v)) for p, ad in adapters.items() for k, v in ad.items()}
     tmp = path / (ADAPTERS_FILE + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, **flat)
+        np.savez(f, **flat)  # pyright: ignore[reportArgumentType]  (numpy stubs: **kwds vs allow_pickle)
     tmp.replace(path / ADAPTERS_FILE)
     (path / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     return path

@@ -80,7 +80,7 @@ def supervised_positions(labels: jax.Array, num_patches: int, k: int) -> tuple[j
 def loss_and_sums(
     logits: jax.Array,
     labels: jax.Array,
-    num_patches: int,
+    num_patches: int | None,
     *,
     dataset_index: jax.Array | None = None,
     num_datasets: int = 1,

@@ -21,7 +21,7 @@ their memory (the 7B's vision towers, ~0.7B parameters: 2.8 GB -> 1.4 GB) and th
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -31,6 +31,10 @@ import optax
 
 SCHEDULES = ("constant", "warmup_cosine")
 _STACKED = ("layers", "blocks")  # module names of nn.scan stacks (models/llama.py, models/vit.py)
+
+OptimizerConfig = (
+    Any  # ml_collections.ConfigDict, `default_optimizer_config()` / `config.optimizer` (fields are dynamic)
+)
 
 
 def default_optimizer_config() -> ml_collections.ConfigDict:
@@ -53,7 +57,7 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
     )
 
 
-def make_schedule(cfg: ml_collections.ConfigDict) -> Callable:
+def make_schedule(cfg: OptimizerConfig) -> Callable:
     """step (number of updates done) -> learning rate."""
     if cfg.schedule == "constant":
         return optax.constant_schedule(cfg.lr)
@@ -118,7 +122,7 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, params) -> tuple[optax.GradientTransformation, Callable]:
+def make_optimizer(cfg: OptimizerConfig, params) -> tuple[optax.GradientTransformation, Callable]:
     """-> (optax transformation over the params tree, lr schedule). `params`: boxed or unboxed, arrays or
     ShapeDtypeStruct (only the tree, names and shapes are read)."""
     schedule = make_schedule(cfg)
@@ -138,7 +142,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params) -> tuple[optax.Gradie
     return tx, schedule
 
 
-def cast_frozen(params, cfg: ml_collections.ConfigDict):
+def cast_frozen(params, cfg: OptimizerConfig):
     """params (arrays, unboxed) -> the same tree with the leaves `cfg.freeze` matches cast to
     `cfg.frozen_dtype`; trainable leaves untouched. A no-op without freeze patterns or for float32.
     Sharded arrays keep their sharding (astype is elementwise)."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -32,7 +32,7 @@ class PreemptionWatcher:
         self.signals = tuple(signals)
         self.sync_every = sync_every
         self.received: Optional[int] = None  # the first signal number received
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}  # signal number -> the handler signal.signal returned
 
     # ------------------------------------------------------------------------------------ handlers
     def _handle(self, signum, frame):

@@ -18,10 +18,10 @@ def key_data(rng) -> jax.Array:
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array  # int32 [], updates applied so far (the lr schedule's argument)
+    step: Any  # int32 [] jax.Array, updates applied so far (the lr schedule's argument); or its sharding
     params: Any  # fp32 master parameters (unboxed)
     opt_state: Any  # optax state (no entries for frozen parameters)
-    rng: jax.Array  # uint32 key data; per-step keys are fold_in(rng, step)
+    rng: Any  # uint32 key data jax.Array; per-step keys are fold_in(rng, step); or its sharding
 
     @classmethod
     def create(cls, params, optimizer: optax.GradientTransformation, rng) -> "TrainState":

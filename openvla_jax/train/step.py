@@ -295,7 +295,9 @@ def guarded_update(
     finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
     apply = finite if expected_step is None else finite & ((expected_step < 0) | (state.step == expected_step))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    new = state.replace(  # pyright: ignore[reportAttributeAccessIssue]  (flax.struct adds replace)
+        step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
     new = jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, state)
     metrics = summarize(sums)
     metrics.update(grad_norm=grad_norm, lr=jnp.asarray(lr_schedule(state.step), jnp.float32), finite=finite)

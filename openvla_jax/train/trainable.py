@@ -24,17 +24,19 @@ sharded by their kernels' logical input / output axes (`lora.adapter_shardings`)
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from openvla_jax.models.config import as_config
 
+TrainConfig = Any  # ml_collections.ConfigDict from configs/train.py / configs/finetune.py (fields are dynamic)
 
-def lora_config_of(config: ml_collections.ConfigDict):
+
+def lora_config_of(config: TrainConfig):
     """`config.lora` as a `train.lora.LoraConfig`, or None (no `lora` field, or None: train every parameter)."""
     from openvla_jax.train.lora import LoraConfig
 
@@ -42,7 +44,7 @@ def lora_config_of(config: ml_collections.ConfigDict):
     return None if section is None else LoraConfig(**section.to_dict())
 
 
-def make_trainable(config: ml_collections.ConfigDict, module, mesh, rules, *, num_datasets: int, supervised_tokens):
+def make_trainable(config: TrainConfig, module, mesh, rules, *, num_datasets: int, supervised_tokens):
     cfg = lora_config_of(config)
     kwargs = dict(num_datasets=num_datasets, supervised_tokens=supervised_tokens)
     if cfg is None:
