@@ -40,9 +40,11 @@ demo: $(VENV)/.runtime
 demo-oft: $(VENV)/.runtime
 	$(PY) scripts/demo.py --variant=oft_demo
 
-lint: $(VENV)/.dev
+# ruff (lint + format) on everything; pyright in basic mode on the library (pyrightconfig.json).
+lint: $(VENV)/.dev $(VENV)/.aot $(VENV)/.libero  # the optional extras: pyright resolves their imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyright
 
 format: $(VENV)/.dev
 	$(VENV)/bin/ruff format .

@@ -9,4 +9,4 @@ def __getattr__(name):  # lazy: `import openvla_jax.data...` should not pay for 
     raise AttributeError(name)
 
 
-__all__ = ["OpenVLA"]
+__all__ = ["OpenVLA"]  # pyright: ignore[reportUnsupportedDunderAll]  (provided lazily by __getattr__)

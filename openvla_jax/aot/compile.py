@@ -144,6 +144,7 @@ def tiled_bytes(shape, dtype, layout=None) -> int:
     dims = list(shape) or [1]
     tiles = getattr(layout, "tiling", None) or ()
     if tiles and tiles[0]:
+        assert layout is not None  # a tiling comes from a layout
         order = list(layout.major_to_minor) if shape else [0]
         dims = [dims[i] for i in order]
         tile = tiles[0]

@@ -104,7 +104,10 @@ def gpu_spec(gpu: str) -> str:
 
 
 def gpu_memory(spec: str) -> int:
-    return int(re.search(r"device_memory_size:\s*(\d+)", spec).group(1))
+    found = re.search(r"device_memory_size:\s*(\d+)", spec)
+    if found is None:
+        raise ValueError("GPU target spec has no device_memory_size field")
+    return int(found.group(1))
 
 
 def host_setup() -> None:
