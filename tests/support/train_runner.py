@@ -24,6 +24,33 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
+def demo_data_and_random_base(tmp: Path, seed: int) -> tuple[str, Path]:
+    """(a 12-episode demo data dir under `tmp`, a converted checkpoint `tmp/base` of `small_config`'s
+    model with random weights, whose statistics name another dataset): what fine-tuning tests start from."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import linen as nn
+
+    from openvla_jax.checkpoints.converted import save_converted
+    from openvla_jax.models import vla
+    from tests.support.rlds_fixtures import load_script
+
+    data_dir = load_script("make_demo_data").make_demo_data(
+        str(tmp / "demo"), episodes=12, val_fraction=0.25, seed=seed
+    )
+    model_config = small_config(data_dir, 1).model  # the demo's tiny model, 56 px, one LLM layer
+    module = vla.from_config(model_config, dtype=jnp.float32)
+    size = model_config.vision.image_size
+    params = jax.jit(
+        lambda k: nn.meta.unbox(module.init(k, jnp.zeros((1, size, size, 6)), jnp.zeros((1, 4), jnp.int32))["params"])
+    )(jax.random.key(0))
+    base = save_converted(
+        tmp / "base", model_config, jax.tree.map(np.asarray, params), {"some_other_robot": {}}, data_dir
+    )
+    return data_dir, Path(base)
+
+
 def small_config(data_dir: str, steps: int):
     from configs import train as train_configs
 

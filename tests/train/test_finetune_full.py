@@ -12,12 +12,8 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
-
-from tests.support.rlds_fixtures import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8
@@ -26,24 +22,9 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """(a tiny converted checkpoint with random weights and the demo tokenizer, the demo data dir)."""
-    from openvla_jax.checkpoints.converted import save_converted
-    from openvla_jax.models import vla
+    from tests.support.train_runner import demo_data_and_random_base
 
-    tmp = tmp_path_factory.mktemp("ft_full")
-    mod = load_script("make_demo_data")
-    data_dir = mod.make_demo_data(str(tmp / "demo"), episodes=12, val_fraction=0.25, seed=5)
-
-    from tests.support.train_runner import small_config
-
-    model_config = small_config(data_dir, 1).model  # the demo's tiny model, 56 px, one LLM layer
-    module = vla.from_config(model_config, dtype=jnp.float32)
-    size = model_config.vision.image_size
-    params = jax.jit(
-        lambda k: nn.meta.unbox(module.init(k, jnp.zeros((1, size, size, 6)), jnp.zeros((1, 4), jnp.int32))["params"])
-    )(jax.random.key(0))
-    base = save_converted(
-        tmp / "base", model_config, jax.tree.map(np.asarray, params), {"some_other_robot": {}}, data_dir
-    )
+    data_dir, base = demo_data_and_random_base(tmp_path_factory.mktemp("ft_full"), seed=5)
     return base, data_dir
 
 

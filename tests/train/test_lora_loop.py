@@ -7,13 +7,9 @@ init_from again), and the export (base + merged adapters) loads with OpenVLA.loa
 import json
 import signal
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
-from tests.support.rlds_fixtures import load_script
 from tests.train.test_train_loop import losses, run
 
 STEPS = 4
@@ -22,22 +18,10 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """(the demo data dir, a converted checkpoint of the runner's small model with random weights)."""
-    from openvla_jax.checkpoints.converted import save_converted
-    from openvla_jax.models import vla
-    from tests.support.train_runner import small_config
+    from tests.support.train_runner import demo_data_and_random_base
 
     tmp = tmp_path_factory.mktemp("lora_loop")
-    mod = load_script("make_demo_data")
-    data_dir = mod.make_demo_data(str(tmp / "demo"), episodes=12, val_fraction=0.25, seed=3)
-    model_config = small_config(data_dir, 1).model
-    module = vla.from_config(model_config, dtype=jnp.float32)
-    size = model_config.vision.image_size
-    params = jax.jit(
-        lambda k: nn.meta.unbox(module.init(k, jnp.zeros((1, size, size, 6)), jnp.zeros((1, 4), jnp.int32))["params"])
-    )(jax.random.key(0))
-    base = save_converted(
-        tmp / "base", model_config, jax.tree.map(np.asarray, params), {"some_other_robot": {}}, data_dir
-    )
+    data_dir, base = demo_data_and_random_base(tmp, seed=3)
     return data_dir, base, tmp / "runs"  # one parent: the runs share train_runner's compilation cache
 
 
