@@ -132,9 +132,9 @@ def bench_data(
             progress=False,
         )
         fps = _time(iter(RLDSPipeline(cfg, tok)), n_batches, batch_size, warmup)
-        key = ("pipeline_aug" if augment else "pipeline") + ("_uint8" if pixels == "uint8" else "")
-        result[f"{key}_fps"] = fps
-        result[f"overhead_ratio{key[8:]}"] = result["baseline_fps"] / fps
+        suffix = ("_aug" if augment else "") + ("_uint8" if pixels == "uint8" else "")
+        result[f"pipeline{suffix}_fps"] = fps
+        result[f"overhead_ratio{suffix}"] = result["baseline_fps"] / fps
     return result
 
 
