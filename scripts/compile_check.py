@@ -29,7 +29,7 @@ flags.DEFINE_string("target", None, "v4-32, v5e-16, v5p-128, v6e-64, v5p:4x4x2, 
 flags.DEFINE_integer("num_slices", 1, "TPU slices joined over DCN")
 flags.DEFINE_float("rows_per_device", 0, "per-device batch (0: config.data.batch_size over the devices)")
 flags.DEFINE_integer("text_len", 64, "text tokens per training row")
-flags.DEFINE_bool("find_max_batch", False, "bisect the largest per-device batch that fits")
+flags.DEFINE_bool("find_max_batch", False, "search the largest per-device batch that fits (guided by the peaks seen)")
 flags.DEFINE_bool("predict", False, "compile predict_action instead of a train step")
 flags.DEFINE_string("model", "7b", "configs/model.py variant for --predict")
 flags.DEFINE_integer("batch", 1, "predict_action batch (--predict)")
