@@ -2,9 +2,12 @@
 
   python scripts/convert.py to-jax HF_DIR OUT_DIR [--scanned]
   python scripts/convert.py to-hf JAX_DIR OUT_DIR [--dtype bfloat16|float32] [--max-shard-size 5GB]
+      [--source-hf-dir HF_DIR]
 
 Only safetensors are read (pickled .bin/.pt checkpoints are refused). Outputs appear under OUT_DIR
-only when complete.
+only when complete. `to-hf` also writes the processor configs the original's `AutoProcessor` reads
+and carries the other files (remote code `*.py`, README, ...) of the HF directory `to-jax` read, or
+of `--source-hf-dir`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ def parse_args(argv=None):
     b.add_argument("out", help="output directory (must not exist or be empty)")
     b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     b.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB, 2GiB")
+    b.add_argument(
+        "--source-hf-dir",
+        "--source_hf_dir",
+        dest="source_hf_dir",
+        default=None,
+        help="HF directory whose other files (remote code, README) the export carries "
+        "(default: the one `to-jax` read, recorded in SRC/source.json)",
+    )
     return p.parse_args(argv)
 
 
@@ -41,7 +52,13 @@ def main(argv=None) -> int:
         if args.command == "to-jax":
             out = convert_to_jax(args.src, args.out, scanned=args.scanned)
         else:
-            out = convert_to_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+            out = convert_to_hf(
+                args.src,
+                args.out,
+                dtype=args.dtype,
+                max_shard_size=args.max_shard_size,
+                source_hf_dir=args.source_hf_dir,
+            )
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: say what, no traceback
         print(f"convert.py {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ import flax.linen as nn
 import ml_dtypes
 import numpy as np
 
+from openvla_jax.convert import processor
 from openvla_jax.convert.hf_config import generation_config, hf_config_from_model_config, model_config_from_hf
 from openvla_jax.convert.io import INDEX_NAME, open_state_dict, write_safetensors
 from openvla_jax.convert.llama import llama_specs
@@ -35,6 +36,7 @@ __all__ = [
     "save_hf",
     "TOKENIZER_FILES",
     "parse_size",
+    "copy_source_files",
 ]
 
 TOKENIZER_FILES = (
@@ -45,6 +47,10 @@ TOKENIZER_FILES = (
     "added_tokens.json",
 )
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+# A source HF directory's files that an export never carries: weights and their indexes (the export
+# writes the model's own) and dataset statistics (the export's come from the model's norm_stats).
+NOT_CARRIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".index.json")
+NOT_CARRIED_NAMES = ("dataset_statistics.json",)
 
 
 def vla_specs(model_config: VLAConfig, scanned: bool) -> list[ParamSpec]:
@@ -232,6 +238,30 @@ def copy_tokenizer(tokenizer_dir, out_dir: Path) -> list[str]:
     return copied
 
 
+def copy_source_files(source_dir, out_dir: Path) -> list[str]:
+    """Carry into `out_dir` the files of the HF directory a model was converted from that an export
+    does not write itself (remote code `*.py`, README, ...): top-level regular files (symlinks
+    followed, as in a hub cache snapshot), no hidden ones, never weights or dataset statistics
+    (`NOT_CARRIED_*`) and never a name `out_dir` already holds. -> the names copied."""
+    source_dir = Path(source_dir)
+    if not source_dir.is_dir():
+        raise FileNotFoundError(f"source HF directory {source_dir} does not exist (its extra files cannot be copied)")
+    copied = []
+    for src in sorted(source_dir.iterdir()):
+        name = src.name
+        if (
+            not src.is_file()
+            or name.startswith(".")
+            or name.endswith(NOT_CARRIED_SUFFIXES)
+            or name in NOT_CARRIED_NAMES
+            or (out_dir / name).exists()
+        ):
+            continue
+        shutil.copyfile(src, out_dir / name)
+        copied.append(name)
+    return copied
+
+
 def save_hf(
     out_dir,
     model_config: VLAConfig,
@@ -241,11 +271,16 @@ def save_hf(
     dtype: str = "bfloat16",
     max_shard_size="5GB",
     config_extra: Optional[dict] = None,
+    source_dir=None,
 ) -> Path:
     """Write an OpenVLA HF directory the original PyTorch code loads with `AutoModelForVision2Seq`
-    (trust_remote_code): sharded safetensors + index, config.json, generation_config.json and the
-    tokenizer files of `tokenizer_dir` that exist. One tensor in memory at a time (plus `params`).
-    Written into a temp directory renamed to `out_dir` at the end: an interrupted save leaves none."""
+    and `AutoProcessor` (trust_remote_code): sharded safetensors + index, config.json,
+    generation_config.json, preprocessor_config.json + processor_config.json (`convert/processor.py`),
+    dataset_statistics.json (when `norm_stats`), the tokenizer files of `tokenizer_dir` that exist,
+    then the other files of `source_dir` (the HF directory the model came from: remote code, README;
+    `copy_source_files`), which never replace a file written here. One tensor in memory at a time
+    (plus `params`). Written into a temp directory renamed to `out_dir` at the end: an interrupted
+    save leaves none."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     oft = as_config(model_config).actions.differences_from_openvla()
@@ -264,10 +299,25 @@ def save_hf(
     def get(key):
         return get_hf(key).astype(np_dtype, copy=False)
 
+    # Every small file is made (and checked) before the first shard is written.
+    config = hf_config_from_model_config(model_config, norm_stats, dtype, config_extra)
+    files = {
+        "config.json": config,
+        "generation_config.json": generation_config(),
+        processor.PREPROCESSOR_CONFIG: processor.image_processor_config(
+            model_config, config.get("image_resize_strategy", "resize-naive")
+        ),
+        processor.PROCESSOR_CONFIG: processor.processor_config(),
+    }
+    if norm_stats is not None:
+        files["dataset_statistics.json"] = norm_stats
+    if source_dir is not None and not Path(source_dir).is_dir():
+        raise FileNotFoundError(f"source HF directory {source_dir} does not exist (its extra files cannot be copied)")
     with atomic_output(out_dir) as tmp:
         write_shards(tmp, [(s.hf_key, s.hf_shape, np_dtype) for s in specs], get, max_shard_size)
-        config = hf_config_from_model_config(model_config, norm_stats, dtype, config_extra)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(), indent=2) + "\n")
+        for name, value in files.items():
+            (tmp / name).write_text(json.dumps(value, indent=2) + "\n")
         copy_tokenizer(tokenizer_dir, tmp)
+        if source_dir is not None:
+            copy_source_files(source_dir, tmp)
     return out_dir
