@@ -16,7 +16,8 @@ crash anywhere before the rename leaves only a temp dir, which orbax 0.12.8 neit
 nor resumes (and `cleanup_tmp_directories` deletes on the next start). A step dir without a
 manifest (a checkpoint written by something else, or a copy) is skipped for resume with a warning;
 a manifest that disagrees with the files fails `restore` with `CheckpointError` (never a silent
-fresh start).
+fresh start). A background save that fails is found by `poll()` (non-blocking, meant for every
+training step), not only by the next `save`: at 7B the next save is hours away.
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ class TrainCheckpointer:
         self.async_save, self.checksum = async_save, checksum
         self._pending: Optional[int] = None
         self._callback_error: Optional[BaseException] = None
+        self._failure: Optional[CheckpointError] = None  # a failed save, kept: raised again by every call
         self._quarantine_incomplete()
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
@@ -178,7 +180,8 @@ class TrainCheckpointer:
         Call on every host. `meta` must be JSON-serialisable (step and rng key data as lists);
         `step` is added. With `data_iterator` (a `CheckpointableIterator`), its position is written
         to `data_state/<step>` first and recorded in meta as `data_state` / `data_position`."""
-        self._raise_callback_error()
+        self.poll()  # a previous save that failed stops this one (and the run), even off schedule
+        self._raise_failure()
         if step in self._mngr.all_steps() or (not force and not self._mngr.should_save(step)):
             return False
         self.wait()  # the previous save is finalized and checked; old data states pruned
@@ -212,27 +215,64 @@ class TrainCheckpointer:
             self._callback_error = e
             raise
 
-    def _raise_callback_error(self):
-        if self._callback_error is not None:
-            e, self._callback_error = self._callback_error, None
-            raise CheckpointError(f"writing the manifest of checkpoint step {self._pending} failed: {e!r}") from e
-
     def wait(self) -> None:
         """Block until the pending async save is on disk; raise `CheckpointError` if it failed."""
-        self._mngr.wait_until_finished()
-        self._raise_callback_error()
-        step, self._pending = self._pending, None
+        self._raise_failure()
+        step = self._pending
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:  # orbax re-raises what failed in its background thread, without the step
+            self._fail(step, e)
+        if self._callback_error is not None:
+            self._fail(step, self._callback_error)
+        self._pending = None
         if step is not None and jax.process_index() == 0 and not self._is_complete(step):
-            raise CheckpointError(
+            self._failure = CheckpointError(
                 f"checkpoint step {step} was not finalized in {self.directory} (see the orbax error logged above)"
             )
+            raise self._failure
         self._prune_data_states()
 
+    def poll(self) -> Optional[CheckpointError]:
+        """The `CheckpointError` of a failed async save once its background work has ended, else None.
+
+        Non-blocking (a flag read while a save is in flight): call it every step, so that a failed
+        save stops the run at the next step rather than at the next save. A save found finished is
+        checked here (and old data states pruned), as `wait` does. The error is kept: later calls
+        of `poll` return it and `save` / `wait` raise it."""
+        if self._failure is None and self._pending is not None:
+            if self._callback_error is not None or not self._mngr.is_saving_in_progress():
+                try:
+                    self.wait()  # the background work has ended: this joins at once
+                except CheckpointError:
+                    pass  # kept in self._failure
+        return self._failure
+
+    def _fail(self, step, e: BaseException):
+        what = "writing its manifest" if self._callback_error is not None else "writing it"
+        self._callback_error, self._pending = None, None
+        self._failure = CheckpointError(
+            f"checkpoint step {step} failed in the background ({what} in {self.directory}): {_cause(e)}"
+        )
+        raise self._failure from e
+
+    def _raise_failure(self):
+        if self._failure is not None:
+            raise self._failure
+
     def close(self) -> None:
+        """Wait for the pending save, then stop orbax's threads. After a failed save, raised already,
+        close quietly: the same failure again, or orbax's own re-raise of it, would only bury it."""
         try:
-            self.wait()
+            if self._failure is None:
+                self.wait()
         finally:
-            self._mngr.close()
+            try:
+                self._mngr.close()
+            except Exception as e:
+                if self._failure is None:
+                    raise
+                log.debug("closing the checkpoint manager after a failed save: %r", e)
 
     def __enter__(self):
         return self
@@ -286,6 +326,19 @@ class TrainCheckpointer:
                     "checkpoint step dir %s has no %s or %s: an interrupted save, skipped", d, MANIFEST, COMMITTED
                 )
         return sorted(steps)
+
+    def incomplete_step_dirs(self) -> list[str]:
+        """Names of the step dirs that cannot be resumed: without a manifest or orbax's commit file,
+        or moved aside as `<step>.incomplete-<time>` by an earlier start. (Orbax's temp dirs of a
+        save that never finished are not counted: such a run had nothing complete to lose.)"""
+        if not self.directory.exists():
+            return []
+        names = []
+        for d in self.directory.iterdir():
+            step = d.name.split(".incomplete-")[0]
+            if d.is_dir() and step.isdigit() and (d.name != step or not self._is_complete(int(step))):
+                names.append(d.name)
+        return sorted(names, key=lambda n: (int(n.split(".")[0]), n))
 
     def latest_step(self) -> Optional[int]:
         steps = self.all_steps()
@@ -403,6 +456,13 @@ class TrainCheckpointer:
         if norm_stats is None:
             norm_stats = self.read_dataset_statistics()
         return save_converted(out_dir, model_config, params_to_numpy(params), norm_stats, tokenizer_dir)
+
+
+def _cause(e: BaseException) -> str:
+    """`OSError: [Errno 28] No space left on device: 'path'`: the type and message of the root cause."""
+    while e.__cause__ is not None and e.__cause__ is not e:
+        e = e.__cause__
+    return f"{type(e).__name__}: {e}"
 
 
 def _jsonable(x: Any) -> Any:
