@@ -37,24 +37,49 @@ def as_data_error(e: Exception) -> Exception:
     return DataError(text)
 
 
+# Why an episode is skipped: the field `make_validator` names first in its problem text.
+SKIP_REASONS = ("steps", "action", "language_instruction")
+
+
 class BadDataLog:
-    """Thread-safe count of skipped episodes by (dataset, field), with a few examples."""
+    """Thread-safe count of skipped episodes by (dataset, field), with a few examples.
+
+    Each episode counts once, however many passes over the data meet it again (training repeats
+    the data): `counts` is how many distinct episodes were skipped, not how many times."""
 
     def __init__(self):
         self.counts: collections.Counter = collections.Counter()
         self.examples: list[tuple[str, str, str]] = []
+        self._seen: set[tuple[str, str, str]] = set()
         self._lock = threading.Lock()
 
-    def record(self, dataset, episode, field) -> np.bool_:
+    def record(self, dataset, episode, field, episode_index=-1) -> np.bool_:
+        """episode_index: the episode's index in its split (`traj.py`'s `_episode_id`), the same on
+        every pass; -1 when unknown, then `episode` (its file path or id) tells episodes apart. An
+        episode standardize left without steps has neither ("?"): such are counted at every pass."""
         d, e, f = (x.decode() if isinstance(x, bytes) else str(x) for x in (dataset, episode, field))
+        key = (d, f"#{int(episode_index)}" if int(episode_index) >= 0 else e, f)
         with self._lock:
-            self.counts[(d, f)] += 1
-            if len(self.examples) < 100:
-                self.examples.append((d, e, f))
+            if key not in self._seen or e == "?":
+                self._seen.add(key)
+                self.counts[(d, f)] += 1
+                if len(self.examples) < 100:
+                    self.examples.append((d, e, f))
         return np.bool_(False)
 
     def total(self) -> int:
         return sum(self.counts.values())
+
+    def by_reason(self) -> dict[str, dict[str, int]]:
+        """{dataset: {reason: episodes}}, reasons from `SKIP_REASONS` (the field the problem names)."""
+        with self._lock:
+            items = list(self.counts.items())
+        out: dict[str, dict[str, int]] = {}
+        for (d, f), n in sorted(items):
+            reason = f.split(" ", 1)[0]
+            out.setdefault(d, {})
+            out[d][reason] = out[d].get(reason, 0) + n
+        return out
 
 
 # --- per-trajectory steps ------------------------------------------------------------------------
@@ -181,7 +206,10 @@ def make_validator(name: str, cfg, log: BadDataLog | None, for_statistics: bool 
             record = lambda: tf.constant(False)  # noqa: E731
         else:
             log_record = log.record
-            record = lambda: tf.numpy_function(log_record, [name, ep, p], tf.bool, stateful=True)  # noqa: E731
+            none = tf.constant(-1, tf.int64)  # fields are per step: an episode left empty has no index
+            ids = traj.get("episode_id", tf.zeros([0], tf.int64))
+            index = tf.cond(tf.size(ids) > 0, lambda: tf.cast(ids[0], tf.int64), lambda: none)
+            record = lambda: tf.numpy_function(log_record, [name, ep, p, index], tf.bool, stateful=True)  # noqa: E731
         assert_ok = tf.debugging.Assert(
             tf.logical_or(ok, skip_it), [f"{MARK} dataset {name}, episode", ep, "bad field:", p]
         )
