@@ -77,6 +77,7 @@ def train_loop_config(**overrides) -> ml_collections.ConfigDict:
             checksum=True,  # crc32 of every checkpoint file in the manifest
             progress=True,  # tqdm bar on the main process
             export_dir="",  # write an OpenVLA.load-able model here at the end ("" = workdir/export)
+            allow_fresh_start=False,  # True: start at step 0 even where only incomplete checkpoints are
         )
     )
     cfg.update(overrides)

@@ -7,11 +7,15 @@
 
 Re-running the same command resumes from the work dir's latest complete checkpoint. SIGTERM saves
 and exits cleanly. Multi-process: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
+
+A run that cannot go on (a diverged step, a failed checkpoint save, a work dir in use or with only
+incomplete checkpoints) ends with its cause as the last line on stderr and exit code 3.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,13 +34,16 @@ def main(argv):
     del argv
     import jax
 
+    from openvla_jax.checkpoints.training import CheckpointError
+    from openvla_jax.train.lock import WorkdirLocked
     from openvla_jax.train.loop import TrainingDiverged, train
 
     logging.set_verbosity(logging.WARNING)
     try:
         summary = train(FLAGS.config, FLAGS.workdir)
-    except TrainingDiverged as e:
-        print(f"train.py: {e}", file=sys.stderr)
+    except (TrainingDiverged, CheckpointError, WorkdirLocked) as e:
+        print(f"train.py: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        quiet_teardown()
         return 3
     if jax.process_index() == 0:
         keys = ("train/loss", "train/action_accuracy", "train/l1", "eval/loss", "eval/action_accuracy", "eval/l1")
@@ -46,7 +53,20 @@ def main(argv):
             + json.dumps(short)
             + (f" export={summary['export']}" if "export" in summary else "")
         )
+        if summary.get("skipped_episodes"):
+            print(f"train: episodes skipped by the data pipeline: {json.dumps(summary['skipped_episodes'])}")
     return 0
+
+
+def quiet_teardown():
+    """After the fatal error is printed, the writes of a failed save still in flight fail as the
+    interpreter shuts down, each with a traceback (hundreds at 7B, from C++ callbacks as well as
+    Python threads): send stderr to /dev/null so the cause stays the last line of the output."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    sys.stderr = open(devnull, "w", closefd=False)
 
 
 if __name__ == "__main__":

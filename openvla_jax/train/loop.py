@@ -12,8 +12,16 @@ What happens, in order:
      (`workdir/tb`); periodic evaluation on the validation split; async checkpoints every
      `save_every`; SIGTERM -> a final save at the end of the current step, then a clean exit;
   5. a non-finite loss or gradient stops the run with `TrainingDiverged` (the step left the state
-     untouched, and the last good checkpoint is kept: nothing after it is saved);
+     untouched, and the last good checkpoint is kept: nothing after it is saved); an async save
+     that failed stops it at the next step with `CheckpointError` naming the cause;
   6. at the end: a final checkpoint and an export `OpenVLA.load` reads (`workdir/export`).
+
+A work dir holds one run: a second trainer on it stops with `WorkdirLocked` (`train/lock.py`); a
+work dir whose checkpoint dirs are all incomplete is not silently trained over from step 0 (set
+`train.allow_fresh_start`); a resumed run first drops the `metrics.jsonl` rows after the step it
+resumes from, so every step has one row. Episodes the data pipeline skips are counted once each,
+per dataset and reason, in the metrics (`data/skipped/<dataset>/<reason>`) and the summary (since
+this process started: the counts are not checkpointed, `data/iterator.py`).
 
 What is trained is a `train.trainable` object: every parameter (pretraining, full fine-tuning), or,
 when the config has a `lora` section (`configs/finetune.py:lora`), LoRA adapters on the frozen base
@@ -24,6 +32,7 @@ checkpoints, resume, evaluation, metrics and NaN guard either way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -130,12 +139,17 @@ def build_module(config: TrainConfig):
 
 # ------------------------------------------------------------------------------------- metrics
 class MetricsWriter:
-    """`metrics.jsonl` (one JSON object per logged step) and TensorBoard scalars; main process only."""
+    """`metrics.jsonl` (one JSON object per logged step) and TensorBoard scalars; main process only.
 
-    def __init__(self, workdir: Path, dataset_names, enabled: bool):
+    resume_step: the step the run starts from. Rows after it were logged by a run that went on past
+    its last checkpoint and was killed; the resumed run logs those steps again, so they are dropped
+    first (0: a fresh run, every row goes)."""
+
+    def __init__(self, workdir: Path, dataset_names, enabled: bool, resume_step: int = 0):
         self.enabled, self.names = enabled, list(dataset_names)
         self._tb = None
         if enabled:
+            truncate_metrics(workdir / "metrics.jsonl", resume_step)
             self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
             try:
                 import tensorflow as tf
@@ -144,8 +158,10 @@ class MetricsWriter:
             except Exception as e:  # TensorBoard is optional; the JSONL log is the record
                 log.warning("no TensorBoard writer: %s", e)
 
-    def write(self, step: int, metrics: dict, prefix: str = "train") -> dict:
+    def write(self, step: int, metrics: dict, prefix: str = "train", extra: Optional[dict] = None) -> dict:
+        """extra: already-named scalars written in the same row (e.g. `data/skipped_episodes`)."""
         flat = flatten_metrics(metrics, self.names, prefix)
+        flat.update(extra or {})
         if self.enabled:
             self._jsonl.write(json.dumps(dict(step=step, **flat)) + "\n")
             if self._tb is not None:
@@ -165,6 +181,52 @@ class MetricsWriter:
                 self._tb.close()
 
 
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Drop the rows of `path` (metrics.jsonl) whose step is after `last_step`, and a torn last line
+    (a run killed while writing it); rewritten atomically. -> how many rows were dropped."""
+    from openvla_jax.utils.files import atomic_write_text
+
+    if not path.exists():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            row_step = None
+        if isinstance(row_step, int) and row_step <= last_step:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        log.warning("%s: dropped %d rows after step %d (logged past the checkpoint resumed)", path, dropped, last_step)
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+    return dropped
+
+
+def skipped_episodes(pipeline) -> dict[str, dict[str, int]]:
+    """{dataset: {reason: episodes}} the pipeline skipped so far, summed over hosts (a collective
+    when multi-process: call it on every host at the same steps). Reasons: `prepare.SKIP_REASONS`."""
+    from openvla_jax.data.prepare import SKIP_REASONS
+
+    names = [name for name, _ in pipeline.mixture]
+    local = pipeline.skipped.by_reason()
+    counts = np.array([[local.get(d, {}).get(r, 0) for r in SKIP_REASONS] for d in names], np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
+    return {d: {r: int(n) for r, n in zip(SKIP_REASONS, row) if n} for d, row in zip(names, counts) if row.any()}
+
+
+def skipped_metrics(skipped: dict[str, dict[str, int]]) -> dict:
+    """-> `{"data/skipped_episodes": total, "data/skipped/<dataset>/<reason>": n, ...}`."""
+    out: dict = {"data/skipped_episodes": sum(n for per in skipped.values() for n in per.values())}
+    for d, per in skipped.items():
+        out.update({f"data/skipped/{d}/{r}": n for r, n in per.items()})
+    return out
+
+
 def flatten_metrics(metrics: dict, dataset_names, prefix: str) -> dict:
     """`{"loss": x, "dataset_loss": [D]}` -> `{"train/loss": x, "train/<name>/loss": ...}` (floats)."""
     out = {}
@@ -182,10 +244,46 @@ def flatten_metrics(metrics: dict, dataset_names, prefix: str) -> dict:
 # ----------------------------------------------------------------------------------------- train
 def train(config: TrainConfig, workdir, *, on_step: Optional[Callable] = None) -> dict:
     """Run (or resume) training; returns a summary dict (final metrics, steps, export dir)."""
+    from openvla_jax.parallel import distributed
+    from openvla_jax.utils.compile_cache import enable_compilation_cache
+
+    distributed.maybe_initialize()
+    enable_compilation_cache(config.get("compilation_cache_dir"))  # or $OPENVLA_JAX_COMPILATION_CACHE
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    with _workdir_lock(workdir):  # before anything touches the work dir's checkpoints or metrics
+        return _train(config, workdir, on_step)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: Path):
+    """Process 0 holds `train/lock.py`'s lock for the run (the hosts share the work dir); every host
+    raises `WorkdirLocked` when it is taken."""
+    from openvla_jax.train.lock import WorkdirLock, WorkdirLocked
+
+    lock, error = WorkdirLock(workdir), None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except WorkdirLocked as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))) and error is None:
+            error = WorkdirLocked(f"{workdir} is in use by another trainer (process 0's error names it)")
+    if error is not None:
+        raise error
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def _train(config: TrainConfig, workdir: Path, on_step: Optional[Callable]) -> dict:
     from openvla_jax.checkpoints import training as ckpt_lib
     from openvla_jax.data.iterator import CheckpointableIterator
     from openvla_jax.data.rlds import RLDSPipeline
-    from openvla_jax.parallel import distributed
     from openvla_jax.parallel import rules as R
     from openvla_jax.parallel.batch import global_batch
     from openvla_jax.parallel.mesh import make_mesh
@@ -194,13 +292,7 @@ def train(config: TrainConfig, workdir, *, on_step: Optional[Callable] = None) -
     from openvla_jax.train.preemption import PreemptionWatcher
     from openvla_jax.train.trainable import make_trainable
 
-    distributed.maybe_initialize()
-    from openvla_jax.utils.compile_cache import enable_compilation_cache
-
-    enable_compilation_cache(config.get("compilation_cache_dir"))  # or $OPENVLA_JAX_COMPILATION_CACHE
     main = jax.process_index() == 0
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
     tc = config.train
     mesh = make_mesh(config.mesh)
     rules = R.RULES
@@ -216,6 +308,16 @@ def train(config: TrainConfig, workdir, *, on_step: Optional[Callable] = None) -
         checksum=tc.checksum,
     )
     latest = ckpt.latest_step()
+    if latest is None and not tc.get("allow_fresh_start", False):
+        leftovers = ckpt.incomplete_step_dirs()
+        if leftovers:
+            ckpt.close()
+            raise ckpt_lib.CheckpointError(
+                f"{ckpt.directory} holds checkpoint dirs {leftovers} but none is complete (a {ckpt_lib.MANIFEST} "
+                f"and orbax's {ckpt_lib.COMMITTED}): this run would start over from step 0. Restore the "
+                "missing files to resume, train into another --workdir, or set "
+                "--config.train.allow_fresh_start=True to start over here (the dirs are kept)"
+            )
     stats = ckpt.read_dataset_statistics() if latest is not None else None
     action_tokenizer = ActionTokenizer.for_model(config.model)
     pipeline = RLDSPipeline(data_config(config, train=True, dataset_statistics=stats), tokenizer, action_tokenizer)
@@ -255,7 +357,7 @@ def train(config: TrainConfig, workdir, *, on_step: Optional[Callable] = None) -
             trainable.params_shardings,
         )
 
-    writer = MetricsWriter(workdir, dataset_names, main)
+    writer = MetricsWriter(workdir, dataset_names, main, resume_step=start)
     bar = None
     if main and tc.progress:
         from tqdm import tqdm
@@ -327,7 +429,7 @@ def train(config: TrainConfig, workdir, *, on_step: Optional[Callable] = None) -
                     dt = (now - t_last) / max(steps_since, 1)
                     metrics = dict(metrics, step_time=dt, tokens_per_s=seq_tokens / dt)
                     t_last, steps_since = now, 0
-                    last = writer.write(step, metrics)
+                    last = writer.write(step, metrics, extra=skipped_metrics(skipped_episodes(pipeline)))
                 if eval_fn is not None and (step % tc.eval_every == 0 or step == tc.steps):
                     last.update(writer.write(step, eval_fn(trainable.model_params(state)), prefix="eval"))
                 if tc.get("offline_eval_every") and (step % tc.offline_eval_every == 0 or step == tc.steps):
@@ -342,7 +444,13 @@ def train(config: TrainConfig, workdir, *, on_step: Optional[Callable] = None) -
                     trainable.on_save(state, workdir)
                 if on_step is not None:
                     on_step(step, metrics)
-                if watcher.should_stop(step):
+                # An async save that failed stops the run now, not at the next save (hours later at 7B).
+                failure = ckpt.poll()
+                if watcher.should_stop(step, failed=failure is not None):
+                    if watcher.failed:
+                        raise failure or ckpt_lib.CheckpointError(
+                            f"step {step}: a checkpoint save failed on another host (its log names the cause)"
+                        )
                     stopped_by = "preemption"
                     check(step)
                     if ckpt.save(step, state.params, state.opt_state, meta, force=True, data_iterator=data):
@@ -354,8 +462,11 @@ def train(config: TrainConfig, workdir, *, on_step: Optional[Callable] = None) -
                 if ckpt.save(step, state.params, state.opt_state, meta, force=True, data_iterator=data):
                     trainable.on_save(state, workdir)
         ckpt.wait()
+        skipped = skipped_episodes(pipeline)
+        if skipped:
+            log.warning("episodes skipped by the data pipeline since this run started: %s", skipped)
         summary: dict[str, Any] = dict(step=step, stopped_by=stopped_by or "done", workdir=str(workdir), **last)
-        summary.update(trainable.summary(workdir), resumed_from=latest)
+        summary.update(trainable.summary(workdir), resumed_from=latest, skipped_episodes=skipped)
         if stopped_by is None and jax.process_count() == 1 and config.get("export_merged", True):
             export = Path(tc.export_dir) if tc.export_dir else workdir / "export"
             if export.exists():

@@ -14,6 +14,10 @@ Multi-host: a scheduler may signal only some hosts, and every host must stop at 
 save is collective), so `should_stop` all-gathers the local flags every `sync_every` steps and stops
 if any host was signalled. (Installing this handler replaces the SIGTERM notifier of jax's own
 preemption service, so `multihost_utils.reached_preemption_sync_point` is not used.)
+
+The same exchange carries a host's `failed` flag (e.g. its checkpoint save failed in the
+background): every host then stops at that step and `watcher.failed` tells the loop to raise
+rather than save, so no host waits forever in a collective the failed one never reaches.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class PreemptionWatcher:
         self.signals = tuple(signals)
         self.sync_every = sync_every
         self.received: Optional[int] = None  # the first signal number received
+        self.failed = False  # some host passed failed=True to should_stop: raise, do not save
         self._previous: dict[int, Any] = {}  # signal number -> the handler signal.signal returned
 
     # ------------------------------------------------------------------------------------ handlers
@@ -70,18 +75,21 @@ class PreemptionWatcher:
         """This host received one of the signals."""
         return self.received is not None
 
-    def should_stop(self, step: int) -> bool:
-        """True when the loop should save and stop after `step`; the same answer on every host.
+    def should_stop(self, step: int, failed: bool = False) -> bool:
+        """True when the loop should stop after `step`; the same answer on every host. It saves
+        first unless `self.failed` (then some host passed `failed=True`: the run cannot go on).
 
         Call it at every step on every host (it is a collective every `sync_every` steps when
-        multi-process)."""
+        multi-process; a host's `failed` is seen by the others at the next of those)."""
         import jax
 
         if jax.process_count() == 1:
-            return self.requested
+            self.failed = failed
+            return self.requested or failed
         if step % self.sync_every:
             return False
         from jax.experimental import multihost_utils
 
-        flags = multihost_utils.process_allgather(np.array([int(self.requested)], np.int32))
+        flags = np.asarray(multihost_utils.process_allgather(np.array([int(self.requested), int(failed)], np.int32)))
+        self.failed = bool(np.any(flags.reshape(-1, 2)[:, 1]))
         return bool(np.any(flags))

@@ -87,6 +87,8 @@ def test_hard_kill_after_a_save_resumes_from_it(data_dir, uninterrupted, tmp_pat
     assert (workdir / "checkpoints" / "4" / "manifest.json").exists()
     proc = run(data_dir, workdir)
     assert '"step": 6' in proc.stdout
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, STEPS + 1))  # step 5's first row: dropped
     resumed = losses(workdir)
     for step in (5, 6):
         np.testing.assert_allclose(resumed[step], full[step], rtol=1e-6, err_msg=f"step {step}")
