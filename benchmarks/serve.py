@@ -1,12 +1,14 @@
 """Server throughput and latency: closed-loop clients against `ActionServer` on loopback.
 
     python -m benchmarks.serve            # tiny random model, prints a table
+    python -m benchmarks.serve --startup --variant small --max_batch 8 --max_prompt_tokens 64
 
 `bench_server(vla)` starts the server in-process once per (batching, clients) setting; each of
 `clients` threads sends `requests_per_client` requests back to back (a robot waits for its action
 before sending the next frame), so throughput = all requests / wall time and latency is per request,
-client side (JSON encoding, HTTP, queueing, batching wait and the model call). Every batch bucket is
-compiled before timing. Called by `scripts/bench.py --case serve`.
+client side (JSON encoding, HTTP, queueing, batching wait and the model call). The server compiles
+every bucket before it is ready, so nothing compiles while timing. Called by `scripts/bench.py
+--case serve`. `bench_startup(vla)`: how long a server takes from start to ready (compiling).
 """
 
 from __future__ import annotations
@@ -34,15 +36,23 @@ def bench_server(
     image_hw=(224, 224),
     encoding: str = "json_numpy",
     unnorm_key=None,
+    max_prompt_tokens: int = 32,
 ) -> list[dict]:
     """-> one row per (batching, clients): throughput_rps, p50_ms, p99_ms, mean_ms, model_calls,
-    mean_batch (requests per model call). Batching off means `max_batch=1`."""
+    mean_batch (requests per model call). Batching off means `max_batch=1`. `max_prompt_tokens`
+    bounds what the server compiles (INSTRUCTIONS' prompts fit 32 tokens)."""
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (*image_hw, 3), dtype=np.uint8) for _ in range(max(clients))]
     rows = []
     for on in batching:
-        server = ActionServer(vla, port=0, max_batch=max_batch if on else 1, max_wait_ms=max_wait_ms)
-        server.warmup(image_hw, INSTRUCTIONS[0])
+        server = ActionServer(
+            vla,
+            port=0,
+            max_batch=max_batch if on else 1,
+            max_wait_ms=max_wait_ms,
+            max_prompt_tokens=max_prompt_tokens,
+            progress=False,
+        )
         with server:
             client = ActionClient(server.url)
             client.act(images[0], INSTRUCTIONS[0], unnorm_key, encoding)  # the HTTP path, once
@@ -92,6 +102,21 @@ def bench_server(
     return rows
 
 
+def bench_startup(vla, max_batch: int = 8, max_prompt_tokens: int = 64) -> dict:
+    """Seconds from `start()` to ready (every bucket compiled) for a fresh model's server."""
+    server = ActionServer(vla, port=0, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens)
+    t0 = time.perf_counter()
+    with server:
+        ready_s = time.perf_counter() - t0
+    return {
+        "buckets": len(server.buckets),
+        "max_batch": max_batch,
+        "max_prompt_tokens": max_prompt_tokens,
+        "ready_s": ready_s,
+        "per_bucket_s": ready_s / max(len(server.buckets), 1),
+    }
+
+
 def format_table(rows: list[dict]) -> str:
     lines = [f"{'batching':>8} {'clients':>7} {'req':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}"]
     for r in rows:
@@ -135,14 +160,21 @@ def main() -> None:
     p.add_argument("--requests_per_client", type=int, default=8)
     p.add_argument("--max_batch", type=int, default=32)
     p.add_argument("--max_wait_ms", type=float, default=5.0)
+    p.add_argument("--batching", default="on,off", help="on, off or on,off")
+    p.add_argument("--startup", action="store_true", help="time start-up compiling instead")
+    p.add_argument("--max_prompt_tokens", type=int, default=64, help="--startup: the prompt cap compiled up to")
     args = p.parse_args()
     vla = tiny_random_vla(args.variant)
+    if args.startup:
+        print(bench_startup(vla, args.max_batch, args.max_prompt_tokens))
+        return
     rows = bench_server(
         vla,
         clients=tuple(int(c) for c in args.clients.split(",")),
         requests_per_client=args.requests_per_client,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
+        batching=tuple(b == "on" for b in args.batching.split(",")),
     )
     print(format_table(rows))
 

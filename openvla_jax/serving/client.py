@@ -1,6 +1,6 @@
 """A small client for `ActionServer` (or the original OpenVLA deploy server), stdlib only.
 
-    client = ActionClient("http://127.0.0.1:8000")
+    client = ActionClient("http://127.0.0.1:8000")    # token="..." for a server started with one
     action = client.act(image_uint8_hw3, "pick up the red block", unnorm_key="bridge_orig")   # [7]
 
 Each thread keeps one keep-alive connection, so one client may be shared by many threads.
@@ -29,11 +29,13 @@ class ServerError(RuntimeError):
 
 
 class ActionClient:
-    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 120.0):
+    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 120.0, token: Optional[str] = None):
+        """`token`: sent as `Authorization: Bearer <token>` on every request."""
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"url must look like http://host:port, got {url!r}")
         self.host, self.port, self.timeout = parts.hostname, parts.port or 80, timeout
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self._local = threading.local()
 
     # ------------------------------------------------------------------------------------ api
@@ -74,7 +76,8 @@ class ActionClient:
         for attempt in (0, 1):
             conn = self._conn()
             try:
-                conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+                head = {"Content-Type": "application/json", **self._auth, **(headers or {})}
+                conn.request(method, path, body=body, headers=head)
                 resp = conn.getresponse()
                 data = resp.read()
                 if resp.getheader("Connection", "").lower() == "close":

@@ -13,45 +13,67 @@ Endpoints
   a json-numpy object for a json-numpy one, and for `encoded` a JSON *string* holding the json-numpy
   text (what the original returns with `JSONResponse(json_numpy.dumps(action))`). Like the original,
   the action is the whole body, not wrapped in an object.
-- `GET /health`: model facts, batching settings, request and model-call counters.
+- `GET /health`: model facts, batching settings, compile progress, request and model-call counters;
+  200 once every bucket is compiled ("status": "ok"), 503 before ("compiling") or if that failed.
 
-Errors are JSON `{"error": message}`: 400 bad JSON / image (rank, shape, dtype, range) / instruction /
-unnorm_key (the message lists the known keys), 404 unknown path, 405 wrong method, 411 no
-Content-Length, 413 body over `max_body_bytes`, 500 the model raised on this request (a batch that
-fails is retried request by request, so only the failing ones answer 500), 503 shutting down, 504 no
-answer within `request_timeout_s`. No request can stop the server: every handler catches everything.
+Errors are JSON `{"error": message}`: 400 bad JSON / image (rank, shape, dtype, range) / instruction
+(also: longer than `max_prompt_tokens`) / unnorm_key (the message lists the known keys), 401 no or
+wrong bearer token, 404 unknown path, 405 wrong method, 408 body not received within
+`body_timeout_s`, 411 no Content-Length, 413 body over `max_body_bytes` (answered from the header,
+before any of the body is read), 500 the model raised on this request (a batch that fails is retried
+request by request, so only the failing ones answer 500), 503 still compiling or shutting down (or,
+from uvicorn as plain text, over `max_connections`), 504 no answer within `request_timeout_s`.
 
-Batching: each HTTP handler thread validates its request and queues it; one worker thread takes the
-first queued request, keeps collecting until it holds `max_batch` of them or `max_wait_ms` has passed
-since that first one, then calls `predict_action` once per `unnorm_key` in the batch and answers each
-handler. `max_batch=1` turns batching off (one model call per request, no waiting). Rows of one
-batch cannot affect each other: `OpenVLA.predict_action` decodes each row at its own length.
+Start-up: the listening socket opens at once, and the batching worker first compiles every shape a
+request can need (batch buckets 1, 2, 4 .. up to `max_batch`, times prompt-length buckets up to
+`max_prompt_tokens`; a tqdm bar shows it), so no request ever waits on the compiler; until then
+`/act` answers 503 and `/health` says how far it is. `start()` returns once ready (`wait=False`: at
+once).
+
+Batching: each request is validated and queued; one worker thread takes the first queued request,
+keeps collecting until it holds `max_batch` of them or `max_wait_ms` has passed since that first one,
+then calls `predict_action` once per `unnorm_key` in the batch and answers each request. `max_batch=1`
+turns batching off. Rows of one batch cannot affect each other: `OpenVLA.predict_action` decodes each
+row at its own length. The HTTP side (limits, token, timeouts) is `app.py`.
 """
 
 from __future__ import annotations
 
-import json
+import ipaddress
 import logging
 import queue
+import socket
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 import numpy as np
 
 from openvla_jax.models.config import as_config
-from openvla_jax.serving.wire import BadRequest, Pending, encode_action, parse_act
+from openvla_jax.serving.wire import BadRequest, Pending, parse_act
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 << 20  # a 1080p RGB frame as a JSON list is ~25 MB
+MAX_PROMPT_TOKENS = 128  # OpenVLA prompts are ~20-40 tokens; each 16 more adds a row of compiles
+LENGTH_BUCKET = 16  # policy.py pads prompts to a multiple of this
 
 
 class ActionServer:
     """Serves `vla.predict_action(images, instructions, unnorm_key)` (any object with that method
-    and a `norm_stats` dict) over HTTP. `port=0` picks a free port (see `.url`)."""
+    and a `norm_stats` dict) over HTTP. `port=0` picks a free port (see `.url`).
+
+    An `OpenVLA` (anything with `decode_rows`, `max_prompt_tokens` and a `tokenizer`) is compiled
+    for every bucket before the server is ready (`warmup=False` skips that), and a prompt over
+    `max_prompt_tokens` (default the smaller of MAX_PROMPT_TOKENS and what the model's context
+    leaves) is refused with a 400 before it reaches a batch.
+
+    Limits: at most `max_connections` open connections (uvicorn answers 503 above), a request head
+    must arrive within `header_timeout_s` and its body within `body_timeout_s`, bodies over
+    `max_body_bytes` are refused from their Content-Length, and JSON parsing runs on `parse_workers`
+    threads. `token`: every request must carry `Authorization: Bearer <token>` (401 otherwise)."""
 
     def __init__(
         self,
@@ -63,11 +85,29 @@ class ActionServer:
         max_body_bytes: int = MAX_BODY_BYTES,
         request_timeout_s: float = 120.0,
         access_log: bool = False,
+        max_prompt_tokens: Optional[int] = None,
+        warmup: bool = True,
+        progress: bool = True,
+        token: Optional[str] = None,
+        max_connections: int = 256,
+        parse_workers: int = 4,
+        header_timeout_s: float = 10.0,
+        body_timeout_s: float = 30.0,
     ):
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        for name, value, low in (
+            ("max_batch", max_batch, 1),
+            ("max_wait_ms", max_wait_ms, 0),
+            ("max_connections", max_connections, 1),
+            ("parse_workers", parse_workers, 1),
+            ("max_body_bytes", max_body_bytes, 1),
+        ):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        for name, value in (("header_timeout_s", header_timeout_s), ("body_timeout_s", body_timeout_s)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {value}")
+        if token is not None and not token.strip():
+            raise ValueError("token must be a non-empty string or None (no authentication)")
         extra = {k: getattr(vla, k) for k, d in (("num_images", 1), ("proprio_dim", 0)) if getattr(vla, k, d) != d}
         if extra:
             raise ValueError(
@@ -77,34 +117,84 @@ class ActionServer:
         self.vla = vla
         self.max_batch, self.max_wait_ms = int(max_batch), float(max_wait_ms)
         self.max_body_bytes, self.request_timeout_s = int(max_body_bytes), float(request_timeout_s)
-        self.access_log = access_log
+        self.access_log, self.progress, self.token = access_log, progress, token
+        self.max_connections, self.parse_workers = int(max_connections), int(parse_workers)
+        self.header_timeout_s, self.body_timeout_s = float(header_timeout_s), float(body_timeout_s)
+        model_cap = getattr(vla, "max_prompt_tokens", None)
+        if max_prompt_tokens is not None and max_prompt_tokens < 2:
+            raise ValueError(f"max_prompt_tokens must be at least 2 (BOS and the space), got {max_prompt_tokens}")
+        if max_prompt_tokens is not None and model_cap is not None and max_prompt_tokens > model_cap:
+            raise ValueError(
+                f"max_prompt_tokens={max_prompt_tokens} exceeds what this model's context leaves ({model_cap})"
+            )
+        cap = max_prompt_tokens if max_prompt_tokens is not None else MAX_PROMPT_TOKENS
+        self.max_prompt_tokens: Optional[int] = min(cap, model_cap) if model_cap is not None else max_prompt_tokens
+        self.buckets = self._buckets() if warmup else []
+        self._compiled = 0
+        self.compile_s: Optional[float] = None  # wall time of warmup(), once done
+        self._warmup_error: Optional[str] = None
+        self._ready = threading.Event()
         self._queue: queue.Queue[Pending] = queue.Queue()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._stats = Counter()
         self._batch_sizes = Counter()
-        self._httpd = _HTTPServer((host, port), _handler_class(self))
         self._threads: list[threading.Thread] = []
+        self.parse_pool = ThreadPoolExecutor(self.parse_workers, thread_name_prefix="vla-parse")
+        self._sock = _listen(host, port)
+        bound = self._sock.getsockname()[0]
+        if token is None and not ipaddress.ip_address(bound).is_loopback:
+            log.warning(
+                "serving on %s without a token: anyone who can reach this address can drive the robot; "
+                "pass --token (or set OPENVLA_SERVE_TOKEN) or bind 127.0.0.1",
+                bound,
+            )
+        from openvla_jax.serving.app import make_uvicorn
+
+        self._uvicorn = make_uvicorn(self)
 
     @property
     def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        host, port = self._sock.getsockname()[:2]
+        return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
 
     # ----------------------------------------------------------------------------- lifecycle
-    def start(self) -> "ActionServer":
-        """Starts the batching worker and the HTTP loop in daemon threads; returns self."""
-        for target, name in ((self._worker, "vla-batcher"), (self._httpd.serve_forever, "vla-http")):
-            t = threading.Thread(target=target, name=name, daemon=True)
+    def start(self, wait: bool = True) -> "ActionServer":
+        """Starts the HTTP loop and the batching worker (which compiles first) in daemon threads;
+        with `wait`, returns once every bucket is compiled (RuntimeError if compiling failed)."""
+        http = threading.Thread(
+            target=self._uvicorn.run, kwargs={"sockets": [self._sock]}, name="vla-http", daemon=True
+        )
+        worker = threading.Thread(target=self._worker, name="vla-batcher", daemon=True)
+        for t in (http, worker):
             t.start()
             self._threads.append(t)
+        deadline = time.monotonic() + 60
+        while not self._uvicorn.started and http.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)  # connections queue on the listening socket meanwhile; this only orders logs
+        if not http.is_alive():
+            raise RuntimeError(f"the HTTP server on {self.url} failed to start (see the log above)")
+        if wait:
+            self.wait_ready()
         return self
+
+    def wait_ready(self, timeout: Optional[float] = None) -> None:
+        """Blocks until every bucket is compiled; RuntimeError naming the cause if that failed."""
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"not ready after {timeout} s: compiled {self._compiled} of {len(self.buckets)} buckets")
+        if self._warmup_error is not None:
+            raise RuntimeError(f"compiling for the server failed: {self._warmup_error}")
 
     def serve_forever(self) -> None:
         """Blocks serving until KeyboardInterrupt (for scripts/serve.py)."""
-        self.start()
+        if not self._threads:
+            self.start(wait=False)
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and all(t.is_alive() for t in self._threads):
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass
@@ -113,18 +203,23 @@ class ActionServer:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._threads:  # shutdown() waits for a serve_forever loop that never started otherwise
-            self._httpd.shutdown()
-        self._httpd.server_close()
+        self._ready.set()  # a wait_ready() caller is released (the worker sees _stop between buckets)
+        self._answer_queued("503:server is shutting down")
+        self._uvicorn.should_exit = True
         for t in self._threads:
             t.join(timeout=10)
-        while True:  # anything still queued is answered, not left hanging
+        self._answer_queued("503:server is shutting down")  # anything queued meanwhile is not left hanging
+        self.parse_pool.shutdown(wait=False, cancel_futures=True)
+        self._sock.close()
+
+    def _answer_queued(self, error: str) -> None:
+        while True:
             try:
                 p = self._queue.get_nowait()
             except queue.Empty:
-                break
-            p.error = "503:server is shutting down"
-            p.done.set()
+                return
+            p.error = error
+            p.finish()
 
     def __enter__(self):
         return self.start()
@@ -132,16 +227,45 @@ class ActionServer:
     def __exit__(self, *exc):
         self.stop()
 
-    def warmup(self, image_hw=(224, 224), instruction: str = "pick up the object") -> None:
-        """Compiles every batch bucket (1, 2, 4, ... up to max_batch) before the first request."""
-        key = next(iter(sorted(self.vla.norm_stats)), None) if len(self.vla.norm_stats) > 1 else None
-        image = np.zeros((*image_hw, 3), np.uint8)
-        b = 1
-        while True:
-            self.vla.predict_action([image] * b, [instruction] * b, unnorm_key=key)
-            if b >= self.max_batch:
-                break
-            b = min(2 * b, self.max_batch)
+    # ---------------------------------------------------------------------------- compiling
+    def _buckets(self) -> list[tuple[int, int]]:
+        """(batch, prompt length) shapes `predict_action` pads a request batch to: batch a power of
+        two up to max_batch's, length a multiple of LENGTH_BUCKET from the shortest possible prompt
+        (the template alone) up to max_prompt_tokens. Empty for a model that has no `decode_rows`."""
+        vla = self.vla
+        if not (hasattr(vla, "decode_rows") and self.max_prompt_tokens is not None):
+            return []
+        shortest = 1
+        if getattr(vla, "tokenizer_dir", None) is not None:
+            from openvla_jax.tokenizer.prompt import inference_prompt_ids
+
+            shortest = len(inference_prompt_ids(vla.tokenizer, "")) - 1  # an instruction adds >= 0 tokens
+        top = 1 << (self.max_batch - 1).bit_length()
+        batches = [1 << i for i in range(top.bit_length())]
+        first = max(1, -(-shortest // LENGTH_BUCKET))
+        last = -(-self.max_prompt_tokens // LENGTH_BUCKET)
+        return [(b, n * LENGTH_BUCKET) for n in range(first, last + 1) for b in batches]
+
+    def warmup(self) -> None:
+        """Compiles (and runs once) the decoder at every bucket in `self.buckets`, largest batch last
+        so a batch that does not fit memory fails after the cheap ones have shown the setup works."""
+        if not self.buckets:
+            return
+        from tqdm import tqdm
+
+        vla = self.vla
+        pixels = vla._preprocess([np.zeros((8, 8, 3), np.uint8)])  # [1, S, S, 6], the dtype requests get
+        t0 = time.perf_counter()
+        bar = tqdm(self.buckets, desc="compiling", unit="bucket", disable=not self.progress, leave=True)
+        for b, length in bar:
+            if self._stop.is_set():
+                return
+            bar.set_postfix_str(f"batch {b} x {length} tokens", refresh=False)
+            vla.decode_rows(np.repeat(pixels, b, axis=0), [[1] * length] * b)
+            self._compiled += 1
+        bar.close()
+        self.compile_s = time.perf_counter() - t0
+        log.info("compiled %d buckets in %.1f s", len(self.buckets), self.compile_s)
 
     # ------------------------------------------------------------------------------- status
     def stats(self) -> dict:
@@ -158,8 +282,14 @@ class ActionServer:
 
             leaves = jax.tree.leaves(params)
             dtype = str(leaves[0].dtype) if leaves else None
-        return {
-            "status": "ok",
+        if self._warmup_error is not None:
+            status = "failed"
+        else:
+            status = "ok" if self.ready and not self._stop.is_set() else "compiling"
+        out = {
+            "status": status,
+            "ready": status == "ok",
+            "compiled": {"buckets": len(self.buckets), "done": self._compiled},
             "model": {
                 "class": type(vla).__name__,
                 "variant": as_config(config).variant if config is not None else None,
@@ -168,19 +298,38 @@ class ActionServer:
                 "unnorm_keys": sorted(vla.norm_stats),
             },
             "batching": {"enabled": self.max_batch > 1, "max_batch": self.max_batch, "max_wait_ms": self.max_wait_ms},
+            "max_prompt_tokens": self.max_prompt_tokens,
             "max_body_bytes": self.max_body_bytes,
             "stats": self.stats(),
         }
+        if self._warmup_error is not None:
+            out["error"] = self._warmup_error
+        return out
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
             self._stats[key] += n
 
+    # ------------------------------------------------------------------------------ requests
+    def parse(self, body: bytes) -> tuple[Pending, str]:
+        """A `/act` body -> (queued request, reply encoding), or BadRequest; runs on `parse_pool`."""
+        pending, encoding = parse_act(body, self.vla.norm_stats)
+        if self.max_prompt_tokens is not None and getattr(self.vla, "tokenizer_dir", None) is not None:
+            from openvla_jax.tokenizer.prompt import inference_prompt_ids
+
+            n = len(inference_prompt_ids(self.vla.tokenizer, pending.instruction))
+            if n > self.max_prompt_tokens:
+                raise BadRequest(
+                    f"'instruction' is {n} prompt tokens; this server takes at most {self.max_prompt_tokens} "
+                    "(its max_prompt_tokens: every length up to it is compiled before serving)"
+                )
+        return pending, encoding
+
     # ------------------------------------------------------------------------------ batching
     def submit(self, pending: Pending) -> None:
         if self._stop.is_set():
             pending.error = "503:server is shutting down"
-            pending.done.set()
+            pending.finish()
             return
         self._queue.put(pending)
 
@@ -200,6 +349,14 @@ class ActionServer:
         return batch
 
     def _worker(self) -> None:
+        try:
+            self.warmup()
+        except Exception as e:  # noqa: BLE001 -- reported by /health and wait_ready, not a dead thread
+            log.exception("compiling the server's buckets failed")
+            self._warmup_error = f"{type(e).__name__}: {e}"
+            self._ready.set()
+            return
+        self._ready.set()
         while not self._stop.is_set():
             batch = self._collect()
             if batch:
@@ -236,125 +393,19 @@ class ActionServer:
                 self._stats["model_calls"] += 1
                 self._batch_sizes[len(group)] += 1
             for p in group:
-                p.done.set()
+                p.finish()
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128  # the default 5 drops connections when dozens of clients connect at once
-
-
-def _handler_class(server: ActionServer):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive: a robot client reuses its connection
-        disable_nagle_algorithm = True  # else each small reply waits ~40 ms on the client's delayed ACK
-        timeout = 300  # seconds an idle keep-alive connection may hold a thread
-
-        def log_message(self, fmt, *args):
-            if server.access_log:
-                log.info("%s %s", self.address_string(), fmt % args)
-
-        def _reply(self, status: int, value: Any) -> None:
-            body = json.dumps(value).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            if status == 405:
-                self.send_header("Allow", "POST" if self.path.split("?")[0] == "/act" else "GET")
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            # Counted before the body goes out: once a client holds its reply, stats include it.
-            server._count("responses_%dxx" % (status // 100))
-            self.wfile.write(body)
-
-        def _error(self, status: int, message: str) -> None:
-            self._reply(status, {"error": message})
-
-        def _route(self, method: str) -> None:
-            try:
-                path = self.path.split("?")[0]
-                want = {"/act": "POST", "/health": "GET"}.get(path)
-                if want is None:
-                    self._drain()
-                    return self._error(404, f"unknown path {path!r}; endpoints: POST /act, GET /health")
-                if method != want:
-                    self._drain()
-                    return self._error(405, f"{path} takes {want}, not {method}")
-                if path == "/health":
-                    return self._reply(200, server.health())
-                self._act()
-            except (BrokenPipeError, ConnectionResetError):
-                self.close_connection = True
-            except Exception as e:  # noqa: BLE001 -- a handler bug answers 500, never kills the server
-                log.exception("unhandled error in %s %s", method, self.path)
-                self.close_connection = True
-                try:
-                    self._error(500, f"internal error: {type(e).__name__}: {e}")
-                except OSError:
-                    pass
-
-        def _drain(self) -> None:
-            """Reads the body of a request that will not be used, so the keep-alive stream stays in
-            step; an oversized one is discarded and the connection closed."""
-            n = self.headers.get("Content-Length")
-            if n and n.strip().isdigit() and int(n) <= server.max_body_bytes:
-                self.rfile.read(int(n))
-            elif n:
-                self._discard(int(n) if n.strip().isdigit() else 0)
-
-        def _discard(self, n: int, budget_s: float = 5.0) -> None:
-            """Reads and drops up to n body bytes (for at most budget_s), then marks the connection
-            for closing. Closing with unread input would make the kernel send a reset, and the
-            client could lose our error reply before reading it."""
-            self.close_connection = True
-            deadline = time.monotonic() + budget_s
-            try:
-                while n > 0 and time.monotonic() < deadline:
-                    chunk = self.rfile.read1(min(n, 1 << 16))
-                    if not chunk:
-                        break
-                    n -= len(chunk)
-            except OSError:
-                pass
-
-        def _act(self) -> None:
-            n = self.headers.get("Content-Length")
-            if n is None or not n.strip().isdigit():
-                self.close_connection = True  # the body's end is unknown: the stream cannot be reused
-                return self._error(411, "POST /act needs a Content-Length header (no chunked bodies)")
-            n = int(n)
-            if n > server.max_body_bytes:
-                self._discard(n)
-                return self._error(413, f"body of {n} bytes exceeds the limit of {server.max_body_bytes}")
-            body = self.rfile.read(n)
-            try:
-                pending, encoding = parse_act(body, server.vla.norm_stats)
-            except BadRequest as e:
-                return self._error(e.status, str(e))
-            server._count("requests")
-            server.submit(pending)
-            if not pending.done.wait(server.request_timeout_s):
-                return self._error(504, f"no answer within {server.request_timeout_s} s")
-            if pending.error is not None:
-                status, message = pending.error.split(":", 1)
-                return self._error(int(status), message)
-            assert pending.action is not None  # done without an error: the worker set the action
-            self._reply(200, encode_action(pending.action, encoding))
-
-        def do_GET(self):
-            self._route("GET")
-
-        def do_POST(self):
-            self._route("POST")
-
-        def do_PUT(self):
-            self._route("PUT")
-
-        def do_DELETE(self):
-            self._route("DELETE")
-
-        def do_PATCH(self):
-            self._route("PATCH")
-
-    return Handler
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket bound now, so `.url` (port 0: the port picked) is known before start
+    and a port in use fails here, naming it."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot bind {host}:{port}: {e.strerror}") from None
+    sock.listen(2048)  # dozens of clients connecting at once must not be refused by a short backlog
+    return sock

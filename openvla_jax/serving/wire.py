@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -30,7 +30,8 @@ class BadRequest(ValueError):
 @dataclass
 class Pending:
     """One validated request waiting for its action; the batching worker fills `action` or `error`
-    ("<status>:<message>") and sets `done`."""
+    ("<status>:<message>") and calls `finish()`, which sets `done` and calls `notify` (the HTTP side's
+    wake-up: it runs on an event loop, not on a thread that could wait on `done`)."""
 
     image: np.ndarray
     instruction: str
@@ -38,6 +39,15 @@ class Pending:
     done: threading.Event = field(default_factory=threading.Event)
     action: Optional[np.ndarray] = None
     error: Optional[str] = None
+    notify: Optional[Callable[[], None]] = None
+
+    def finish(self) -> None:
+        self.done.set()
+        if self.notify is not None:
+            try:
+                self.notify()
+            except RuntimeError:  # its event loop has closed (the server stopped): nobody is waiting
+                pass
 
 
 def _image(x) -> np.ndarray:

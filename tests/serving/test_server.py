@@ -201,7 +201,7 @@ def test_plain_json_numpy_and_encoded_forms_agree_on_the_wire(vla):
     rng = np.random.default_rng(2)
     img, text = image(rng), "open the drawer"
     want = vla.predict_action(img, text, unnorm_key="fractal")[0]
-    with ActionServer(vla, port=0, max_batch=4, max_wait_ms=1) as server:
+    with ActionServer(vla, port=0, max_batch=4, max_wait_ms=1, warmup=False) as server:
         hand = {"__numpy__": base64.b64encode(img.tobytes()).decode(), "dtype": "|u1", "shape": list(img.shape)}
         s, as_np = raw(
             server.url, "POST", "/act", json.dumps({"image": hand, "instruction": text, "unnorm_key": "fractal"})
@@ -354,7 +354,7 @@ def test_a_model_exception_fails_only_its_request():
 
 
 def test_health_reports_model_batching_and_counters(vla):
-    with ActionServer(vla, port=0, max_batch=16, max_wait_ms=3) as server:
+    with ActionServer(vla, port=0, max_batch=16, max_wait_ms=3, warmup=False) as server:
         client = ActionClient(server.url)
         client.act(np.zeros((8, 8, 3), np.uint8), "open the drawer", "fractal")
         h = client.health()
@@ -451,3 +451,62 @@ def test_a_reply_does_not_wait_on_delayed_acks():
             client.act(img, f"go {r}", "fractal")
             times.append(time.perf_counter() - t)
     assert np.median(times) < 0.025, f"median round trip {1e3 * np.median(times):.1f} ms"
+
+
+# ------------------------------------------------------------------- compiling before serving
+class Prompted(Counting):
+    """Counting, plus what lets the server count prompt tokens (but nothing for it to compile)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.tokenizer_dir, self.tokenizer = model.tokenizer_dir, model.tokenizer
+        self.max_prompt_tokens = model.max_prompt_tokens
+
+
+def test_an_over_long_instruction_fails_alone_and_never_reaches_a_batch(vla):
+    """Before: a prompt past the context failed its whole batch (then 500 after a retry); one past the
+    server's cap but inside the context was served after compiling a new bucket, stalling the rest."""
+    model = Prompted(vla)
+    rng = np.random.default_rng(4)
+    img = image(rng)
+    texts = ["open the drawer", "pick up the block " * 4000, "put the spoon in the pot", "go " * 30]
+    with ActionServer(model, port=0, max_batch=4, max_wait_ms=300, max_prompt_tokens=32) as server:
+        client = ActionClient(server.url)
+
+        def run(i):
+            try:
+                return client.act(img, texts[i], "bridge_orig")
+            except ServerError as e:
+                return e
+
+        got = run_threads(len(texts), run)
+    for i in (1, 3):  # the long ones: 400 naming the cap
+        assert isinstance(got[i], ServerError) and got[i].status == 400, got[i]
+        assert "this server takes at most 32" in got[i].message
+    for i in (0, 2):  # the valid ones: their own actions
+        np.testing.assert_array_equal(got[i], vla.predict_action(img, texts[i], unnorm_key="bridge_orig")[0])
+    assert sum(model.calls) == 2  # the long ones never reached the model
+
+
+def test_the_first_requests_after_start_compile_nothing(vla):
+    fresh = OpenVLA(vla.config, vla.params, STATS, vla.tokenizer_dir, "float32")  # its own, empty jit caches
+    compiles = []
+
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        # One bucket keeps this cheap (one compile): the template alone is 15 tokens with this tokenizer.
+        with ActionServer(fresh, port=0, max_batch=1, max_prompt_tokens=16, progress=False) as server:
+            assert server.buckets == [(1, 16)]
+            after_start = len(compiles)
+            assert after_start >= 1 and server.ready
+            client = ActionClient(server.url)
+            rng = np.random.default_rng(5)
+            for text, hw in [("a", (12, 16)), ("open", (40, 56)), ("close", (7, 9))]:
+                assert client.act(image(rng, *hw), text, "fractal").shape == (7,)
+            assert len(compiles) == after_start, f"{len(compiles) - after_start} compile(s) on the request path"
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
