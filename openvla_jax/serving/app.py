@@ -131,8 +131,7 @@ class App:
             health = server.health()
             return await self._reply(send, 200 if health["ready"] else 503, health)
         if not server.ready:
-            compiled = f"{server._compiled} of {len(server.buckets)} buckets compiled"
-            return await self._error(send, 503, f"not ready: compiling ({compiled}); GET /health says when")
+            return await self._error(send, 503, f"not ready: {server.not_ready_reason}")
         await self._act(headers, receive, send)
 
     async def _act(self, headers: dict, receive, send) -> None:

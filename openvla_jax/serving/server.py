@@ -160,7 +160,16 @@ class ActionServer:
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set()
+        """Every bucket compiled, and not stopping: requests are taken."""
+        return self._ready.is_set() and self._warmup_error is None and not self._stop.is_set()
+
+    @property
+    def not_ready_reason(self) -> str:
+        if self._warmup_error is not None:
+            return f"compiling failed ({self._warmup_error}); restart the server"
+        if self._stop.is_set():
+            return "server is shutting down"
+        return f"compiling ({self._compiled} of {len(self.buckets)} buckets compiled); GET /health says when"
 
     # ----------------------------------------------------------------------------- lifecycle
     def start(self, wait: bool = True) -> "ActionServer":
@@ -285,7 +294,7 @@ class ActionServer:
         if self._warmup_error is not None:
             status = "failed"
         else:
-            status = "ok" if self.ready and not self._stop.is_set() else "compiling"
+            status = "ok" if self.ready else "stopping" if self._stop.is_set() else "compiling"
         out = {
             "status": status,
             "ready": status == "ok",

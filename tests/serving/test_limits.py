@@ -77,6 +77,8 @@ def test_a_failed_compile_is_reported_not_served():
             server.start()
         status, h = raw(server.url, "GET", "/health")
         assert (status, h["status"]) == (503, "failed") and "RESOURCE_EXHAUSTED" in h["error"]
+        status, got = raw(server.url, "POST", "/act", '{"image": [[[1, 2, 3]]], "instruction": "go 1"}')
+        assert status == 503 and "compiling failed (MemoryError: RESOURCE_EXHAUSTED" in got["error"]
     finally:
         server.stop()
 

@@ -5,6 +5,7 @@ plain / json-numpy / encoded forms agree, and the json-numpy codec matches a han
 import base64
 import http.client
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -413,12 +414,14 @@ def test_serve_script_serves_a_checkpoint(ckpt):
             "--port=0",
             "--dtype=float32",
             "--max_batch=2",
+            "--max_prompt_tokens=32",
             "--nowarmup",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         cwd=ROOT,
+        env={**os.environ, "OPENVLA_SERVE_TOKEN": "t0ken"},
     )
     try:
         url, lines = None, []
@@ -431,8 +434,11 @@ def test_serve_script_serves_a_checkpoint(ckpt):
             if line.startswith("serving on "):
                 url = line.split()[2]
         assert url is not None, "".join(lines[-20:])
-        client = ActionClient(url)
-        assert client.health()["batching"]["max_batch"] == 2
+        with pytest.raises(ServerError, match="HTTP 401"):
+            ActionClient(url).health()
+        client = ActionClient(url, token="t0ken")
+        h = client.health()
+        assert h["batching"]["max_batch"] == 2 and h["max_prompt_tokens"] == 32
         assert client.act(np.zeros((8, 8, 3), np.uint8), "open the drawer", "fractal").shape == (7,)
     finally:
         proc.terminate()
