@@ -4,6 +4,8 @@
   python scripts/compile_check.py --config=configs/train.py:openvla_7b_finetune --target=h100:1x8
   python scripts/compile_check.py --predict --model=7b --target=v5e-1 --batch=64
   python scripts/compile_check.py --config=configs/train.py:openvla_7b_pretrain --target=h100:1x8 --find_max_batch
+  JAX_PLATFORMS=cuda python scripts/compile_check.py --config=configs/train.py:openvla_7b_finetune \
+      --target=local --rows_per_device=8 --run=5      # on a real GPU/TPU host: run it, measured vs planned
 
 Prints per-device memory (argument, output, aliased, temporary, code, peak) against the device's, the
 model FLOPs per step and the collectives; exits 1 when the program does not fit (TPU: the compiler's
@@ -37,6 +39,7 @@ flags.DEFINE_integer("prompt_len", 32, "prompt tokens (--predict)")
 flags.DEFINE_bool("precheck", True, "report a state too big to hold without compiling it")
 flags.DEFINE_string("save", "", "write the serialized executable here")
 flags.DEFINE_string("json", "", "append the report as one JSON line to this file")
+flags.DEFINE_integer("run", 0, "--target=local only: run the compiled train step this many timed times")
 FLAGS = flags.FLAGS
 
 
@@ -88,6 +91,16 @@ def main(_):
     if FLAGS.find_max_batch:
         print(f"largest per-device batch that fits on {target.name}: {best}")
         return 0 if best else 1
+    if FLAGS.run and not FLAGS.predict and reports[-1].compiled is not None:
+        if target.name != "local":
+            raise app.UsageError("--run executes on the accelerators of this host: use it with --target=local")
+        from openvla_jax.aot.run import run_compiled
+
+        measured = run_compiled(reports[-1], FLAGS.run)
+        print(json.dumps(measured), flush=True)
+        if FLAGS.json:
+            with open(FLAGS.json, "a") as f:
+                f.write(json.dumps(measured) + "\n")
     if save and not reports[-1].error:
         print(f"saved the executable to {save}")
     return 0 if reports[-1].fits else 1

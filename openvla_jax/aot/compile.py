@@ -50,6 +50,9 @@ class Report:
     accumulate_steps: int = 1
     text_len: int = 0
     input_formats: list = dataclasses.field(default_factory=list, repr=False)  # the arguments' device layouts
+    # For `aot.run` on a local accelerator: the executable and its abstract arguments (not serialised).
+    compiled: object = dataclasses.field(default=None, repr=False, compare=False)
+    inputs: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
     @property
     def peak(self) -> int:
@@ -120,7 +123,8 @@ def _is_oom(err: Exception) -> bool:
 
 
 def compile_options(target: Target) -> Optional[dict]:
-    return dict(GPU_OPTIONS) if target.platform == "gpu" else None
+    # A real local GPU autotunes as training would; only a deviceless compile needs the options off.
+    return dict(GPU_OPTIONS) if target.platform == "gpu" and target.name != "local" else None
 
 
 def per_device_bytes(tree) -> int:
@@ -190,6 +194,7 @@ def _finish(report: Report, lowered, target: Target, save: Optional[str] = None)
         report.fits, report.error = False, str(e)
         return report
     report.compile_s = time.perf_counter() - t0
+    report.compiled = compiled
     m = compiled.memory_analysis()
     report.argument = int(m.argument_size_in_bytes)
     report.output = int(m.output_size_in_bytes)
@@ -267,6 +272,7 @@ def compile_train(
         abstract_train_state,
         lower_train_step,
         make_train_step,
+        select_batch,
         train_state_shardings,
     )
 
@@ -307,6 +313,7 @@ def compile_train(
         accumulate_steps=accumulate,
         text_len=text_len,
     )
+    report.inputs = (state, select_batch(batch))
     if precheck and not _arguments_fit(report, state, batch):
         return report
     lowered = lower_train_step(step, state, batch, mesh, R.RULES)

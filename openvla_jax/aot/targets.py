@@ -8,6 +8,9 @@ each); `tpu7x-8` counts TensorCores (two devices per chip). An explicit chip gri
 GPU clusters are `<gpu>:<hosts>x<gpus per host>` (`h100:4x8`, `a100:1x8`, `h200:2x8`, `b200:1x8`);
 `<gpu>:<n>` is one host of n GPUs. The device facts come from `gpu_specs/<gpu>.txtpb`.
 
+`local` is the accelerators this process really has (run with JAX_PLATFORMS=cuda or tpu): the same
+compile, plus `aot.run` to execute it and set the prediction beside the measured peak and step time.
+
 Needs the TPU runtime (`libtpu`) or the CUDA plugin (`jax-cuda12-plugin`, `jax-cuda12-pjrt`) installed:
 `pip install -e ".[aot]"`. No accelerator, driver or CUDA toolkit is used.
 """
@@ -137,10 +140,26 @@ def available(platform: str) -> bool:
     return "cuda" in xla_bridge._backend_factories
 
 
+def local_target() -> Target:
+    """The devices of the running backend (a real GPU or TPU host), memory from the runtime."""
+    import jax
+
+    devices = tuple(jax.devices())
+    stats = devices[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        raise TargetUnavailable(
+            f"--target=local needs an accelerator that reports its memory; this process has {devices[0].platform} "
+            "devices (set JAX_PLATFORMS=cuda or tpu on a GPU/TPU host)"
+        )
+    return Target("local", devices[0].platform, devices, int(stats["bytes_limit"]), devices[0].device_kind)
+
+
 def get_target(name: str, num_slices: int = 1) -> Target:
-    """A `Target` for a TPU slice (`v5p-64`, `num_slices`) or GPU cluster (`h100:4x8`)."""
+    """A `Target` for a TPU slice (`v5p-64`, `num_slices`), a GPU cluster (`h100:4x8`) or `local`."""
     from jax.experimental import topologies
 
+    if name == "local":
+        return local_target()
     host_setup()
     if is_gpu(name):
         gpu, hosts, per_host = parse_gpu(name)
