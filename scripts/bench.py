@@ -39,6 +39,7 @@ flags.DEFINE_bool(
 flags.DEFINE_bool(
     "torch", True, "time the PyTorch reference too (--notorch: JAX only in train and predict, e.g. 7B on a GPU host)"
 )
+flags.DEFINE_list("jax_dtypes", ["float32", "bfloat16"], "JAX compute dtypes timed (the faster is reported as JAX's)")
 flags.DEFINE_string("work_dir", None, "scratch directory for the convert case (default: a temp dir)")
 FLAGS = flags.FLAGS
 
@@ -62,6 +63,7 @@ def main(argv):
         work_dir=FLAGS.work_dir,
         torch=FLAGS.torch,
         interleave=FLAGS.interleave,
+        jax_dtypes=tuple(FLAGS.jax_dtypes),
     )
     print(json.dumps(dict(machine(), **device_info(opts))), flush=True)
     out = run_suite(
