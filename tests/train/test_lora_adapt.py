@@ -135,13 +135,13 @@ def base(demo):
     return module, params, accuracy
 
 
-def test_lora_adapts_the_demo_model_to_a_shifted_task(demo, base):
+def lora_on_shifted(demo, base, quant: str = "none"):
+    """LORA_STEPS LoRA steps (rank 8, `make_lora_train_step`, unmerged) on the shifted training frames
+    over the trained base, frozen in fp32 or quantized (`quant`: int8, int4 in groups of 32) ->
+    (adapters, the base the step saw, held-out accuracy of the adapted model (unmerged, on that
+    base) on the variant and on the task)."""
     config, act, train, val = demo
-    module, params, accuracy = base
-    val_shift = [shifted(b, act) for b in val]
-    base_orig, base_shift = accuracy(params, val), accuracy(params, val_shift)
-
-    # LoRA on the shifted variant, through the real adapter-only step
+    module, params, _ = base
     cfg = LO.LoraConfig(rank=8, alpha=16.0)
     ltx, schedule = O.make_optimizer(
         ml_collections.ConfigDict(
@@ -152,12 +152,35 @@ def test_lora_adapts_the_demo_model_to_a_shifted_task(demo, base):
     step = LO.make_lora_train_step(
         module, ltx, schedule, cfg, supervised_tokens=SUPERVISED, compiler_options=ST.FAST_COMPILE
     )
+    frozen = LO.frozen_base(jax.device_get(params), cfg, jnp.float32, quant=quant, group_size=32)
     state = LO.init_lora_state(params, cfg, ltx, jax.random.key(1))
     for i in range(LORA_STEPS):
-        state, m = step(state, params, shifted(train[i % len(train)], act))
+        state, m = step(state, frozen, shifted(train[i % len(train)], act))
         assert bool(m["finite"])
-    adapted = LO.merge(params, state.params, cfg)
-    after_shift, after_orig = accuracy(adapted, val_shift), accuracy(adapted, val)
+
+    @partial(jax.jit, compiler_options=ST.FAST_COMPILE)
+    def sums_of(adapters, batch):
+        with LO.adapted(cfg):
+            p = LO.attach(frozen, adapters)
+            return ST.forward_sums(module, p, batch, supervised_tokens=SUPERVISED)[1]
+
+    def accuracy(adapters, batches) -> float:
+        s = [jax.device_get(sums_of(adapters, b)) for b in batches]
+        return float(sum(x["correct"].sum() for x in s) / sum(x["action_tokens"].sum() for x in s))
+
+    val_shift = [shifted(b, act) for b in val]
+    return state.params, frozen, accuracy(state.params, val_shift), accuracy(state.params, val)
+
+
+def test_lora_adapts_the_demo_model_to_a_shifted_task(demo, base):
+    config, act, train, val = demo
+    module, params, accuracy = base
+    val_shift = [shifted(b, act) for b in val]
+    base_orig, base_shift = accuracy(params, val), accuracy(params, val_shift)
+    adapters, _, after_shift, after_orig = lora_on_shifted(demo, base)
+    cfg = LO.LoraConfig(rank=8, alpha=16.0)
+    merged = LO.merge(params, adapters, cfg)  # the export's weights score as the unmerged model did
+    np.testing.assert_allclose(accuracy(merged, val_shift), after_shift, atol=0.02)
     print(
         f"\nheld-out action-token accuracy: base {base_orig:.3f} on the task, {base_shift:.3f} on the shifted "
         f"variant; after {LORA_STEPS} LoRA steps {after_shift:.3f} on the variant, {after_orig:.3f} on the task"
@@ -168,6 +191,23 @@ def test_lora_adapts_the_demo_model_to_a_shifted_task(demo, base):
     assert after_orig < base_orig - 0.2  # it adapted to the variant (measured 0.02)
     # the base is untouched: only the adapters trained
     np.testing.assert_allclose(accuracy(params, val), base_orig)
+
+
+@pytest.mark.slow  # two more LoRA runs of LORA_STEPS steps: ~1-2 min on 2 shared cores
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_lora_on_a_quantized_base_adapts_too(demo, base, quant):
+    """The same adaptation with the frozen base quantized (`base_quant`), dequantized inside the step."""
+    _, act, _, val = demo
+    _, params, accuracy = base
+    base_shift = accuracy(params, [shifted(b, act) for b in val])
+    _, frozen, after_shift, after_orig = lora_on_shifted(demo, base, quant)
+    kernel = frozen["language_model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+    assert kernel[quant].dtype == np.int8  # the step really ran on the quantized kernels
+    print(
+        f"\n{quant} base: held-out accuracy on the variant {base_shift:.3f} -> {after_shift:.3f} "
+        f"({after_orig:.3f} on the task)"
+    )
+    assert after_shift >= base_shift + 0.4 and after_shift >= 0.5
 
 
 def test_quantized_demo_model_agrees_with_fp32(demo, base):
