@@ -180,7 +180,8 @@ class TrainCheckpointer:
         Call on every host. `meta` must be JSON-serialisable (step and rng key data as lists);
         `step` is added. With `data_iterator` (a `CheckpointableIterator`), its position is written
         to `data_state/<step>` first and recorded in meta as `data_state` / `data_position`."""
-        self.poll()  # a previous save that failed stops this one (and the run), even off schedule
+        # A failure poll() found stops here; not poll() itself: multi-process, a host that found one
+        # alone would stop here while the others wait in the save's barrier (the loop stops them together).
         self._raise_failure()
         if step in self._mngr.all_steps() or (not force and not self._mngr.should_save(step)):
             return False
