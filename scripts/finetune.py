@@ -34,11 +34,12 @@ FLAGS = flags.FLAGS
 
 def with_model_of_checkpoint(config):
     """config with `model` replaced by init_from's model config, keeping the configured compute dtype
-    and remat policy (they do not change the params; the checkpoint's scan_layers does: kept as saved)."""
+    and remat policy (they do not change the params; the checkpoint's scan_layers does: kept as saved)
+    and the OpenVLA-OFT options the config sets (chunks, cameras, proprio, head)."""
     import ml_collections
 
     from openvla_jax.checkpoints.converted import is_converted
-    from openvla_jax.models.config import read_model_config
+    from openvla_jax.models.config import as_config, read_model_config
 
     if not config.init_from or not is_converted(config.init_from):
         raise FileNotFoundError(
@@ -46,7 +47,10 @@ def with_model_of_checkpoint(config):
             "params/): convert one with `scripts/convert.py to-jax`"
         )
     model = read_model_config(Path(config.init_from) / "model_config.json")
-    model = model.replace(dtype=config.model.dtype, remat_policy=config.model.remat_policy)
+    # the OFT options the config asks for (configs/finetune.py:oft_lora) on an OpenVLA checkpoint: the
+    # new parts are initialized by the trainer; a config without any keeps the checkpoint's own
+    wanted = as_config(config.model).actions.differences_from_openvla()
+    model = model.replace(dtype=config.model.dtype, remat_policy=config.model.remat_policy, **wanted)
     config = ml_collections.ConfigDict(config.to_dict())
     config.model = model.to_config_dict()
     return config

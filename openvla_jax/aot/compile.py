@@ -280,6 +280,8 @@ def compile_train(
     n = target.num_devices
     rows = int(round(rows_per_device * n)) if rows_per_device else int(config.data.batch_size)
     module = build_module(config)
+    if config.get("lora") is not None:  # LoRA on a frozen (maybe quantized) base: its own step and state
+        return _compile_lora(config, target, module, mesh, rows, text_len, save, precheck)
     optimizer, schedule = make_optimizer(config.optimizer, abstract_params(module))
     shardings = train_state_shardings(module, optimizer, mesh, R.RULES)
     k = supervised_tokens(config)
@@ -318,6 +320,49 @@ def compile_train(
         return report
     lowered = lower_train_step(step, state, batch, mesh, R.RULES)
     return _finish(report, lowered, target, save)
+
+
+def _compile_lora(config, target: Target, module, mesh, rows: int, text_len: int, save, precheck) -> Report:
+    """`compile_train` for a config with a `lora` section: the adapters' train state and the frozen
+    base (`base_dtype`, `base_quant`) as sharded shapes, lowered by `train.trainable.Lora`."""
+    from openvla_jax.models.config import as_config
+    from openvla_jax.parallel import rules as R
+    from openvla_jax.train.flops import step_flops
+    from openvla_jax.train.loop import supervised_tokens
+    from openvla_jax.train.step import abstract_batch
+    from openvla_jax.train.trainable import Lora, lora_config_of
+
+    k = supervised_tokens(config)
+    datasets = num_datasets(config)
+    lora = Lora(
+        config,
+        module,
+        mesh,
+        R.RULES,
+        lora_config_of(config),
+        num_datasets=datasets,
+        supervised_tokens=k,
+        load=False,
+        compiler_options=compile_options(target),
+    )
+    state, base = lora.abstract_inputs()
+    batch = abstract_batch(module, mesh, rows, text_len, datasets)
+    quant = lora.quant if lora.quant != "none" else str(lora.dtype)
+    report = Report(
+        target=target.name,
+        program=f"train_step {config.get('variant', '')} r={lora.lora.rank}, {quant} base".strip(),
+        devices=target.num_devices,
+        device_kind=target.device_kind,
+        memory_bytes=target.memory_bytes,
+        rows_per_device=rows / target.num_devices,
+        global_batch=rows,
+        fits=False,
+        flops=step_flops(as_config(config.model), rows, text_len, k),
+        text_len=text_len,
+    )
+    if precheck and not _arguments_fit(report, state, base, batch):
+        return report
+    return _finish(report, lora.lower(state, base, batch), target, save)
 
 
 def compile_predict(

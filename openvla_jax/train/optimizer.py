@@ -13,6 +13,9 @@ Freezing: `freeze` is a list of regexes matched (`re.match`, anchored at the sta
 optimizer state (optax.multi_transform with set_to_zero); the gradient clip and its norm see only the
 trainable parameters (torch clips the parameters that have gradients).
 
+Step decay (OpenVLA-OFT's `MultiStepLR`): `lr_decay_after` > 0 multiplies the schedule's lr by
+`lr_decay_factor` (0.1, OFT's) from that many updates on; 0 (the default) never.
+
 `frozen_dtype` ("float32" | "bfloat16"): the dtype frozen parameters are *stored* in inside the train
 state (`cast_frozen`). They never get an update, so fp32 master copies buy nothing: bf16 halves
 their memory (the 7B's vision towers, ~0.7B parameters: 2.8 GB -> 1.4 GB) and the bytes read per step.
@@ -53,12 +56,25 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
             freeze=(),
             frozen_dtype="float32",
             accumulate_steps=1,
+            lr_decay_after=0,  # > 0: lr x lr_decay_factor from this update on (OpenVLA-OFT's step decay)
+            lr_decay_factor=0.1,
         )
     )
 
 
 def make_schedule(cfg: OptimizerConfig) -> Callable:
-    """step (number of updates done) -> learning rate."""
+    """step (number of updates done) -> learning rate (`cfg.schedule`, then the step decay)."""
+    schedule = _base_schedule(cfg)
+    after = int(cfg.get("lr_decay_after", 0) or 0)
+    if after < 0:
+        raise ValueError(f"optimizer.lr_decay_after={after}: expected 0 (no decay) or a number of updates")
+    if not after:
+        return schedule
+    factor = float(cfg.get("lr_decay_factor", 0.1))
+    return lambda step: schedule(step) * jnp.where(step >= after, factor, 1.0)
+
+
+def _base_schedule(cfg: OptimizerConfig) -> Callable:
     if cfg.schedule == "constant":
         return optax.constant_schedule(cfg.lr)
     if cfg.schedule == "warmup_cosine":
