@@ -35,6 +35,12 @@ flags.DEFINE_integer("max_connections", 256, "open connections at most (503 abov
 flags.DEFINE_float("header_timeout_s", 10.0, "a request head must arrive within this (else the connection closes)")
 flags.DEFINE_float("body_timeout_s", 30.0, "a request body must arrive within this (else 408)")
 flags.DEFINE_bool("access_log", False, "log every request")
+flags.DEFINE_string(
+    "compilation_cache_dir",
+    None,
+    "persistent XLA cache: a restart loads the compiled buckets instead of compiling them again "
+    "(default: $OPENVLA_JAX_COMPILATION_CACHE; unset: no cache)",
+)
 flags.DEFINE_enum(
     "image_resize",
     None,
@@ -49,8 +55,10 @@ def main(argv):
     del argv
     from openvla_jax.policy import OpenVLA
     from openvla_jax.serving.server import ActionServer
+    from openvla_jax.utils.compile_cache import enable_compilation_cache
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cache = enable_compilation_cache(FLAGS.compilation_cache_dir)
     vla = OpenVLA.load(
         FLAGS.checkpoint, dtype=FLAGS.dtype, image_resize=FLAGS.image_resize, center_crop=FLAGS.center_crop
     )
@@ -69,7 +77,11 @@ def main(argv):
         header_timeout_s=FLAGS.header_timeout_s,
         body_timeout_s=FLAGS.body_timeout_s,
     )
-    print(f"listening on {server.url}; compiling {len(server.buckets)} buckets before serving", flush=True)
+    print(
+        f"listening on {server.url}; compiling {len(server.buckets)} buckets before serving"
+        + (f" (compilation cache: {cache})" if cache else ""),
+        flush=True,
+    )
     try:
         server.start()  # returns once compiled; raises naming the cause if compiling failed
     except BaseException:
