@@ -60,15 +60,15 @@ def main(argv):
     del argv
     import jax
 
-    from openvla_jax.train.loop import TrainingDiverged, train
+    from openvla_jax.train.loop import train
+    from openvla_jax.utils.fatal import exit_with_cause, fatal_errors
 
     logging.set_verbosity(logging.WARNING)
     config = with_model_of_checkpoint(FLAGS.config)
     try:
         summary = train(config, FLAGS.workdir)
-    except TrainingDiverged as e:
-        print(f"finetune.py: {e}", file=sys.stderr)
-        return 3
+    except fatal_errors() as e:
+        return exit_with_cause("finetune.py", e)
     if jax.process_index() != 0:
         return 0
     if "trainable" in summary:

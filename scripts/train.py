@@ -15,7 +15,6 @@ incomplete checkpoints) ends with its cause as the last line on stderr and exit 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -34,17 +33,14 @@ def main(argv):
     del argv
     import jax
 
-    from openvla_jax.checkpoints.training import CheckpointError
-    from openvla_jax.train.lock import WorkdirLocked
-    from openvla_jax.train.loop import TrainingDiverged, train
+    from openvla_jax.train.loop import train
+    from openvla_jax.utils.fatal import exit_with_cause, fatal_errors
 
     logging.set_verbosity(logging.WARNING)
     try:
         summary = train(FLAGS.config, FLAGS.workdir)
-    except (TrainingDiverged, CheckpointError, WorkdirLocked) as e:
-        print(f"train.py: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        quiet_teardown()
-        return 3
+    except fatal_errors() as e:
+        return exit_with_cause("train.py", e)
     if jax.process_index() == 0:
         keys = ("train/loss", "train/action_accuracy", "train/l1", "eval/loss", "eval/action_accuracy", "eval/l1")
         short = {k: round(summary[k], 4) for k in keys if k in summary}
@@ -56,17 +52,6 @@ def main(argv):
         if summary.get("skipped_episodes"):
             print(f"train: episodes skipped by the data pipeline: {json.dumps(summary['skipped_episodes'])}")
     return 0
-
-
-def quiet_teardown():
-    """After the fatal error is printed, the writes of a failed save still in flight fail as the
-    interpreter shuts down, each with a traceback (hundreds at 7B, from C++ callbacks as well as
-    Python threads): send stderr to /dev/null so the cause stays the last line of the output."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    sys.stderr = open(devnull, "w", closefd=False)
 
 
 if __name__ == "__main__":

@@ -313,3 +313,26 @@ def test_a_failed_save_stops_the_next_step_and_the_resumed_run_logs_each_step_on
     assert steps == list(range(1, 9)), steps  # steps 3..4/5 of the failed run were dropped, then logged again
     counts = [r["data/skipped_episodes"] for r in rows() if "train/loss" in r]
     assert max(counts) == counts[-1] == 1, counts  # 0 until the pipeline reads episode 0, then 1 for good
+
+
+def test_exit_with_cause_leaves_the_cause_as_the_last_line(tmp_path):
+    """train.py and finetune.py end a fatal error through it: the cause is the last thing on stderr,
+    whatever the teardown writes after it, and the exit code is 3."""
+    from openvla_jax.checkpoints.training import CheckpointError
+    from openvla_jax.train.lock import WorkdirLocked
+    from openvla_jax.train.loop import TrainingDiverged
+    from openvla_jax.utils.fatal import EXIT_CODE, fatal_errors
+
+    assert set(fatal_errors()) == {TrainingDiverged, CheckpointError, WorkdirLocked}
+    code = (
+        "import sys, os\n"
+        "from openvla_jax.utils.fatal import exit_with_cause\n"
+        "rc = exit_with_cause('finetune.py', RuntimeError('checkpoint step 4 failed: disk full'))\n"
+        "print('teardown noise', file=sys.stderr)\n"
+        "os.write(2, b'C++ teardown noise')\n"
+        "sys.exit(rc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT))
+    assert out.returncode == EXIT_CODE == 3
+    assert out.stderr.strip().splitlines()[-1] == "finetune.py: RuntimeError: checkpoint step 4 failed: disk full"
+    assert "noise" not in out.stderr
