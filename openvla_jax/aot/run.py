@@ -18,32 +18,35 @@ import numpy as np
 from openvla_jax.aot.compile import Report
 
 
-def _fill(leaf, key, path: str):
-    """A device array for one abstract leaf (ShapeDtypeStruct with a sharding), made where it lives."""
+def _value(leaf, key, path: str):
+    """The random value of one abstract leaf (traced inside `materialize_state`'s single jit)."""
     import jax
     import jax.numpy as jnp
 
     dtype = jnp.dtype(leaf.dtype)
-
-    def make():
-        if jnp.issubdtype(dtype, jnp.floating):
-            if path.endswith("['scale']"):  # RMSNorm / LayerNorm scales: 1, so activations keep their size
-                return jnp.ones(leaf.shape, dtype)
-            if "opt_state" in path:
-                return jnp.zeros(leaf.shape, dtype)
-            return (0.02 * jax.random.normal(key, leaf.shape, jnp.float32)).astype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
         return jnp.zeros(leaf.shape, dtype)
-
-    return jax.jit(make, out_shardings=leaf.sharding)()
+    if path.endswith("['scale']"):  # RMSNorm / LayerNorm scales: 1, so activations keep their size
+        return jnp.ones(leaf.shape, dtype)
+    if "opt_state" in path:
+        return jnp.zeros(leaf.shape, dtype)
+    return (0.02 * jax.random.normal(key, leaf.shape, jnp.float32)).astype(dtype)
 
 
 def materialize_state(abstract) -> object:
-    """Random device arrays in the shapes, dtypes and shardings of an abstract train state."""
+    """Random device arrays in the shapes, dtypes and shardings of an abstract train state, made by
+    one jitted program where each shard lives (a 7B state never passes through the host)."""
     import jax
 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-    keys = jax.random.split(jax.random.key(0), len(leaves))
-    out = [_fill(leaf, k, jax.tree_util.keystr(path)) for (path, leaf), k in zip(leaves, keys)]
+    paths = [jax.tree_util.keystr(path) for path, _ in leaves]
+    structs = [leaf for _, leaf in leaves]
+
+    def make(key):
+        keys = jax.random.split(key, len(structs))
+        return [_value(leaf, k, path) for leaf, k, path in zip(structs, keys, paths)]
+
+    out = jax.jit(make, out_shardings=[leaf.sharding for leaf in structs])(jax.random.key(0))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
