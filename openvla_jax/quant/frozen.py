@@ -4,16 +4,20 @@ laid out so that `nn.scan` can slice them per layer, and a matmul that dequantiz
     base = quantize_frozen(params, "int4")      # kernels -> {"int4": q, "scale": s}; the rest as it was
     y = frozen_linear(x, base_entry, n_in, out_shape, dtype)   # inside the jitted step
 
-Layout of a quantized kernel `[*lead, *in, *out]` (lead: the scan axis of a stacked layer, 0 or 1):
+Layout of a quantized kernel `[*lead, *in, *out]` (lead: the scan axis of a stacked layer, 0 or 1),
+K = prod(in), N = prod(out); the values and scales are `quant.weights.quantize`'s:
   {"int8": int8 `[*lead, *in, *out]`, "scale": float32 `[*lead, 1, N]`}       per output channel
-  {"int4": int8 `[*lead, K N / 2]`, "scale": float32 `[*lead, G, N]`}         groups of K / G input rows
-The int4 bytes are `quant.weights.pack_int4`'s, packed per layer: for an even K N per layer that is
-the same byte string as packing the whole stack, viewed `[*lead, -1]`, so a layer's slice is its own
-packed kernel. Every leaf has the lead axis first, which is what `nn.scan` slices.
+  {"int4": int8 `[*lead, ceil(K / 2), N]`, "scale": float32 `[*lead, G, N]`}  groups of K / G input rows
+int4 bytes hold input row k in the low nibble and row k + ceil(K/2) in the high one (an odd K gets
+a zero row), not the inference checkpoint's flat pairs: unpacking is two shifts and a concatenation
+along K, which every backend does per layer in place. With the flat pairs (`quant.weights.pack_int4`)
+the TPU compiler unpacked every layer of the stack up front: 21 GB of temporaries for the 7B step on
+a 16 GB v5e chip, at any batch (BENCHMARKS.md, LoRA). Every leaf has the lead axis first, which is
+what `nn.scan` slices.
 
-Why the grouped int4 and not NF4 (bitsandbytes' 4-bit, the original's `--use_quantization`): it is
-the format inference already uses (`OpenVLA(quantize="int4")`, `checkpoints/quantized.py`), tested
-against fp32 there; its dequantization is one integer multiply by a per-(group, channel) scale that
+Why the grouped int4 and not NF4 (bitsandbytes' 4-bit, the original's `--use_quantization`): its
+values and scales are those inference already uses (`OpenVLA(quantize="int4")`), tested against fp32
+there; its dequantization is one integer multiply by a per-(group, channel) scale that
 XLA fuses on every backend, where NF4 needs a 16-entry table lookup and a second, quantized level of
 scales. Both store 4 bits per weight; at group 128 the fp32 scales add 0.25 bits (NF4 at block 64
 with double quantization: ~0.13).
@@ -30,9 +34,10 @@ from collections.abc import Mapping
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from openvla_jax.quant.weights import DEFAULT_GROUP_SIZE, MODES, QTensor, dequantize, is_qtensor, quantize_params
+from openvla_jax.quant.weights import DEFAULT_GROUP_SIZE, MODES, QTensor, is_qtensor, quantize_params, unpack_int4
 
 BASE_QUANT = ("none",) + MODES
 
@@ -43,15 +48,18 @@ def is_frozen_quant(x) -> bool:
 
 
 def _entry(qt: QTensor) -> dict:
+    """A host QTensor -> the entry of the layout above (int4: its values repacked by halves of K)."""
     if qt.bits == 8:
-        return {"int8": qt.q, "scale": qt.scale}
-    per_layer = math.prod(qt.shape[qt.lead :])
-    if qt.lead and per_layer % 2:
-        raise ValueError(
-            f"an int4 kernel of shape {qt.shape} has {per_layer} values per layer (odd): its layers do "
-            "not split into whole bytes; use base_quant='int8' for this model"
-        )
-    return {"int4": np.reshape(qt.q, qt.shape[: qt.lead] + (-1,)), "scale": qt.scale}
+        return {"int8": np.asarray(qt.q), "scale": np.asarray(qt.scale)}
+    lead = qt.shape[: qt.lead]
+    k = math.prod(qt.shape[qt.lead : qt.lead + qt.in_dims])
+    v = np.asarray(unpack_int4(qt.q, qt.grouped_shape)).reshape(*lead, k, -1)
+    if k % 2:  # an odd K: one zero row of padding, dropped when unpacking
+        v = np.concatenate([v, np.zeros_like(v[..., :1, :])], axis=-2)
+    half = v.shape[-2] // 2
+    low, high = v[..., :half, :].astype(np.uint8), v[..., half:, :].astype(np.uint8)
+    packed = ((low & 0x0F) | (high << 4)).astype(np.uint8).view(np.int8)
+    return {"int4": packed, "scale": np.asarray(qt.scale)}
 
 
 def quantize_frozen(params, mode: str, group_size: Optional[int] = DEFAULT_GROUP_SIZE):
@@ -67,27 +75,34 @@ def abstract_frozen(shapes, mode: str, group_size: Optional[int] = DEFAULT_GROUP
     """`quantize_frozen` on `jax.ShapeDtypeStruct`s: the quantized base's shapes, nothing computed."""
     from openvla_jax.quant.memory import quantized_shapes
 
+    def entry(qt: QTensor) -> dict:
+        scale = jax.ShapeDtypeStruct(qt.scale.shape, qt.scale.dtype)
+        if qt.bits == 8:
+            return {"int8": jax.ShapeDtypeStruct(qt.shape, np.int8), "scale": scale}
+        lead, (g, n) = qt.shape[: qt.lead], qt.grouped_shape[-2:]
+        return {"int4": jax.ShapeDtypeStruct((*lead, (g * qt.groups + 1) // 2, n), np.int8), "scale": scale}
+
     q = quantized_shapes(shapes, mode, group_size)
-    return jax.tree.map(
-        lambda x: jax.eval_shape(lambda q, s: _entry_traced(x, q, s), x.q, x.scale) if is_qtensor(x) else x,
-        q,
-        is_leaf=is_qtensor,
-    )
+    return jax.tree.map(lambda x: entry(x) if is_qtensor(x) else x, q, is_leaf=is_qtensor)
 
 
-def _entry_traced(qt: QTensor, q, scale) -> dict:
-    if qt.bits == 8:
-        return {"int8": q, "scale": scale}
-    return {"int4": q.reshape(qt.shape[: qt.lead] + (-1,)), "scale": scale}
+def _values(entry: Mapping, lead: tuple, k: int, n: int):
+    """The int8 values `[*lead, K, N]` of an entry."""
+    if "int8" in entry:
+        return entry["int8"].reshape(*lead, k, n)
+    q = entry["int4"]
+    four = np.int8(4)
+    low = jax.lax.shift_right_arithmetic(jax.lax.shift_left(q, four), four)  # sign-extended nibbles
+    high = jax.lax.shift_right_arithmetic(q, four)
+    return jnp.concatenate([low, high], axis=-2)[..., :k, :]
 
 
-def to_qtensor(entry: Mapping, shape: tuple, lead: int, in_dims: int) -> QTensor:
-    """A frozen entry -> the `QTensor` of a kernel of `shape` (`lead` scan axes, `in_dims` inputs)."""
-    bits = 4 if "int4" in entry else 8
-    q = entry["int4"] if bits == 4 else entry["int8"]
-    if bits == 4:
-        q = q.reshape(-1)
-    return QTensor(q, entry["scale"], bits, tuple(shape), lead, in_dims, int(entry["scale"].shape[-2]))
+def _dequantize(entry: Mapping, lead: tuple, k: int, n: int, dtype):
+    """An entry -> its kernel as a `[*lead, K, N]` matrix in `dtype` (values x their group's scale)."""
+    scale = entry["scale"]
+    g = scale.shape[-2]
+    v = _values(entry, lead, k, n).reshape(*lead, g, k // g, n)
+    return (v.astype(dtype) * jnp.expand_dims(scale, -2).astype(dtype)).reshape(*lead, k, n)
 
 
 def dequantize_frozen(params, dtype, shapes):
@@ -102,8 +117,8 @@ def dequantize_frozen(params, dtype, shapes):
         if not is_frozen_quant(x):
             return x
         layout = kernels.kernel_layout(path.split("/"), shape.shape)
-        qt = to_qtensor(x, shape.shape, layout.stack, layout.n_in)
-        return dequantize(qt, dtype)
+        lead, ins, outs = layout.split(shape.shape)
+        return _dequantize(x, lead, math.prod(ins), math.prod(outs), dtype).reshape(shape.shape)
 
     return jax.tree.map(one, paths, shapes, params, is_leaf=lambda x: is_frozen_quant(x))
 
@@ -112,32 +127,26 @@ def frozen_linear(x, entry: Mapping, n_in: int, out_shape: tuple, dtype):
     """`x [..., *in] @ W [*in, *out]` for a quantized frozen kernel of one layer (no scan axis left):
     -> `[..., *out]` in `dtype`. The gradient flows to `x` only."""
     in_shape = tuple(x.shape[x.ndim - n_in :])
-    k = math.prod(in_shape)
-    qt = to_qtensor(entry, in_shape + tuple(out_shape), 0, n_in)
+    k, n = math.prod(in_shape), math.prod(out_shape)
     lead = x.shape[: x.ndim - n_in]
-    y = _qmatmul(x.reshape(-1, k).astype(dtype), qt.q, qt.scale, qt, dtype)
+    y = _qmatmul(x.reshape(-1, k).astype(dtype), dict(entry), k, n, dtype)
     return y.reshape(lead + tuple(out_shape))
 
 
-def _weight(qt: QTensor, q, scale, dtype):
-    w = dequantize(QTensor(q, scale, qt.bits, qt.shape, qt.lead, qt.in_dims, qt.groups), dtype)
-    return w.reshape(qt.grouped_shape[-2] * qt.groups, qt.grouped_shape[-1])
-
-
-def _qmatmul(x, q, scale, qt: QTensor, dtype):
-    """`x [M, K] @ dequantize(q, scale) [K, N]`, differentiable in `x` alone; the backward pass
+def _qmatmul(x, entry: dict, k: int, n: int, dtype):
+    """`x [M, K] @ dequantize(entry) [K, N]`, differentiable in `x` alone; the backward pass
     dequantizes again (nothing float of the kernel is saved for it)."""
 
     @jax.custom_vjp
-    def f(x, q, scale):
-        return x @ _weight(qt, q, scale, dtype)
+    def f(x, entry):
+        return x @ _dequantize(entry, (), k, n, dtype)
 
-    def fwd(x, q, scale):
-        return f(x, q, scale), (q, scale)
+    def fwd(x, entry):
+        return f(x, entry), entry
 
-    def bwd(res, g):
-        q, scale = res
-        return (g @ _weight(qt, q, scale, dtype).T).astype(x.dtype), None, None
+    def bwd(entry, g):
+        dx = (g @ _dequantize(entry, (), k, n, dtype).T).astype(x.dtype)
+        return dx, jax.tree.map(lambda _: None, entry)
 
     f.defvjp(fwd, bwd)
-    return f(x, q, scale)
+    return f(x, entry)
