@@ -18,7 +18,7 @@ import dataclasses
 import re
 import time
 from collections import Counter
-from typing import Optional
+from typing import Any, Optional
 
 from openvla_jax.aot.targets import GiB, Target
 
@@ -51,7 +51,7 @@ class Report:
     text_len: int = 0
     input_formats: list = dataclasses.field(default_factory=list, repr=False)  # the arguments' device layouts
     # For `aot.run` on a local accelerator: the executable and its abstract arguments (not serialised).
-    compiled: object = dataclasses.field(default=None, repr=False, compare=False)
+    compiled: Any = dataclasses.field(default=None, repr=False, compare=False)  # jax.stages.Compiled
     inputs: tuple = dataclasses.field(default=(), repr=False, compare=False)
 
     @property
