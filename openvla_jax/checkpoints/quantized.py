@@ -20,6 +20,7 @@ from flax import linen as nn
 
 from openvla_jax.convert.hf import copy_tokenizer
 from openvla_jax.convert.io import open_state_dict, save_state_dict
+from openvla_jax.convert.mapping import unflatten_params
 from openvla_jax.models.config import VLAConfig, read_model_config, write_model_config
 from openvla_jax.quant.weights import QTensor, is_qtensor, quant_mode
 from openvla_jax.utils.files import atomic_output, read_json
@@ -115,13 +116,7 @@ def load_quantized(path):
         keys -= {f"{key}/q", f"{key}/scale"}
     for key in keys:
         flat[key] = reader[key]
-    tree: dict = {}
-    for key, v in flat.items():
-        node = tree
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
+    tree = unflatten_params((key.split("/"), v) for key, v in flat.items())
     model_config = read_model_config(path / "model_config.json")
     stats = path / "dataset_statistics.json"
     extras = dict(

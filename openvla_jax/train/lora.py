@@ -203,14 +203,10 @@ def flat_params(tree) -> dict:
 
 
 def nest_params(flat: dict) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        *parents, leaf = path.split("/")
-        node = out
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = v
-    return out
+    """{"a/b/c": x} -> {"a": {"b": {"c": x}}}."""
+    from openvla_jax.convert.mapping import unflatten_params
+
+    return unflatten_params((path.split("/"), v) for path, v in flat.items())
 
 
 def _parent(path: str) -> str:
