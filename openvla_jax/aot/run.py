@@ -50,7 +50,7 @@ def materialize_state(abstract) -> object:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def materialize_batch(abstract: dict, vocab: int = 32000, action_dim: int = 7) -> dict:
+def materialize_batch(abstract: dict, action_dim: int = 7) -> dict:
     """A batch in the pipeline's layout (BOS, prompt, action tokens, EOS; labels on the actions) for
     an abstract batch, placed with its sharding."""
     import jax
