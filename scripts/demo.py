@@ -9,8 +9,11 @@
      expert, policy calls per episode, and the time of each stage.
 
 Re-running continues or re-evaluates the same run; `--fresh` starts over. `--variant=oft_demo`
-(`make demo-oft`) runs the OFT variant (chunks of actions decoded in one pass by a continuous head,
-the robot state as a proprio token) the same way, in runs/oft_demo.
+(`make demo-oft`) runs OpenVLA-OFT's recipe the same way, in runs/oft_demo: it fine-tunes the demo
+model (trained first in runs/demo when `make demo` has not run) to predict chunks of 2 actions in
+one forward pass (parallel decoding) with the robot state as a proprio token, and runs each chunk
+open-loop, so an episode takes fewer policy calls. `--variant=oft_demo_l1`: the same with OFT's
+continuous L1 head.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 flags.DEFINE_string("data_dir", "data/demo", "demo dataset (built here if absent)")
-flags.DEFINE_enum("variant", "demo", ["demo", "oft_demo", "oft_demo_tokens"], "configs/train.py variant")
+flags.DEFINE_enum("variant", "demo", ["demo", "oft_demo", "oft_demo_l1"], "configs/train.py variant")
 flags.DEFINE_string("workdir", None, "training work dir (checkpoints, metrics, export, eval); default runs/<variant>")
 flags.DEFINE_integer("steps", None, "override the number of training steps")
 flags.DEFINE_integer("episodes", 128, "held-out closed-loop episodes (the success rate's sample)")
@@ -97,6 +100,15 @@ def main(argv):
         shutil.rmtree(workdir(), ignore_errors=True)
     config = train_configs.get_config(FLAGS.variant)
     config.data.data_dir = config.data.tokenizer_dir = FLAGS.data_dir
+    t_base = 0.0
+    if config.init_from == train_configs.DEMO_EXPORT:  # the OFT variants fine-tune the demo model
+        base = train_configs.get_config("demo")
+        base.data.data_dir = base.data.tokenizer_dir = FLAGS.data_dir
+        base_dir = str(Path(train_configs.DEMO_EXPORT).parent)
+        print(f"demo: OFT fine-tunes a trained model: the demo model in {base_dir} (trained now unless done)")
+        tb = time.time()
+        config.init_from = train(base, base_dir)["export"]
+        t_base = time.time() - tb
     if FLAGS.steps:
         config.train.steps = FLAGS.steps
         config.optimizer.total_steps = max(FLAGS.steps, config.optimizer.warmup_steps + 1)
@@ -116,8 +128,9 @@ def main(argv):
         f"({p['mean_steps']:.1f} steps); agreement with the expert per action: {agree}"
     )
     print(
-        f"demo: {total / 60:.1f} min in all (data {t_data / 60:.1f}, training {t_train / 60:.1f} for "
-        f"{summary['step']} steps, evaluation {t_eval / 60:.1f}); filmstrip: {r['filmstrip']}"
+        f"demo: {total / 60:.1f} min in all (data {t_data / 60:.1f}, "
+        + (f"base model {t_base / 60:.1f}, fine-tuning " if config.init_from else "training ")
+        + f"{t_train / 60:.1f} for {summary['step']} steps, evaluation {t_eval / 60:.1f}); filmstrip: {r['filmstrip']}"
     )
     line = dict(
         variant=FLAGS.variant,
@@ -134,6 +147,7 @@ def main(argv):
         minutes=dict(
             total=round(total / 60, 2),
             data=round(t_data / 60, 2),
+            base=round(t_base / 60, 2),
             train=round(t_train / 60, 2),
             eval=round(t_eval / 60, 2),
         ),

@@ -233,6 +233,35 @@ def test_short_training_beats_the_random_policy(tmp_path):
 SHORT_EPISODES, SHORT_STEPS = 1000, 1200
 
 
+@pytest.mark.slow  # a short base run, then the OFT fine-tuning: ~10 min on 2 cores
+def test_oft_fine_tuning_acts_in_chunks_with_fewer_calls(tmp_path):
+    """configs/train.py:oft_demo as `make demo-oft` runs it, on a short budget: the demo model
+    fine-tuned (init_from) to chunks of 2 actions decoded in parallel from the image and the proprio
+    token beats the random policy and takes fewer policy calls per episode than the base model."""
+    from configs import train as train_configs
+    from openvla_jax import OpenVLA
+    from openvla_jax.train.loop import train
+
+    data = load_script("make_demo_data").make_demo_data(str(tmp_path / "demo"), episodes=SHORT_EPISODES)
+    base = train_configs.get_config("demo")
+    oft = train_configs.get_config("oft_demo")
+    assert oft.init_from == train_configs.DEMO_EXPORT and oft.model.decoding == "parallel"
+    for c, steps in ((base, SHORT_STEPS), (oft, SHORT_STEPS // 2)):
+        c.data.data_dir = c.data.tokenizer_dir = data
+        c.train.steps = c.optimizer.total_steps = steps
+        c.train.eval_every, c.train.save_every, c.train.progress = 0, steps, False
+    oft.init_from = train(base, str(tmp_path / "base"))["export"]
+    summary = train(oft, str(tmp_path / "oft"))
+    vla = OpenVLA.load(summary["export"], dtype="float32")
+    assert (vla.action_chunk, vla.proprio_dim, vla.module.parallel) == (2, 4, True)
+    chunked = closed_loop(vla, n_episodes=64, seed=0)
+    one = closed_loop(OpenVLA.load(oft.init_from, dtype="float32"), n_episodes=64, seed=0)
+    rand = closed_loop(tabletop.random_policy(0), n_episodes=64, seed=0)
+    print({k: (r["success_rate"], r["calls_per_episode"]) for k, r in (("oft", chunked), ("base", one))})
+    assert chunked["ci95"][0] > rand["ci95"][1], (chunked["success_rate"], rand["success_rate"])
+    assert chunked["calls_per_episode"] < one["calls_per_episode"], (chunked, one)
+
+
 @pytest.mark.parametrize(
     "image_format,augment,want",
     [("png", False, ("train", 0.0)), ("jpeg", False, ("train_jpeg", 0.0)), ("jpeg", True, ("train_jpeg", 0.9))],

@@ -7,8 +7,8 @@
 chance to clean up): the resumed run must continue from K.
 --learn 1: the learning check's settings (one save at the end, lr schedule over STEPS, log every 10).
 --nan-at K: the batch of step K has NaN pixels (its loss is NaN), logged and saved every 5 steps.
---oft 1: the OFT variant of configs/train.py:oft_demo (chunks of 4, parallel decoding, L1 head,
-proprio token) on the same small model.
+--oft 1: the OFT options of configs/train.py:oft_demo_l1 (chunks of 2, parallel decoding, L1 head,
+proprio token) on the same small model, from scratch.
 --lora R: LoRA of rank R (configs/finetune.py's targets) on the frozen base $INIT_FROM (a converted
 checkpoint of this small model), fp32, through the same loop.
 """
@@ -78,7 +78,7 @@ def small_config(data_dir: str, steps: int):
 def train_configs_oft():
     from configs import train as train_configs
 
-    return train_configs.get_config("oft_demo")
+    return train_configs.get_config("oft_demo_l1")
 
 
 def main(argv):

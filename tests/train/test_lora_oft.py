@@ -83,7 +83,7 @@ def test_oft_lora_config_is_the_ofts_recipe():
 def test_oft_lora_from_an_openvla_checkpoint_trains_and_predicts_chunks(tmp_path, caplog, quant):
     """`configs/finetune.py:oft_lora`'s shape on the small demo model: init_from an OpenVLA-style
     checkpoint without heads; the run starts (heads initialized, logged), trains the adapters and the
-    heads, and the export (base + merged adapters + heads) predicts chunks of 4 actions from proprio."""
+    heads, and the export (base + merged adapters + heads) predicts chunks of actions from proprio."""
     from configs.finetune import lora_config
     from openvla_jax import OpenVLA
     from openvla_jax.train.loop import train
@@ -112,8 +112,9 @@ def test_oft_lora_from_an_openvla_checkpoint_trains_and_predicts_chunks(tmp_path
     adapters, cfg = LO.load_adapters(tmp_path / "run" / "adapters")
     assert cfg.full == HEADS and "W" in adapters["action_head/fc_in/kernel"]
     vla_ = OpenVLA.load(tmp_path / "run" / "export", dtype="float32")
-    assert (vla_.action_chunk, vla_.proprio_dim, vla_.continuous) == (4, 4, True)
+    k = oft.model.action_chunk
+    assert (vla_.action_chunk, vla_.proprio_dim, vla_.continuous) == (k, 4, True)
     actions = vla_.predict_action(
         np.zeros((1, 128, 128, 3), np.uint8), ["pick up the red block"], "demo_tabletop", proprio=np.zeros((1, 4))
     )
-    assert actions.shape == (1, 4, 7) and np.all(np.isfinite(actions))
+    assert actions.shape == (1, k, 7) and np.all(np.isfinite(actions))

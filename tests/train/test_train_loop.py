@@ -170,7 +170,7 @@ def test_demo_model_learns_above_the_majority_baseline(data_dir, tmp_path):
 
 @pytest.mark.slow  # 150 OFT steps in a subprocess: ~130 s under make test
 def test_chunked_continuous_variant_learns_the_demo_task(data_dir, tmp_path):
-    """The OFT variant (chunks of 4 actions, parallel decoding, L1 head, proprio token) through the
+    """The OFT options (chunks of K actions, parallel decoding, L1 head, proprio token) through the
     same loop, same budget: its L1 on the normalised action chunks must fall well below where it
     starts and below a fixed threshold (measured 0.50 -> 0.16 on a loaded machine)."""
     run(data_dir, tmp_path / "oft", 150, "--learn", 1, "--oft", 1)
@@ -178,12 +178,15 @@ def test_chunked_continuous_variant_learns_the_demo_task(data_dir, tmp_path):
     rows = [r for r in rows if "train/l1" in r]
     l1_0, l1_1 = rows[0]["train/l1"], np.mean([r["train/l1"] for r in rows[-3:]])
     print(f"chunk L1 {l1_0:.3f} -> {l1_1:.3f}")
-    assert rows[-1]["train/dropped"] == 0 and rows[-1]["train/action_tokens"] == 8 * 4 * 7
+    from tests.support.train_runner import train_configs_oft
+
+    k = train_configs_oft().model.action_chunk
+    assert rows[-1]["train/dropped"] == 0 and rows[-1]["train/action_tokens"] == 8 * k * 7
     assert l1_1 < 0.5 * l1_0 and l1_1 < 0.2, (l1_0, l1_1)
     from openvla_jax import OpenVLA
 
     vla = OpenVLA.load(tmp_path / "oft" / "export", dtype="float32")
-    assert (vla.action_chunk, vla.proprio_dim, vla.continuous) == (4, 4, True)
+    assert (vla.action_chunk, vla.proprio_dim, vla.continuous) == (k, 4, True)
 
 
 def test_a_non_finite_step_stops_the_run_before_anything_after_it_is_saved(data_dir, tmp_path):
