@@ -35,7 +35,7 @@ flags.DEFINE_string("workdir", None, "training work dir (checkpoints, metrics, e
 flags.DEFINE_integer("steps", None, "override the number of training steps")
 flags.DEFINE_integer("episodes", 128, "held-out closed-loop episodes (the success rate's sample)")
 flags.DEFINE_integer("execute", None, "actions of each predicted chunk run before asking again (default: all)")
-flags.DEFINE_bool("fresh", False, "delete the work dir first")
+flags.DEFINE_bool("fresh", False, "delete the work dir first (an OFT variant keeps its base model, runs/demo)")
 FLAGS = flags.FLAGS
 
 
