@@ -142,6 +142,11 @@ def load_converted(path):
     extras: norm_stats, hf_config (descriptive config.json fields), tokenizer_files, source_hf_dir
     (the HF directory `to-jax` read, or None)."""
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{path} does not exist; expected a converted checkpoint directory (`scripts/convert.py "
+            "to-jax`, or a training run's export: `make demo` writes runs/demo/export)"
+        )
     if not (path / MARKER).exists():
         raise FileNotFoundError(
             f"{path} is not a complete converted checkpoint (no {MARKER} marker); "

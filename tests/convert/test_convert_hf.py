@@ -290,6 +290,8 @@ def test_interrupted_saves_leave_no_complete_looking_output(hf_dir, tmp_path, mo
     (tmp_path / "half" / "model_config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="COMPLETE"):
         checkpoint.load_converted(tmp_path / "half")
+    with pytest.raises(FileNotFoundError, match="missing_dir does not exist; expected a converted checkpoint"):
+        checkpoint.load_converted(tmp_path / "missing_dir")
     # And an existing non-empty output is never overwritten.
     with pytest.raises(FileExistsError, match="not empty"):
         save_hf(tmp_path / "half", cfg, params)
