@@ -166,7 +166,6 @@ def oft_config(variant: str) -> ml_collections.ConfigDict:
         c.model.proprio_dim = 4  # the demo's state: x, y, z, gripper open
         c.optimizer.lr = 5e-4
         c.optimizer.total_steps = c.train.steps = OFT_DEMO_STEPS
-        c.train.eval_every = c.train.save_every = 1000
     c.variant = variant
     c.model.decoding = "parallel"
     c.model.action_head = "tokens" if variant == "oft_demo" else "l1"

@@ -142,7 +142,7 @@ def load_converted(path):
     extras: norm_stats, hf_config (descriptive config.json fields), tokenizer_files, source_hf_dir
     (the HF directory `to-jax` read, or None)."""
     path = Path(path)
-    if not path.is_dir():
+    if not path.exists():
         raise FileNotFoundError(
             f"{path} does not exist; expected a converted checkpoint directory (`scripts/convert.py "
             "to-jax`, or a training run's export: `make demo` writes runs/demo/export)"
